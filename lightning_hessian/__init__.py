@@ -1,0 +1,37 @@
+"""lightning-hessian: watch the Hessian spectrum of a network's loss while it trains."""
+
+from lightning_hessian.engine import (
+    CurvatureOperator,
+    EigenResult,
+    GGNOperator,
+    HessianOperator,
+    NonFiniteError,
+    SpectralDensity,
+    SpectrumSummary,
+    dense_ggn,
+    dense_hessian,
+    outlier_gap,
+    spectral_density,
+    summarize,
+    top_eigenvalues,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # engine: operators
+    "CurvatureOperator",
+    "GGNOperator",
+    "HessianOperator",
+    # engine: solvers and results
+    "EigenResult",
+    "NonFiniteError",
+    "SpectralDensity",
+    "SpectrumSummary",
+    "dense_ggn",
+    "dense_hessian",
+    "outlier_gap",
+    "spectral_density",
+    "summarize",
+    "top_eigenvalues",
+]

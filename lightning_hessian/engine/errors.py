@@ -1,0 +1,5 @@
+"""Exceptions raised by the engine."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a curvature product is NaN or infinite, so there is no spectrum to measure."""
