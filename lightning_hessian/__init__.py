@@ -16,6 +16,8 @@ from lightning_hessian.engine import (
     top_eigenvalues,
 )
 
+from lightning_hessian.engine.class_structure import ClassStructure, class_structure
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -34,4 +36,7 @@ __all__ = [
     "spectral_density",
     "summarize",
     "top_eigenvalues",
+    # engine: class structure (Papyan)
+    "ClassStructure",
+    "class_structure",
 ]

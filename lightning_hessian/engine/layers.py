@@ -1,0 +1,98 @@
+"""Layer-by-layer views of a curvature operator: traces, eigenvector mass, gradient overlap.
+
+Symbols: P parameters, k eigenvectors, S probes, L layers (groups of parameters).
+
+A *layer* is a module: the parameters whose names share everything before the last dot
+(``net.0.weight`` and ``net.0.bias`` form ``net.0``). These functions read the flat-vector layout
+of an operator (``op.param_names`` with their sizes) and so work for any operator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_hessian.engine.lanczos import rademacher
+from lightning_hessian.engine.operators import CurvatureOperator
+
+
+def layer_slices(op: CurvatureOperator) -> dict[str, slice]:
+    """Where each layer's parameters sit in the flat vector, in parameter order.
+
+    Returns:
+        ``{layer name: slice}``; a parameter at the top level (no dot) is its own layer.
+    """
+    slices: dict[str, slice] = {}
+    start = 0
+    for name, size in zip(op.param_names, op._numels, strict=True):
+        layer = name.rsplit(".", 1)[0] if "." in name else name
+        first = slices[layer].start if layer in slices else start
+        slices[layer] = slice(first, start + size)
+        start += size
+    return slices
+
+
+def mass_by_layer(op: CurvatureOperator, vectors: Tensor) -> dict[str, Tensor]:
+    """Fraction of each vector's squared norm that lies in each layer.
+
+    Args:
+        op: the operator whose flat layout the vectors use.
+        vectors: ``(k, P)`` (or ``(P,)``), e.g. ``EigenResult.eigenvectors``.
+
+    Returns:
+        ``{layer: (k,) fractions}``; for each vector the fractions sum to 1.
+    """
+    matrix = vectors.reshape(-1, op.num_params).double()
+    total = matrix.pow(2).sum(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+    return {layer: (matrix[:, cut].pow(2).sum(dim=1) / total).cpu() for layer, cut in layer_slices(op).items()}
+
+
+def layer_traces(op: CurvatureOperator, *, num_probes: int = 10, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Hutchinson estimates of the trace of each layer's diagonal block, from one set of probes.
+
+    With a Rademacher vector z over all P parameters, ``sum_{i in layer} z_i (H z)_i`` is an
+    unbiased estimate of that block's trace, so S products give every layer's trace at once.
+
+    Args:
+        op: the operator.
+        num_probes: S, Rademacher probes (multiplied in one pass over the data).
+        seed: seed of the probes' private generator.
+
+    Returns:
+        ``{layer: (trace, standard error)}``.
+    """
+    if not isinstance(num_probes, int) or num_probes < 1:
+        raise ValueError(f"num_probes={num_probes!r} must be a positive integer")
+    generator = torch.Generator().manual_seed(seed)
+    probes = rademacher((num_probes, op.num_params), generator, torch.float64)
+    products = op.matmat(probes).double().cpu()
+    per_entry = probes * products
+    out = {}
+    for layer, cut in layer_slices(op).items():
+        estimates = per_entry[:, cut].sum(dim=1)
+        stderr = float(estimates.std() / math.sqrt(num_probes)) if num_probes > 1 else 0.0
+        out[layer] = (float(estimates.mean()), stderr)
+    return out
+
+
+def gradient_overlap(gradient: Tensor, eigenvectors: Tensor) -> float:
+    """Fraction of the gradient's squared norm inside the span of the given eigenvectors.
+
+    ``||Q Q^T g||^2 / ||g||^2`` with Q the orthonormalized ``(k, P)`` eigenvectors: close to 1
+    when the gradient lives in the top-k eigenspace (Gur-Ari, Roberts and Dyer 2018).
+
+    Args:
+        gradient: ``(P,)`` gradient of the same loss, in the operator's flat layout.
+        eigenvectors: ``(k, P)``.
+
+    Returns:
+        A number in [0, 1]; NaN for a zero gradient.
+    """
+    g = gradient.reshape(-1).double().cpu()
+    q, _ = torch.linalg.qr(eigenvectors.reshape(-1, g.numel()).double().cpu().T)
+    norm = float(g.pow(2).sum())
+    if norm == 0:
+        return float("nan")
+    return float((q.T @ g).pow(2).sum()) / norm
