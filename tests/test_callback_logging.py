@@ -1,0 +1,103 @@
+"""What the callback writes, read back from real files: TensorBoard events, a W&B offline run, CSV, JSON."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+
+import pytest
+import torch
+import wandb
+import yaml
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_callback import ProtocolMLP, dataset, trainer
+from torch.utils.data import DataLoader
+
+from lightning_hessian import HessianSpectrumCallback
+from lightning_hessian.callback import HISTORY_FILE
+
+STEPS = [0, 2, 4]
+SCALARS = [
+    *(f"hessian/eig_{i}" for i in (1, 2, 3)),
+    "hessian/eig_min", "hessian/trace", "hessian/outliers", "hessian/near_zero_fraction", "hessian/negative_mass",
+    "hessian/sharpness_x_lr", "hessian/max_residual", "hessian/matvecs", "hessian/seconds", "hessian/overhead",
+    "hessian/nonfinite", "hessian/layer/net.0/eig_1",
+]
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    """One fit with TensorBoard, W&B (offline) and CSV loggers side by side."""
+    root = tmp_path_factory.mktemp("logs")
+    environment = dict(os.environ)  # wandb may set variables; the per-test restore does not cover this fixture
+    tensorboard = TensorBoardLogger(root, name="tb")
+    weights_and_biases = WandbLogger(mode="offline", save_dir=str(root), project="lightning-hessian-tests")
+    comma_separated = CSVLogger(root, name="csv")
+    callback = HessianSpectrumCallback(every_n_steps=2, k=3, smallest=True, num_samples=16, num_steps=8,
+                                       num_probes=2, layers=["net.0.*"])
+    run = trainer(max_steps=4, logger=[tensorboard, weights_and_biases, comma_separated], callbacks=[callback])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see test_callback._one_thread
+    run.fit(ProtocolMLP(), DataLoader(dataset(), batch_size=8))
+    torch.set_num_threads(threads)
+    summary = {key: weights_and_biases.experiment.summary[key] for key in weights_and_biases.experiment.summary.keys()}
+    run_dir = weights_and_biases.experiment.dir
+    wandb.finish()
+    os.environ.clear()
+    os.environ.update(environment)
+    yield {"callback": callback, "tb": tensorboard.log_dir, "csv": comma_separated.log_dir, "wandb": summary,
+           "wandb_dir": run_dir}
+
+
+def test_tensorboard_events_hold_scalars_histograms_and_figures(logged_run):
+    events = EventAccumulator(logged_run["tb"], size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    events.Reload()
+    for tag in SCALARS:
+        assert [e.step for e in events.Scalars(tag)] == STEPS, tag
+    history = logged_run["callback"].history
+    assert [e.value for e in events.Scalars("hessian/eig_1")] == pytest.approx([r["eigenvalues"][0] for r in history])
+    histograms = events.Histograms("hessian/density")
+    assert [h.step for h in histograms] == STEPS
+    first = histograms[0].histogram_value
+    assert len(first.bucket) == 200 and min(first.bucket) >= 0
+    assert first.num == pytest.approx(history[0]["num_params"], rel=0.05)  # counts eigenvalues
+    assert first.bucket_limit[0] <= history[0]["eigenvalues"][0] <= first.bucket_limit[-1]
+    images = events.Images("hessian/spectrum")
+    assert [i.step for i in images] == STEPS and images[0].width > 100
+
+
+def test_wandb_offline_run_receives_scalars_histogram_and_image(logged_run):
+    summary, last = logged_run["wandb"], logged_run["callback"].history[-1]
+    assert summary["trainer/global_step"] == STEPS[-1]
+    for tag in SCALARS:
+        assert tag in summary, tag
+    assert summary["hessian/eig_1"] == pytest.approx(last["eigenvalues"][0])
+    histogram = dict(summary["hessian/density"])
+    assert histogram["_type"] == "histogram" and len(histogram["values"]) == 200
+    assert len(histogram["bins"]) == 201
+    assert glob.glob(f"{logged_run['wandb_dir']}/media/images/hessian/spectrum_*.png")
+    assert glob.glob(f"{logged_run['wandb_dir']}/../run-*.wandb")
+
+
+def test_csv_has_the_scalars_and_settings(logged_run):
+    with open(f"{logged_run['csv']}/metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["hessian/eig_1"]]
+    assert [int(row["step"]) for row in rows] == STEPS
+    for tag in SCALARS:
+        assert all(row[tag] for row in rows), tag
+    with open(f"{logged_run['csv']}/hparams.yaml") as handle:
+        settings = yaml.safe_load(handle)
+    assert settings["hessian/k"] == 3 and settings["hessian/num_samples"] == 16 and settings["hessian/mode"] == "eval"
+
+
+def test_history_file_is_strict_json(logged_run):
+    with open(f"{logged_run['tb']}/{HISTORY_FILE}") as handle:
+        saved = json.load(handle)
+    assert [r["step"] for r in saved["history"]] == STEPS
+    assert saved["settings"]["hessian/k"] == 3
+    first = saved["history"][0]
+    assert len(first["nodes"]) == len(first["weights"]) == 2 and len(first["nodes"][0]) == 8
+    assert first["eigenvalues"] == pytest.approx(logged_run["callback"].history[0]["eigenvalues"])
