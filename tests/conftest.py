@@ -8,7 +8,9 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("PL_DISABLE_FORK", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: the test models are tiny, and two threads per process oversubscribe a 2-core
+# machine as soon as a DDP test or a second job runs (measured 5-10x slower).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

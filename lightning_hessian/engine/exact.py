@@ -16,17 +16,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, jvp, vmap
+from torch.func import jacrev, jvp, vmap
 
-from lightning_hessian.engine.operators import (
-    CurvatureOperator,
-    LossFn,
-    Mode,
-    OutputFn,
-    OutputLossFn,
-    _Bound,
-    module_mode,
-)
+from lightning_hessian.engine.errors import NonFiniteError
+from lightning_hessian.engine.operators import CurvatureOperator, LossFn, Mode, OutputFn, OutputLossFn, scalar_loss
 
 # Hessian rows computed per vectorized pass: bounds the memory of the forward-mode tangents.
 _ROWS_PER_PASS = 256
@@ -40,11 +33,7 @@ class _Flat(CurvatureOperator):
 
     def evaluate(self, fn: Callable[..., Tensor], flat: Tensor, batch: Any) -> Tensor:
         parts = [c.reshape(s) for c, s in zip(flat.split(self._numels), self._shapes, strict=True)]
-        state = self._state()
-        state.update(zip(self.param_names, parts, strict=True))
-        state = {"model." + k: v for k, v in state.items()}
-        with module_mode(self.model, self.mode), torch.autocast(self.device.type, enabled=False):
-            return functional_call(_Bound(self.model, fn), state, (batch,), strict=False)
+        return self.call(fn, batch, leaves=parts)
 
 
 def dense_hessian(
@@ -64,11 +53,15 @@ def dense_hessian(
         batches: a re-iterable of batches; weighted by their sample counts.
         params: name patterns selecting parameters (default all with ``requires_grad``).
         dtype: dtype of the computation and result (default float64).
-        mode: ``"eval"`` (default) or ``"train"`` (batch statistics; :mod:`torch.func` cannot run
-            train-mode batch normalization).
+        mode: ``"eval"`` (default) or ``"train"`` (batch statistics, dropout off), as in the
+            operators.
 
     Returns:
         ``(P, P)`` symmetric matrix, parameters in ``named_parameters()`` order.
+
+    Raises:
+        ValueError: if ``loss_fn`` does not return a scalar, or the selection or batches are empty.
+        NonFiniteError: if the matrix holds NaN or infinite entries.
     """
     holder = _Flat(model, batches, params=params, dtype=dtype, mode=mode, keep_graph=False)
     flat = holder.flat()
@@ -77,7 +70,7 @@ def dense_hessian(
     for batch, size in zip(holder._batches, holder._sizes, strict=True):
 
         def gradient(theta: Tensor, batch: Any = batch) -> Tensor:
-            return torch.func.grad(lambda t: holder.evaluate(loss_fn, t, batch).reshape(()))(theta)
+            return torch.func.grad(lambda t: scalar_loss(holder.evaluate(loss_fn, t, batch), "loss_fn"))(theta)
 
         def row(direction: Tensor, gradient: Callable[[Tensor], Tensor] = gradient) -> Tensor:
             return jvp(gradient, (flat,), (direction,))[1]
@@ -85,7 +78,7 @@ def dense_hessian(
         for start in range(0, holder.num_params, _ROWS_PER_PASS):
             rows = identity[start : start + _ROWS_PER_PASS]
             hessian[start : start + rows.shape[0]] += vmap(row)(rows) * (size / holder.num_samples)
-    return (hessian + hessian.T) / 2
+    return _finite((hessian + hessian.T) / 2, "Hessian")
 
 
 def dense_ggn(
@@ -108,6 +101,10 @@ def dense_ggn(
 
     Returns:
         ``(P, P)`` symmetric positive semidefinite matrix (for losses convex in the outputs).
+
+    Raises:
+        ValueError: if ``output_loss_fn`` does not return a scalar, or the selection or batches are empty.
+        NonFiniteError: if the matrix holds NaN or infinite entries.
     """
     holder = _Flat(model, batches, params=params, dtype=dtype, mode=mode, keep_graph=False)
     flat = holder.flat()
@@ -117,7 +114,17 @@ def dense_ggn(
         jacobian = jacrev(lambda t, b=batch: holder.evaluate(output_fn, t, b))(flat)
         jacobian = jacobian.reshape(-1, holder.num_params)
         output_hessian = torch.func.hessian(
-            lambda f, b=batch, shape=outputs.shape: output_loss_fn(f.reshape(shape), b).reshape(())
+            lambda f, b=batch, shape=outputs.shape: scalar_loss(output_loss_fn(f.reshape(shape), b), "output_loss_fn")
         )(outputs.reshape(-1))
         ggn += jacobian.T @ output_hessian @ jacobian * (size / holder.num_samples)
-    return (ggn + ggn.T) / 2
+    return _finite((ggn + ggn.T) / 2, "Gauss-Newton matrix")
+
+
+def _finite(matrix: Tensor, name: str) -> Tensor:
+    """``matrix``, or a :class:`NonFiniteError` if any entry is NaN or infinite."""
+    if not torch.isfinite(matrix).all():
+        raise NonFiniteError(
+            f"the dense {name} is not finite (NaN or inf); the loss or its derivatives overflow at these "
+            "parameters or the inputs hold NaN"
+        )
+    return matrix

@@ -16,6 +16,7 @@ eigenvalue: some eigenvalue of H lies within that distance of theta.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -24,6 +25,12 @@ import torch
 from torch import Tensor
 
 Which = Literal["largest", "smallest"]
+
+# Warm starts (see _random_fraction): each eigenvector gets a random start component of this many
+# times tol, fifty times the component (2 tol) at which a missing eigenvalue went unnoticed...
+_MISSING_COMPONENT_TOLS = 100.0
+# ... and the random part is at most this fraction of the warm start's norm.
+_MAX_RANDOM_FRACTION = 1 / 3
 
 # A new Lanczos vector whose norm falls below this fraction of the operator's scale means the
 # Krylov space is invariant: the recursion restarts from a fresh random direction with beta = 0.
@@ -198,8 +205,8 @@ def top_eigenvalues(
             the eigenvalue is then at most ``tol * ||H||`` and in practice about its square).
         which: ``"largest"`` (algebraically largest first) or ``"smallest"`` (smallest first).
         v0: warm start: a vector ``(P,)`` or a block ``(b, P)``, e.g. the eigenvectors of a
-            previous call; the block is summed and mixed with a random vector, so directions that
-            were not in it are still found.
+            previous call; the rows are normalized, summed and mixed with a small random vector,
+            so directions that were not in it are still found (see ``_random_fraction``).
         max_matvecs: cap on products (default ``min(P, 20 k + 100)``).
         seed: seed of the random start and restart directions (a private ``torch.Generator``;
             the global RNG is not touched).
@@ -220,8 +227,9 @@ def top_eigenvalues(
         >>> class Diagonal:
         ...     num_params, dtype, device = 4, torch.float64, torch.device("cpu")
         ...     def matmat(self, v): return v * torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
-        >>> top_eigenvalues(Diagonal(), k=2).eigenvalues
-        tensor([4., 3.], dtype=torch.float64)
+        >>> result = top_eigenvalues(Diagonal(), k=2)
+        >>> result.eigenvalues.round(decimals=8), result.all_converged
+        (tensor([4., 3.], dtype=torch.float64), True)
     """
     started = time.perf_counter()
     num_params = op.num_params
@@ -237,7 +245,7 @@ def top_eigenvalues(
     generator = torch.Generator().manual_seed(seed)
     start = rademacher((1, num_params), generator, basis_dtype)
     if v0 is not None:
-        start = _warm_start(v0, start, num_params)
+        start = _warm_start(v0, start, num_params, tol)
     lanczos = Lanczos(op, start, generator=generator, basis_dtype=basis_dtype, basis_device=basis_device)
     ritz = residuals = vectors = None
     while lanczos.num_steps < cap:
@@ -260,8 +268,8 @@ def top_eigenvalues(
     )
 
 
-def _warm_start(v0: Tensor, random_start: Tensor, num_params: int) -> Tensor:
-    """Sum of the given block, plus a random part of a third of its norm, ``(1, P)``."""
+def _warm_start(v0: Tensor, random_start: Tensor, num_params: int, tol: float) -> Tensor:
+    """Unit sum of the given block plus a random part of norm ``_random_fraction(P, tol)``, ``(1, P)``."""
     block = v0.reshape(-1, v0.shape[-1]).to(device="cpu", dtype=random_start.dtype)
     if block.shape[1] != num_params:
         raise ValueError(f"v0 has length {block.shape[1]}, the operator has num_params={num_params}")
@@ -269,9 +277,24 @@ def _warm_start(v0: Tensor, random_start: Tensor, num_params: int) -> Tensor:
     combined = block.sum(dim=0, keepdim=True)
     if not torch.isfinite(combined).all() or combined.norm() == 0:
         return random_start
-    # A third of the norm keeps most of the head start while a new top direction, absent from
-    # v0, still enters with a sizeable component.
-    return combined / combined.norm() + random_start / random_start.norm() / 3
+    fraction = _random_fraction(num_params, tol)
+    return combined / combined.norm() + fraction * random_start / random_start.norm()
+
+
+def _random_fraction(num_params: int, tol: float) -> float:
+    """Norm of the random part of a warm start, relative to the part from ``v0``.
+
+    The random part gives every eigenvector, also a new top direction that ``v0`` lacks, a start
+    component of about ``fraction / sqrt(P)``; it costs steps, because Lanczos must damp it below
+    ``tol`` like a cold start. Measured on trained MLPs (P = 1,540 and 2,410, tol = 1e-6, v0 the
+    exact eigenvectors with one wanted one left out): components of about 2 tol let the solver
+    stop, "converged", without the missing eigenvalue; 20 tol and above found it. We keep the
+    component at ``_MISSING_COMPONENT_TOLS * tol``, with the fraction capped at a third, which
+    large models reach (at tol = 1e-6 from P of about 11 million). At P = 2,410 and tol = 1e-6 the
+    fraction is 5e-3, and an exact warm start at the same point takes 20 products instead of 25
+    with a fixed third (cold: 28).
+    """
+    return min(_MAX_RANDOM_FRACTION, _MISSING_COMPONENT_TOLS * tol * math.sqrt(num_params))
 
 
 def _ritz_pairs(lanczos: Lanczos, k: int, which: Which) -> tuple[Tensor, Tensor, Tensor]:

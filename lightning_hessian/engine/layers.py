@@ -3,22 +3,32 @@
 Symbols: P parameters, k eigenvectors, S probes, L layers (groups of parameters).
 
 A *layer* is a module: the parameters whose names share everything before the last dot
-(``net.0.weight`` and ``net.0.bias`` form ``net.0``). These functions read the flat-vector layout
-of an operator (``op.param_names`` with their sizes) and so work for any operator.
+(``net.0.weight`` and ``net.0.bias`` form ``net.0``). These functions read a flat-vector *layout*,
+the ``(name, numel)`` pairs of the operator's parameters in order (:func:`parameter_layout`), so
+they work for any operator over those parameters, a DDP-summed one included.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_hessian.engine.lanczos import rademacher
-from lightning_hessian.engine.operators import CurvatureOperator
+from lightning_hessian.engine.lanczos import LinearOperator, rademacher
+from lightning_hessian.engine.operators import select_parameters
+
+Layout = Sequence[tuple[str, int]]
+"""``(parameter name, number of entries)`` in flat-vector order."""
 
 
-def layer_slices(op: CurvatureOperator) -> dict[str, slice]:
+def parameter_layout(model: nn.Module, params: Sequence[str] | None = None) -> list[tuple[str, int]]:
+    """The flat-vector layout of the operators built on ``model`` with the same ``params``."""
+    return [(name, p.numel()) for name, p in select_parameters(model, params)]
+
+
+def layer_slices(layout: Layout) -> dict[str, slice]:
     """Where each layer's parameters sit in the flat vector, in parameter order.
 
     Returns:
@@ -26,7 +36,7 @@ def layer_slices(op: CurvatureOperator) -> dict[str, slice]:
     """
     slices: dict[str, slice] = {}
     start = 0
-    for name, size in zip(op.param_names, op._numels, strict=True):
+    for name, size in layout:
         layer = name.rsplit(".", 1)[0] if "." in name else name
         first = slices[layer].start if layer in slices else start
         slices[layer] = slice(first, start + size)
@@ -34,22 +44,24 @@ def layer_slices(op: CurvatureOperator) -> dict[str, slice]:
     return slices
 
 
-def mass_by_layer(op: CurvatureOperator, vectors: Tensor) -> dict[str, Tensor]:
+def mass_by_layer(layout: Layout, vectors: Tensor) -> dict[str, Tensor]:
     """Fraction of each vector's squared norm that lies in each layer.
 
     Args:
-        op: the operator whose flat layout the vectors use.
+        layout: the flat layout the vectors use.
         vectors: ``(k, P)`` (or ``(P,)``), e.g. ``EigenResult.eigenvectors``.
 
     Returns:
         ``{layer: (k,) fractions}``; for each vector the fractions sum to 1.
     """
-    matrix = vectors.reshape(-1, op.num_params).double()
+    matrix = vectors.reshape(-1, sum(size for _, size in layout)).double()
     total = matrix.pow(2).sum(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
-    return {layer: (matrix[:, cut].pow(2).sum(dim=1) / total).cpu() for layer, cut in layer_slices(op).items()}
+    return {layer: (matrix[:, cut].pow(2).sum(dim=1) / total).cpu() for layer, cut in layer_slices(layout).items()}
 
 
-def layer_traces(op: CurvatureOperator, *, num_probes: int = 10, seed: int = 0) -> dict[str, tuple[float, float]]:
+def layer_traces(
+    op: LinearOperator, layout: Layout, *, num_probes: int = 10, seed: int = 0
+) -> dict[str, tuple[float, float]]:
     """Hutchinson estimates of the trace of each layer's diagonal block, from one set of probes.
 
     With a Rademacher vector z over all P parameters, ``sum_{i in layer} z_i (H z)_i`` is an
@@ -57,6 +69,7 @@ def layer_traces(op: CurvatureOperator, *, num_probes: int = 10, seed: int = 0) 
 
     Args:
         op: the operator.
+        layout: its flat layout.
         num_probes: S, Rademacher probes (multiplied in one pass over the data).
         seed: seed of the probes' private generator.
 
@@ -70,7 +83,7 @@ def layer_traces(op: CurvatureOperator, *, num_probes: int = 10, seed: int = 0) 
     products = op.matmat(probes).double().cpu()
     per_entry = probes * products
     out = {}
-    for layer, cut in layer_slices(op).items():
+    for layer, cut in layer_slices(layout).items():
         estimates = per_entry[:, cut].sum(dim=1)
         stderr = float(estimates.std() / math.sqrt(num_probes)) if num_probes > 1 else 0.0
         out[layer] = (float(estimates.mean()), stderr)

@@ -13,9 +13,10 @@ Gauss-Newton part :math:`G = \\frac{1}{N} \\sum_i J_i^\\top \\nabla^2_f \\ell_i 
 :math:`H = G + H_{res}`.
 
 Neither operator touches the model: products run through :func:`torch.func.functional_call` on
-detached copies of the parameters and buffers, so parameters, buffers, ``.grad`` and
-``requires_grad`` are unchanged afterwards; module modes are set for the duration of a pass and
-restored.
+copies of the parameters and buffers taken at construction (the operator is a snapshot), so
+parameters, buffers, ``.grad`` and ``requires_grad`` are unchanged afterwards; module modes are
+set for the duration of a pass and restored. Products run with gradients enabled, also when
+called under ``torch.no_grad()`` or ``torch.inference_mode()``.
 """
 
 from __future__ import annotations
@@ -96,23 +97,45 @@ def select_parameters(
 
 
 @contextlib.contextmanager
-def module_mode(model: nn.Module, mode: Mode) -> Iterator[None]:
+def module_mode(model: nn.Module, mode: Mode, *, freeze_statistics: bool = False) -> Iterator[None]:
     """Put ``model`` in ``mode`` for the duration of the block, then restore every submodule's mode.
 
     ``"train"`` keeps dropout off (its modules stay in eval mode) so the operator is deterministic;
     batch normalization then uses batch statistics.
+
+    Args:
+        model: the network.
+        mode: ``"eval"`` or ``"train"``.
+        freeze_statistics: in ``"train"`` mode, also keep batch normalization from updating its
+            running statistics (``track_running_stats`` is off for the block; it still normalizes
+            with batch statistics), so no buffer is written in place, which :mod:`torch.func`
+            transforms require. The operators use this; re-estimating statistics does not.
     """
     saved = [(m, m.training) for m in model.modules()]
+    norms = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
     try:
         model.train(mode == "train")
         if mode == "train":
             for m in model.modules():
                 if isinstance(m, nn.modules.dropout._DropoutNd):
                     m.eval()
+            if freeze_statistics:
+                for m, _ in norms:
+                    m.track_running_stats = False
         yield
     finally:
         for m, training in saved:
             m.training = training
+        for m, tracking in norms:
+            m.track_running_stats = tracking
+
+
+def _autograd_on() -> contextlib.ExitStack:
+    """Gradients on, inference mode off: products work inside ``torch.no_grad()`` and ``inference_mode()``."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
 
 
 def _batch_size(batch: Any) -> int:
@@ -132,8 +155,14 @@ def _batch_size(batch: Any) -> int:
 
 
 def _move(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
-    """Move every tensor of a batch to ``device``; cast floating tensors to ``dtype`` when given."""
+    """Move every tensor of a batch to ``device``; cast floating tensors to ``dtype`` when given.
+
+    Inference tensors (made under ``torch.inference_mode``) are copied into ordinary ones, which
+    autograd can save for the backward pass.
+    """
     if isinstance(batch, Tensor):
+        if batch.is_inference():
+            batch = batch.clone()
         if dtype is not None and batch.is_floating_point():
             return batch.to(device=device, dtype=dtype)
         return batch.to(device=device)
@@ -162,7 +191,7 @@ class CurvatureOperator:
         dtype: floating dtype of the products, e.g. ``torch.float64`` for exact small-model work;
             default the parameters' dtype, promoted to float32 for 16-bit models.
         mode: ``"eval"`` (default; running statistics, dropout off) or ``"train"`` (batch
-            statistics, dropout still off).
+            statistics, running statistics not updated, dropout still off).
         keep_graph: keep each batch's first-derivative graph between products, so that one
             product costs about one backward pass instead of a forward and a double backward; costs
             the memory of those graphs. Dropped with a warning if the device runs out of memory.
@@ -204,23 +233,24 @@ class CurvatureOperator:
         self.device = selected[0][1].device
         default = selected[0][1].dtype
         self.dtype = dtype or (torch.float32 if default in (torch.float16, torch.bfloat16) else default)
-        self._batches = [_move(b, self.device, self.dtype) for b in batches]
-        if not self._batches:
-            raise ValueError("batches is empty; pass at least one batch of samples")
-        self._sizes = [_batch_size(b) for b in self._batches]
+        with _autograd_on():
+            self._batches = [_move(b, self.device, self.dtype) for b in batches]
+            if not self._batches:
+                raise ValueError("batches is empty; pass at least one batch of samples")
+            self._sizes = [_batch_size(b) for b in self._batches]
+            self._leaves = [p.detach().to(self.dtype, copy=True).requires_grad_(True) for _, p in selected]
+            selected_names = set(self.param_names)
+            self._frozen = {
+                n: p.detach().to(self.dtype, copy=True) if p.is_floating_point() else p.detach().clone()
+                for n, p in model.named_parameters()
+                if n not in selected_names
+            }
+            self._buffers = {
+                n: b.detach().to(self.dtype, copy=True) if b.is_floating_point() else b.detach().clone()
+                for n, b in model.named_buffers()
+            }
         self.num_samples = sum(self._sizes)
         self.num_matvecs = 0
-        self._leaves = [p.detach().to(self.dtype).requires_grad_(True) for _, p in selected]
-        selected_names = set(self.param_names)
-        self._frozen = {
-            n: p.detach().to(self.dtype) if p.is_floating_point() else p.detach()
-            for n, p in model.named_parameters()
-            if n not in selected_names
-        }
-        self._buffers = {
-            n: b.detach().clone().to(self.dtype) if b.is_floating_point() else b.detach().clone()
-            for n, b in model.named_buffers()
-        }
         self._graphs: list[Any] | None = None
 
     # --- what a subclass provides ----------------------------------------------------------
@@ -246,10 +276,17 @@ class CurvatureOperator:
         state.update(self._buffers)
         return state
 
-    def call(self, fn: Callable[..., Tensor], *args: Any) -> Tensor:
-        """Evaluate ``fn(model, *args)`` with the operator's tensors in place of the model's."""
-        state = {"model." + k: v for k, v in self._state().items()}
-        with module_mode(self.model, self.mode), torch.autocast(self.device.type, enabled=False):
+    def call(self, fn: Callable[..., Tensor], *args: Any, leaves: Sequence[Tensor] | None = None) -> Tensor:
+        """Evaluate ``fn(model, *args)`` with the operator's tensors in place of the model's.
+
+        ``leaves`` replaces the selected parameters (one tensor per parameter, in flat order).
+        """
+        state = self._state()
+        if leaves is not None:
+            state.update(zip(self.param_names, leaves, strict=True))
+        state = {"model." + k: v for k, v in state.items()}
+        modes = module_mode(self.model, self.mode, freeze_statistics=True)
+        with modes, torch.autocast(self.device.type, enabled=False):
             return functional_call(_Bound(self.model, fn), state, args, strict=False)
 
     def _unflatten(self, matrix: Tensor) -> list[Tensor]:
@@ -312,12 +349,13 @@ class CurvatureOperator:
             raise ValueError(
                 f"vectors have length {matrix.shape[1]}, the operator has num_params={self.num_params}"
             )
-        matrix = matrix.to(device=self.device, dtype=self.dtype)
-        parts = self._unflatten(matrix)
-        total = torch.zeros_like(matrix)
-        for index, size in enumerate(self._sizes):
-            product = self._flatten(self._batch_matmat(index, parts))
-            total.add_(product, alpha=size / self.num_samples)
+        with _autograd_on():
+            matrix = matrix.to(device=self.device, dtype=self.dtype, copy=True)
+            parts = self._unflatten(matrix)
+            total = torch.zeros_like(matrix)
+            for index, size in enumerate(self._sizes):
+                product = self._flatten(self._batch_matmat(index, parts))
+                total.add_(product, alpha=size / self.num_samples)
         if not torch.isfinite(total).all():
             raise NonFiniteError(
                 f"the {type(self).__name__} product is not finite (NaN or inf); the loss or its "
@@ -354,16 +392,31 @@ class CurvatureOperator:
         return self._graphs[index]
 
 
-def _check_loss(loss: Any, where: str) -> Tensor:
+def scalar_loss(loss: Any, where: str) -> Tensor:
+    """``loss`` as a 0-d tensor; a ``ValueError`` naming ``where`` if it is not a one-element tensor.
+
+    Safe inside :mod:`torch.func` transforms (it reads only the shape).
+    """
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(
             f"{where} must return a scalar tensor (the mean loss of the batch), got {shape}; "
             "reduce it with .mean()"
         )
+    return loss.reshape(())
+
+
+def _check_loss(loss: Any, where: str) -> Tensor:
+    """:func:`scalar_loss`, plus: finite (else :class:`NonFiniteError`) and attached to the parameters."""
+    loss = scalar_loss(loss, where)
     if not torch.isfinite(loss):
         raise NonFiniteError(f"{where} returned a non-finite loss ({loss.item()}); no curvature there")
-    return loss.reshape(())
+    if not loss.requires_grad:
+        raise ValueError(
+            f"{where} returned a loss that does not depend on the selected parameters (no autograd graph); "
+            "do not detach it, and select parameters that the loss uses"
+        )
+    return loss
 
 
 class HessianOperator(CurvatureOperator):
@@ -463,21 +516,22 @@ class GGNOperator(CurvatureOperator):
         outputs = self.call(self.output_fn, batch)
         if not isinstance(outputs, Tensor):
             raise ValueError(f"output_fn must return a tensor of model outputs, got {type(outputs).__name__}")
+        if not outputs.requires_grad:
+            raise ValueError(
+                "output_fn returned outputs that do not depend on the selected parameters (no autograd graph); "
+                "do not detach them, and select parameters that the outputs use"
+            )
         detached = outputs.detach().requires_grad_(True)
         loss = _check_loss(self.output_loss_fn(detached, batch), "output_loss_fn")
         (loss_grad,) = torch.autograd.grad(loss, detached, create_graph=True)
         dummy = torch.zeros_like(outputs, requires_grad=True)
-        jt_dummy: tuple[Tensor, ...] = ()
-        if outputs.requires_grad:
-            jt_dummy = torch.autograd.grad(
-                outputs, self._leaves, dummy, create_graph=True, allow_unused=True, materialize_grads=True
-            )
+        jt_dummy = torch.autograd.grad(
+            outputs, self._leaves, dummy, create_graph=True, allow_unused=True, materialize_grads=True
+        )
         return outputs, detached, loss_grad, (dummy, *jt_dummy)
 
     def _batch_matmat(self, index: int, vectors: list[Tensor]) -> list[Tensor]:
         outputs, detached, loss_grad, (dummy, *jt_dummy) = self._cached(index, lambda: self._graph(index))
-        if not jt_dummy:
-            return _zeros_like_stacked(self._leaves, vectors[0].shape[0])
         # J v by the double-backward trick: J v = d<J^T u, v>/du, linear in the dummy u.
         (jv,) = self._vjp(jt_dummy, vectors, [dummy], retain=True)
         (hjv,) = self._vjp([loss_grad], [jv], [detached], retain=True)

@@ -1,0 +1,113 @@
+"""The dense oracles themselves: `dense_hessian` and `dense_ggn` against independent routes."""
+
+import doctest
+import importlib
+import pkgutil
+
+import cases
+import pytest
+import torch
+from torch import nn
+
+import lightning_hessian.engine
+from lightning_hessian import dense_ggn, dense_hessian
+
+
+def _tiny_batches(sizes):
+    return lambda: cases.split(*cases.gaussian_mixture(sum(sizes), 3, 6), sizes)
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(cases.Case(lambda: cases.mlp((6, 5, 3)), cases.cross_entropy, _tiny_batches([12])),
+                 id="mlp-tanh-ce"),
+    pytest.param(cases.Case(lambda: cases.mlp((6, 5, 3), nn.Sigmoid), cases.squared_error, _tiny_batches([7, 23])),
+                 id="mlp-sigmoid-mse-uneven"),
+    pytest.param(cases.Case(cases.BatchNormDropoutNet, cases.cross_entropy, _tiny_batches([8, 12])),
+                 id="batchnorm-eval"),
+    pytest.param(cases.Case(cases.BatchNormDropoutNet, cases.cross_entropy, _tiny_batches([8, 12]), mode="train"),
+                 id="batchnorm-train"),
+    pytest.param(cases.Case(cases.WithUnused, cases.cross_entropy, _tiny_batches([20])), id="unused-parameter"),
+    pytest.param(cases.Case(lambda: cases.mlp((6, 5, 3)), cases.dict_cross_entropy, cases.dict_batches),
+                 id="dict-batches"),
+])
+def test_dense_hessian_matches_autograd_functional_hessian(case):
+    model, batches = case.build(), case.batches()
+    expected = cases.autograd_hessian(model, case.loss_fn, batches, mode=case.mode)
+    actual = dense_hessian(model, case.loss_fn, batches, mode=case.mode)
+    assert actual.dtype == torch.float64
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12 * expected.abs().max())
+
+
+def test_dense_hessian_of_linear_least_squares_is_the_closed_form():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    x, target = torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64)
+
+    def loss_fn(m, batch):
+        return 0.5 * (m(batch[0]) - batch[1]).pow(2).sum(1).mean()
+
+    # W is [3, 4] row-major, so H = I_3 (x) (X^T X / N).
+    expected = torch.kron(torch.eye(3, dtype=torch.float64), x.T @ x / 10)
+    actual = dense_hessian(model, loss_fn, [(x[:3], target[:3]), (x[3:], target[3:])])
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-14)
+
+
+def test_dense_hessian_params_is_the_sub_block():
+    model = cases.mlp((6, 5, 3))
+    batches = _tiny_batches([20])()
+    full = dense_hessian(model, cases.cross_entropy, batches)
+    block = dense_hessian(model, cases.cross_entropy, batches, params=["2.*"])
+    first = sum(p.numel() for p in model[0].parameters())
+    assert block.shape == (18, 18)
+    torch.testing.assert_close(block, full[first:, first:], rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("output_loss", [
+    pytest.param(cases.cross_entropy_on_outputs, id="cross-entropy"),
+    pytest.param(cases.squared_error_on_outputs, id="squared-error"),
+])
+def test_dense_ggn_matches_explicit_jacobians(output_loss):
+    model = cases.mlp((6, 4, 3))
+    batches = _tiny_batches([5, 7])()
+    replica = cases.mlp((6, 4, 3)).double()
+    names = [n for n, _ in replica.named_parameters()]
+    params = tuple(p.detach() for p in replica.parameters())
+    num_params = sum(p.numel() for p in params)
+    expected = torch.zeros(num_params, num_params, dtype=torch.float64)
+    for x, y in batches:
+
+        def outputs(*theta, x=x):
+            return torch.func.functional_call(replica, dict(zip(names, theta, strict=True)), (x.double(),))
+
+        blocks = torch.autograd.functional.jacobian(outputs, params)
+        jacobian = torch.cat([j.reshape(x.shape[0] * 3, -1) for j in blocks], dim=1)
+        f = outputs(*params).detach()
+
+        def loss_of(flat, y=y, shape=f.shape):
+            return output_loss(flat.reshape(shape), (None, y))
+
+        output_hessian = torch.autograd.functional.hessian(loss_of, f.reshape(-1))
+        expected += jacobian.T @ output_hessian @ jacobian * (x.shape[0] / 12)
+    actual = dense_ggn(model, cases.outputs_of, output_loss, batches)
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12 * expected.abs().max())
+
+
+def test_dense_ggn_equals_dense_hessian_for_a_linear_model_with_squared_error():
+    model = nn.Linear(6, 3)
+    batches = _tiny_batches([10, 20])()
+    hessian = dense_hessian(model, cases.squared_error, batches)
+    ggn = dense_ggn(model, cases.outputs_of, cases.squared_error_on_outputs, batches)
+    torch.testing.assert_close(ggn, hessian, rtol=0, atol=1e-13)
+
+
+def test_engine_doctests_pass():
+    package = lightning_hessian.engine
+    failed = attempted = 0
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        failed, attempted = failed + result.failed, attempted + result.attempted
+    assert failed == 0
+    assert attempted >= 3  # the examples of HessianOperator, top_eigenvalues and outlier_gap

@@ -1,0 +1,181 @@
+"""`top_eigenvalues` against `torch.linalg.eigvalsh` of dense float64 Hessians and of matrices with known spectra."""
+
+import math
+
+import cases
+import pytest
+import torch
+
+from lightning_hessian import HessianOperator, top_eigenvalues
+
+F64 = torch.float64
+
+TRAINED = [pytest.param(cases.trained_digits, id="digits-relu-mlp"),
+           pytest.param(cases.trained_mixture, id="mixture-tanh-mlp")]
+
+
+def _hessian_operator(problem, model=None):
+    return HessianOperator(model or problem.model(), cases.cross_entropy, problem.batches, dtype=F64)
+
+
+def _assert_certified(result, matrix, tol, eigenvalues=None):
+    """Reported residuals are the true ones (relative to ||H||), within tol, and the vectors are orthonormal."""
+    vectors = result.eigenvectors
+    norm = (torch.linalg.eigvalsh(matrix) if eigenvalues is None else eigenvalues).abs().max()
+    true = (vectors @ matrix - result.eigenvalues[:, None] * vectors).norm(dim=1) / norm
+    torch.testing.assert_close(result.residuals, true, rtol=1e-3, atol=1e-12)
+    assert torch.all(true <= tol)
+    assert torch.equal(result.converged, result.residuals <= tol)
+    torch.testing.assert_close(vectors @ vectors.T, torch.eye(len(vectors), dtype=F64), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("build", TRAINED)
+def test_top_10_match_eigvalsh_of_the_dense_hessian(build):
+    problem = build()
+    result = top_eigenvalues(_hessian_operator(problem), 10, tol=1e-6)
+    exact = problem.eigenvalues.flip(0)[:10]
+    assert result.all_converged and result.which == "largest"
+    assert torch.all(result.eigenvalues[:-1] >= result.eigenvalues[1:])
+    assert torch.all((result.eigenvalues - exact).abs() <= 1e-6 * exact.abs())
+    _assert_certified(result, problem.hessian, 1e-6, problem.eigenvalues)
+    assert result.num_matvecs <= 50  # measured 28 (digits) and 37 (mixture); a regression guard
+    assert result.seconds > 0
+
+
+@pytest.mark.parametrize("build", TRAINED)
+def test_smallest_eigenvalues_match_eigvalsh(build):
+    problem = build()
+    result = top_eigenvalues(_hessian_operator(problem), 2, tol=1e-6, which="smallest")
+    exact = problem.eigenvalues[:2]
+    assert exact[0] < 0 and result.all_converged and result.which == "smallest"
+    assert result.eigenvalues[0] <= result.eigenvalues[1]
+    assert torch.all((result.eigenvalues - exact).abs() <= 1e-6 * exact.abs())
+    _assert_certified(result, problem.hessian, 1e-6, problem.eigenvalues)
+
+
+def test_warm_start_at_the_same_point_needs_fewer_products():
+    problem = cases.trained_digits()
+    op = _hessian_operator(problem)
+    cold = top_eigenvalues(op, 10)
+    warm = top_eigenvalues(op, 10, v0=cold.eigenvectors)
+    assert warm.all_converged
+    torch.testing.assert_close(warm.eigenvalues, cold.eigenvalues, rtol=1e-9, atol=0)
+    assert warm.num_matvecs <= 0.8 * cold.num_matvecs  # measured 20 vs 28
+
+
+def test_warm_start_still_finds_a_top_eigenvalue_missing_from_v0():
+    # v0 spans eigenvectors 2..11 exactly: an invariant subspace. Without the random part of the
+    # start the solver would stop after 10 products with "converged" pairs and miss lambda_1.
+    problem = cases.trained_mixture()
+    op = _hessian_operator(problem)
+    vectors = top_eigenvalues(op, 11, tol=1e-10).eigenvectors
+    result = top_eigenvalues(op, 10, v0=vectors[1:11])
+    exact = problem.eigenvalues.flip(0)[:10]
+    assert result.all_converged
+    assert torch.all((result.eigenvalues - exact).abs() <= 1e-6 * exact)
+
+
+def test_warm_start_after_sgd_steps_needs_fewer_products():
+    problem = cases.trained_mixture()
+    before = top_eigenvalues(_hessian_operator(problem), 10)
+    model = problem.model()
+    x, y = cases.gaussian_mixture(1000, 4, 10)
+    cases.train(model, x, y, steps=20, lr=0.1)
+    op = _hessian_operator(problem, model)
+    cold = top_eigenvalues(op, 10)
+    warm = top_eigenvalues(op, 10, v0=before.eigenvectors)
+    assert cold.all_converged and warm.all_converged
+    assert (cold.eigenvalues - before.eigenvalues).abs().max() > 1e-4 * before.eigenvalues[0]  # the point moved
+    torch.testing.assert_close(warm.eigenvalues, cold.eigenvalues, rtol=1e-9, atol=0)
+    assert warm.num_matvecs < cold.num_matvecs  # measured 30 vs 37
+
+
+def test_v0_accepts_a_vector_or_a_block_and_rejects_a_wrong_length():
+    matrix = cases.matrix_with_spectrum(torch.linspace(-1, 10, 60))
+    op = cases.MatrixOperator(matrix)
+    exact = torch.linalg.eigvalsh(matrix).flip(0)[:3]
+    generator = torch.Generator().manual_seed(1)
+    for v0 in (torch.randn(60, generator=generator, dtype=F64), torch.randn(3, 60, generator=generator),
+               torch.zeros(2, 60)):
+        result = top_eigenvalues(op, 3, v0=v0, tol=1e-10)
+        assert result.all_converged
+        torch.testing.assert_close(result.eigenvalues, exact, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="v0"):
+        top_eigenvalues(op, 3, v0=torch.ones(59))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    pytest.param({"k": 0}, "k=0", id="k-zero"),
+    pytest.param({"k": 31}, "k=31", id="k-above-P"),
+    pytest.param({"k": 2.0}, "k=2.0", id="k-not-int"),
+    pytest.param({"k": 2, "tol": 0.0}, "tol=0.0", id="tol-zero"),
+    pytest.param({"k": 2, "tol": -1e-6}, "tol=", id="tol-negative"),
+    pytest.param({"k": 2, "tol": math.nan}, "tol=nan", id="tol-nan"),
+    pytest.param({"k": 2, "which": "top"}, "which='top'", id="which-unknown"),
+    pytest.param({"k": 5, "max_matvecs": 4}, "max_matvecs=4", id="max-matvecs-below-k"),
+])
+def test_bad_arguments_raise_value_errors_naming_them(kwargs, match):
+    op = cases.MatrixOperator(cases.matrix_with_spectrum(range(30)))
+    with pytest.raises(ValueError, match=match):
+        top_eigenvalues(op, **kwargs)
+    assert op.num_matvecs == 0  # checked before any product
+
+
+def test_too_few_products_leave_pairs_unconverged():
+    problem = cases.trained_mixture()
+    result = top_eigenvalues(_hessian_operator(problem), 10, max_matvecs=12)
+    assert result.num_matvecs == 12
+    assert not result.all_converged
+    assert torch.equal(result.converged, result.residuals <= 1e-6)
+    assert result.eigenvectors.shape == (10, problem.hessian.shape[0])
+    vectors = result.eigenvectors
+    true = (vectors @ problem.hessian - result.eigenvalues[:, None] * vectors).norm(dim=1) / problem.eigenvalues.max()
+    torch.testing.assert_close(result.residuals, true, rtol=1e-3, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_tiny_operator_with_repeated_eigenvalues_up_to_k_equal_p(which):
+    # Multiplicities make the Krylov space invariant after 6 steps: the recursion must restart.
+    spectrum = torch.tensor([5.0, 5.0, 5.0, 3.0, 3.0, 1.0, 0.0, 0.0, -1.0, -2.0, -2.0, 4.0], dtype=F64)
+    matrix = cases.matrix_with_spectrum(spectrum)
+    result = top_eigenvalues(cases.MatrixOperator(matrix), 12, which=which, tol=1e-10)
+    expected = spectrum.sort(descending=which == "largest").values
+    assert result.all_converged and result.num_matvecs == 12
+    torch.testing.assert_close(result.eigenvalues, expected, rtol=0, atol=1e-10)
+    _assert_certified(result, matrix, tol=1e-10)
+
+
+def test_tiny_network_up_to_k_equal_p():
+    model = torch.nn.Linear(3, 4)  # P = 16; softmax cross-entropy leaves a null space
+    batches = cases.split(*cases.gaussian_mixture(10, 4, 3), [10])
+    op = HessianOperator(model, cases.cross_entropy, batches, dtype=F64)
+    result = top_eigenvalues(op, 16, tol=1e-8)
+    exact = torch.linalg.eigvalsh(cases.autograd_hessian(model, cases.cross_entropy, batches)).flip(0)
+    torch.testing.assert_close(result.eigenvalues, exact, rtol=0, atol=1e-10 * exact[0])
+    assert result.all_converged
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_known_spectra_with_decaying_top_and_negative_tail(seed):
+    generator = torch.Generator().manual_seed(seed)
+    bulk = torch.randn(190, generator=generator, dtype=F64) * 0.05
+    spectrum = torch.cat([10.0 * 0.8 ** torch.arange(10, dtype=F64), bulk, torch.tensor([-1.0], dtype=F64)])
+    matrix = cases.matrix_with_spectrum(spectrum, seed=seed)
+    op = cases.MatrixOperator(matrix)
+    top = top_eigenvalues(op, 5, tol=1e-8, seed=seed)
+    bottom = top_eigenvalues(op, 1, tol=1e-8, which="smallest", seed=seed)
+    torch.testing.assert_close(top.eigenvalues, spectrum[:5], rtol=1e-12, atol=0)
+    torch.testing.assert_close(bottom.eigenvalues, torch.tensor([-1.0], dtype=F64), rtol=1e-12, atol=0)
+    _assert_certified(top, matrix, tol=1e-8)
+    _assert_certified(bottom, matrix, tol=1e-8)
+
+
+def test_the_seed_reproduces_and_the_global_rng_is_untouched():
+    op = cases.MatrixOperator(cases.matrix_with_spectrum(torch.linspace(0, 1, 80) ** 3))
+    state = torch.get_rng_state()
+    first, second = top_eigenvalues(op, 4, seed=3), top_eigenvalues(op, 4, seed=3)
+    other = top_eigenvalues(op, 4, seed=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first.eigenvalues, second.eigenvalues) and first.num_matvecs == second.num_matvecs
+    assert torch.equal(first.eigenvectors, second.eigenvectors)
+    assert not torch.equal(first.eigenvectors, other.eigenvectors)
