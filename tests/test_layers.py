@@ -6,7 +6,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_hessian import HessianOperator, dense_hessian, top_eigenvalues
-from lightning_hessian.engine.layers import gradient_overlap, layer_slices, layer_traces, mass_by_layer
+from lightning_hessian.engine.layers import (
+    gradient_overlap,
+    layer_slices,
+    layer_traces,
+    mass_by_layer,
+    parameter_layout,
+)
 
 
 def _loss(model, batch):
@@ -24,29 +30,29 @@ def problem():
 
 def test_layer_slices_cover_the_flat_vector(problem):
     _, _, op, _ = problem
-    slices = layer_slices(op)
+    slices = layer_slices(parameter_layout(op.model))
     assert list(slices) == ["0", "2"]
     assert slices["0"] == slice(0, 6 * 12 + 12) and slices["2"] == slice(84, op.num_params)
 
 
 def test_layer_traces_are_unbiased_block_traces(problem):
     _, _, op, hessian = problem
-    traces = layer_traces(op, num_probes=100, seed=1)
-    for layer, cut in layer_slices(op).items():
+    traces = layer_traces(op, parameter_layout(op.model), num_probes=100, seed=1)
+    for layer, cut in layer_slices(parameter_layout(op.model)).items():
         exact = float(hessian[cut, cut].diagonal().sum())
         estimate, stderr = traces[layer]
         assert abs(estimate - exact) <= 4 * stderr + 1e-12, layer
     with pytest.raises(ValueError, match="num_probes"):
-        layer_traces(op, num_probes=0)
+        layer_traces(op, parameter_layout(op.model), num_probes=0)
 
 
 def test_mass_by_layer_sums_to_one_and_matches_dense_eigenvectors(problem):
     _, _, op, hessian = problem
     result = top_eigenvalues(op, 3)
-    mass = mass_by_layer(op, result.eigenvectors)
+    mass = mass_by_layer(parameter_layout(op.model), result.eigenvectors)
     torch.testing.assert_close(sum(mass.values()), torch.ones(3, dtype=torch.float64))
     vectors = torch.linalg.eigh(hessian).eigenvectors[:, -1]
-    for layer, cut in layer_slices(op).items():
+    for layer, cut in layer_slices(parameter_layout(op.model)).items():
         assert mass[layer][0] == pytest.approx(float(vectors[cut].pow(2).sum()), abs=1e-8)
 
 
