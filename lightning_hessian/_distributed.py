@@ -9,6 +9,7 @@ on a rank without probe samples or whose loss is not finite, so no rank waits fo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,24 +56,33 @@ class SummedOperator:
             NonFiniteError: on every rank, when the product of any rank is not finite.
         """
         matrix = vectors.reshape(-1, self.num_params).to(device=self.device, dtype=self.dtype)
+        total = self._summed(lambda op: op.matmat(matrix), matrix.shape)
+        self.num_matvecs += matrix.shape[0]
+        return total.reshape(vectors.shape)
+
+    def gradient(self) -> Tensor:
+        """``[P]``: the gradient of the mean loss over every rank's probe samples (one all-reduce)."""
+        return self._summed(lambda op: op.gradient(), (self.num_params,))
+
+    def _summed(self, local_mean: Callable[[Any], Tensor], shape: tuple[int, ...]) -> Tensor:
+        """The sample-weighted mean over ranks of ``local_mean(local operator)``, of the given shape."""
         local_samples = 0 if self.local is None else self.local.num_samples
         if self.local is None:
-            product = torch.zeros_like(matrix)
+            part = torch.zeros(shape, dtype=self.dtype, device=self.device)
         else:
             try:
-                product = self.local.matmat(matrix) * local_samples
+                part = local_mean(self.local).reshape(shape) * local_samples
             except NonFiniteError:
-                product = torch.full_like(matrix, float("nan"))
+                part = torch.full(shape, float("nan"), dtype=self.dtype, device=self.device)
         count = torch.tensor([float(local_samples)], dtype=self.dtype, device=self.device)
-        packed = torch.cat([product.reshape(-1), count])
+        packed = torch.cat([part.reshape(-1), count])
         # Lightning's reduce works in place: hand it a tensor nobody else holds.
         reduced = self.strategy.reduce(packed.clone(), reduce_op="sum")
         self.num_samples = int(reduced[-1].item())
-        total = reduced[:-1].reshape(matrix.shape) / self.num_samples
+        total = reduced[:-1].reshape(shape) / self.num_samples
         if not torch.isfinite(total).all():
             raise NonFiniteError("the curvature product is not finite (NaN or inf) on at least one rank")
-        self.num_matvecs += matrix.shape[0]
-        return total.reshape(vectors.shape)
+        return total
 
     def matvec(self, vector: Tensor) -> Tensor:
         """Multiply with one flat vector ``[P]``; returns ``[P]``."""

@@ -26,6 +26,7 @@ from lightning_hessian.engine import (
     summarize,
     top_eigenvalues,
 )
+from lightning_hessian.engine.layers import Layout, gradient_overlap, layer_traces, mass_by_layer
 from lightning_hessian.engine.operators import select_parameters
 
 
@@ -97,6 +98,8 @@ class Solver:
     num_probes: int
     num_steps: int
     layers: tuple[str, ...]
+    layer_views: bool
+    grad_overlap: bool
     seed: int
 
     def _solve(self, op: Any, k: int, warm: dict[str, Tensor] | None, key: str, which: str = "largest") -> EigenResult:
@@ -117,6 +120,8 @@ class Solver:
         make: Callable[..., Any],
         key: str,
         warm: dict[str, Tensor] | None,
+        *,
+        layout: Layout,
     ) -> tuple[dict[str, Any], int]:
         """Measure one matrix.
 
@@ -125,13 +130,15 @@ class Solver:
                 a list of name patterns selects.
             key: the matrix's name (``"hessian"``, ``"ggn"``), prefix of its warm-start keys.
             warm: warm-start vectors by key, updated in place; ``None`` for cold starts.
+            layout: ``(name, numel)`` of the operator's parameters, for the layer views.
 
         Returns:
             The record fields (plain values: ``eigenvalues`` (k), ``residuals``, ``converged``,
             ``num_params``, optionally ``eig_min``/``eig_min_residual``, ``trace``,
             ``trace_stderr``, ``nodes``/``weights`` (S x m), then ``outliers``, ``gap_ratio``,
-            ``bulk_edge``, ``near_zero_fraction``, ``negative_mass`` and ``layers``) and the number of
-            products used.
+            ``bulk_edge``, ``near_zero_fraction``, ``negative_mass``, ``layers``, ``layer_views``
+            (per module: ``trace``, ``trace_stderr``, ``eig_1_mass``) and ``grad_overlap``) and the
+            number of products used.
         """
         op = make(params=None)
         top = self._solve(op, min(self.k, op.num_params), warm, key)
@@ -161,4 +168,14 @@ class Solver:
             count += block.num_matvecs
         if layers:
             fields["layers"] = layers
+        if self.layer_views:
+            traces = layer_traces(op, layout, num_probes=self.num_probes, seed=self.seed)
+            mass = mass_by_layer(layout, top.eigenvectors[:1])
+            fields["layer_views"] = {
+                name: {"trace": trace, "trace_stderr": stderr, "eig_1_mass": float(mass[name][0])}
+                for name, (trace, stderr) in traces.items()
+            }
+            count += self.num_probes
+        if self.grad_overlap and key == "hessian":
+            fields["grad_overlap"] = gradient_overlap(op.gradient(), top.eigenvectors)
         return fields, count

@@ -26,6 +26,7 @@ from lightning_hessian._isolation import isolated
 from lightning_hessian._measure import Solver, make_operator
 from lightning_hessian._probes import count_samples, draw_probe_set
 from lightning_hessian.engine import NonFiniteError
+from lightning_hessian.engine.layers import parameter_layout
 from lightning_hessian.engine.operators import select_parameters
 
 Matrix = Literal["hessian", "ggn", "both"]
@@ -105,6 +106,11 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         layers: parameter name patterns (``fnmatch``, e.g. ``["net.0.*"]``); for each, the top
             eigenvalue of the block of those parameters (``hessian/layer/net.0/eig_1``, and
             ``hessian/ggn/layer/net.0/eig_1`` for the Gauss-Newton matrix).
+        layer_views: for every module with parameters (``net.0``, ...), the Hutchinson trace of its
+            diagonal block (``hessian/layer/net.0/trace``, from ``num_probes`` extra products) and the
+            share of the top eigenvector's squared norm that lies in it (``.../eig_1_mass``).
+        grad_overlap: the fraction of the probe-set gradient's squared norm inside the top-k
+            eigenspace (``hessian/grad_overlap``; Gur-Ari et al. 2018 find it near 1).
         mode: ``"eval"`` or ``"train"`` (see above).
         seed: seed of the probe-set draw, the Lanczos start and the SLQ probes (the same at every
             call, so curves compare like with like).
@@ -149,6 +155,8 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         loss_fn: Callable[[Any, Any], Tensor] | None = None,
         matrix: Matrix = "hessian",
         layers: list[str] | None = None,
+        layer_views: bool = False,
+        grad_overlap: bool = False,
         mode: Mode = "eval",
         seed: int = 0,
         max_overhead: float | None = None,
@@ -198,6 +206,8 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         self.loss_fn = loss_fn
         self.matrix: Matrix = matrix
         self.layers = list(layers) if layers is not None else []
+        self.layer_views = layer_views
+        self.grad_overlap = grad_overlap
         self.mode: Mode = mode
         self.seed = seed
         self.max_overhead = max_overhead
@@ -311,6 +321,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             "hessian/num_steps": self.num_steps if self.density else 0, "hessian/mode": self.mode,
             "hessian/num_samples": self._num_probe_samples, "hessian/every_n_steps": self.every_n_steps or 0,
             "hessian/log_spaced": self.log_spaced, "hessian/seed": self.seed, "hessian/layers": ",".join(self.layers),
+            "hessian/layer_views": self.layer_views, "hessian/grad_overlap": self.grad_overlap,
         }
 
     def measure(self, trainer: Any, pl_module: Any | None = None) -> dict[str, Any] | None:
@@ -436,13 +447,15 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         }
         solver = Solver(k=self.k, tol=self.tol, max_matvecs=self.max_matvecs, smallest=self.smallest,
                         density=self.density, num_probes=self.num_probes, num_steps=self.num_steps,
-                        layers=tuple(self.layers), seed=self.seed)
+                        layers=tuple(self.layers), layer_views=self.layer_views,
+                        grad_overlap=self.grad_overlap, seed=self.seed)
         matvecs = 0
         for matrix in ("hessian", "ggn"):
             if self.matrix in (matrix, "both"):
                 make = functools.partial(make_operator, trainer, pl_module, self.probe_batches or [], matrix,
                                          dtype=dtype, mode=self.mode, loss_fn=self.loss_fn)
-                fields, count = solver.measure(make, matrix, self._warm if self.warm_start else None)
+                fields, count = solver.measure(make, matrix, self._warm if self.warm_start else None,
+                                               layout=parameter_layout(pl_module))
                 matvecs += count
                 if matrix == "hessian":
                     record.update(fields)

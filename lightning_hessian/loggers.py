@@ -7,7 +7,8 @@ A measurement arrives as the plain record the callback keeps in its history (see
 as a matplotlib figure, and writes the history file.
 
 Tags: the Hessian's quantities are under ``hessian/``, the Gauss-Newton matrix's under
-``hessian/ggn/``, a layer block's top eigenvalue under ``<prefix>/layer/<name>/eig_1``.
+``hessian/ggn/``, a layer block's top eigenvalue under ``<prefix>/layer/<name>/eig_1``, its trace
+and share of the top eigenvector under ``<prefix>/layer/<name>/trace`` and ``.../eig_1_mass``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def _matrix_metrics(fields: Mapping[str, Any], prefix: str, lr: float | None) ->
     for name, layer in fields.get("layers", {}).items():
         metrics[f"{prefix}/layer/{name}/eig_1"] = float(layer["eigenvalue"])
         residuals.append(layer["residual"])
+    for name, view in fields.get("layer_views", {}).items():
+        metrics[f"{prefix}/layer/{name}/trace"] = float(view["trace"])
+        metrics[f"{prefix}/layer/{name}/eig_1_mass"] = float(view["eig_1_mass"])
+    if _finite(fields.get("grad_overlap")):
+        metrics[f"{prefix}/grad_overlap"] = float(fields["grad_overlap"])
     if residuals:
         metrics[f"{prefix}/max_residual"] = float(max(residuals))
     if lr is not None and fields.get("eigenvalues"):

@@ -64,3 +64,13 @@ def test_gradient_overlap(problem):
     outside = torch.linalg.eigh(hessian).eigenvectors[:, 0]
     assert gradient_overlap(outside, basis) == pytest.approx(0.0, abs=1e-12)
     assert gradient_overlap(inside + outside, basis) == pytest.approx(5 / 6)
+
+
+def test_operator_gradient_is_the_mean_loss_gradient(problem):
+    model, batches, op, _ = problem
+    total = sum(b[0].shape[0] for b in batches)
+    loss = sum(_loss(model, b) * b[0].shape[0] for b in batches) / total
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+    torch.testing.assert_close(op.gradient(), expected, rtol=1e-12, atol=1e-14)
+    op.matvec(torch.ones(op.num_params, dtype=torch.float64))  # with the graphs kept, the same again
+    torch.testing.assert_close(op.gradient(), expected, rtol=1e-12, atol=1e-14)

@@ -461,6 +461,18 @@ class HessianOperator(CurvatureOperator):
         loss = _check_loss(self.call(self.loss_fn, self._batches[index]), "loss_fn")
         return torch.autograd.grad(loss, self._leaves, create_graph=True, allow_unused=True)
 
+    def gradient(self) -> Tensor:
+        """The gradient of the mean loss over all samples, ``[P]`` in the operator's layout.
+
+        Reuses the kept first-order graphs, so after a product it costs no extra pass.
+        """
+        with _autograd_on():
+            total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+            for index, size in enumerate(self._sizes):
+                grads = _fill(self._cached(index, lambda index=index: self._gradient(index)), self._leaves, 1)
+                total.add_(self._flatten(grads)[0].detach(), alpha=size / self.num_samples)
+        return total
+
     def _batch_matmat(self, index: int, vectors: list[Tensor]) -> list[Tensor]:
         grads = self._cached(index, lambda: self._gradient(index))
         used = [(g, v) for g, v in zip(grads, vectors, strict=True) if g is not None]
