@@ -1,5 +1,6 @@
 """lightning-hessian: watch the Hessian spectrum of a network's loss while it trains."""
 
+from lightning_hessian.callback import HessianSpectrumCallback
 from lightning_hessian.engine import (
     CurvatureOperator,
     EigenResult,
@@ -15,12 +16,14 @@ from lightning_hessian.engine import (
     summarize,
     top_eigenvalues,
 )
-
 from lightning_hessian.engine.class_structure import ClassStructure, class_structure
+from lightning_hessian.interpolation import InterpolationResult, linear_interpolation
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # callback
+    "HessianSpectrumCallback",
     # engine: operators
     "CurvatureOperator",
     "GGNOperator",
@@ -39,4 +42,7 @@ __all__ = [
     # engine: class structure (Papyan)
     "ClassStructure",
     "class_structure",
+    # post-fit linear interpolation
+    "InterpolationResult",
+    "linear_interpolation",
 ]

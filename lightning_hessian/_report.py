@@ -1,0 +1,334 @@
+"""The report of ``lightning-hessian reproduce``: ``REPORT.md`` and its PNG figures.
+
+Reads only the plain results dict of :func:`lightning_hessian.experiments.reproduce`. Figures are
+drawn with matplotlib's Agg backend at a size that keeps each PNG under ~100 KB.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Figures: two panels side by side, small enough to keep a PNG near 50-100 KB.
+_FIGSIZE = (10, 3.6)
+_DPI = 90
+
+# Figures of section 5 written by lightning_hessian.sblb, copied into the report folder.
+_SBLB_FIGURES = {
+    "sb_continuation_loss.png": "fig5_continuation.png",
+    "interpolation_lb_to_lbsb.png": "fig5_interpolation.png",
+    "interpolation_keskar.png": "fig5_keskar.png",
+    "spectra.png": "fig5_spectra.png",
+}
+
+_CLAIMS = {
+    "init_vs_trained": (
+        "1. Spectrum at initialization vs after training",
+        "After training the Hessian spectrum is a bulk concentrated at zero plus a few outliers away from it "
+        "(about one per class); at a random initial point there is no such gap. Small negative eigenvalues remain.",
+    ),
+    "classes": (
+        "2. Outliers track the number of classes",
+        "Fixing the model and changing the data (more classes or clusters, less separable clusters) changes the "
+        "outliers: their number follows the number of classes C (with softmax cross-entropy: C - 1 or C).",
+    ),
+    "width": (
+        "3. Width scales the bulk, not the outliers",
+        "Fixing the data and adding parameters merely scales the bulk: the number of near-zero eigenvalues grows "
+        "with M while the top eigenvalues stay about the same.",
+    ),
+    "ggn": (
+        "4. The outliers come from the Gauss-Newton part",
+        "H = G + H_res with G = (1/N) sum J^T (diag p - p p^T) J; near a minimum H_res is small, so the top "
+        "eigenvalues of G match those of H and ‖H - G‖₂ is small compared with lambda_1.",
+    ),
+    "sblb": (
+        "5. Small batch vs large batch: one basin",
+        "Small-batch SGD started at the large-batch solution w_LB first climbs, then descends; the straight line "
+        "from w_LB to where it lands has no barrier (same basin), and w_LB is the sharper point.",
+    ),
+}
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    _plt().close(fig)
+    return path.name
+
+
+def _fmt(values: Sequence[float], digits: int = 3) -> str:
+    return ", ".join(f"{v:.{digits}g}" for v in values)
+
+
+def _verdict(checks: dict[str, dict[str, Any]]) -> str:
+    return "**holds**" if all(c["passed"] for c in checks.values()) else "**does not fully hold**"
+
+
+def _histogram(ax: Any, spectrum: dict[str, Any], label: str) -> None:
+    """Exact eigenvalue counts (log scale); without an exact spectrum, the top eigenvalues only."""
+    values = spectrum["exact"] or spectrum["top"]
+    ax.hist(values, bins=80, histtype="step", label=label, log=True)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("count" + ("" if spectrum["exact"] else " (top-k only)"))
+
+
+def _figure_init_vs_trained(section: dict[str, Any], out: Path) -> str:
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=_FIGSIZE)
+    for name, spectrum in section["spectra"].items():
+        left.plot(range(1, len(spectrum["top"]) + 1), spectrum["top"], "o-", ms=3, label=name)
+        _histogram(right, spectrum, name)
+    left.set_yscale("log")
+    left.set_xlabel("index i")
+    left.set_ylabel("lambda_i")
+    left.set_title("top eigenvalues (C = 10)")
+    right.set_title("whole spectrum")
+    left.legend()
+    right.legend()
+    return _save(fig, out / "fig1_init_vs_trained.png")
+
+
+def _figure_classes(section: dict[str, Any], out: Path) -> str:
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=_FIGSIZE)
+    seed = section["digits"][0]["seed"]
+    for row in (r for r in section["digits"] if r["seed"] == seed):
+        top = torch.tensor(row["trained"]["top"])
+        left.plot(range(1, len(top) + 1), (top / top[0]).tolist(), "o-", ms=3, label=f"C = {row['classes']}")
+        if row["trained"]["outliers"]:
+            left.axvline(row["trained"]["outliers"] + 0.5, ls=":", lw=0.8, color=left.lines[-1].get_color())
+    left.set_yscale("log")
+    left.set_xlabel("index i (dotted: the largest gap)")
+    left.set_ylabel("lambda_i / lambda_1")
+    left.set_title("digits, trained MLP 64-20-20-C")
+    left.legend(fontsize=7)
+    series = [("digits", section["digits"], "o")]
+    for std in sorted({r["cluster_std"] for r in section["mixtures"]}):
+        series.append((f"mixture, std {std:g}", [r for r in section["mixtures"] if r["cluster_std"] == std], "s"))
+    for offset, (label, rows, marker) in enumerate(series):
+        shift = 0.12 * (offset - (len(series) - 1) / 2)
+        right.plot([r["classes"] + shift for r in rows], [r["trained"]["outliers"] for r in rows], marker,
+                   alpha=0.7, label=label)
+    classes = sorted({r["classes"] for _, rows, _ in series for r in rows})
+    right.plot(classes, classes, "k--", lw=0.8, label="C")
+    right.plot(classes, [c - 1 for c in classes], "k:", lw=0.8, label="C - 1")
+    right.set_xlabel("number of classes C")
+    right.set_ylabel("outliers (largest gap)")
+    right.set_title("outlier count after training")
+    right.legend(fontsize=7)
+    return _save(fig, out / "fig2_classes.png")
+
+
+def _figure_width(section: dict[str, Any], out: Path) -> str:
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=_FIGSIZE)
+    for row in section["rows"]:
+        label = f"h = {row['width']} (M = {row['trained']['num_params']})"
+        top = row["trained"]["top"]
+        left.plot(range(1, len(top) + 1), top, "o-", ms=3, label=label)
+        _histogram(right, row["trained"], label)
+    left.set_yscale("log")
+    left.set_xlabel("index i")
+    left.set_ylabel("lambda_i")
+    left.set_title("top eigenvalues after training")
+    right.set_title("whole spectrum after training")
+    left.legend()
+    right.legend()
+    return _save(fig, out / "fig3_width.png")
+
+
+def _figure_ggn(section: dict[str, Any], out: Path) -> str:
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=_FIGSIZE)
+    for row in section["rows"]:
+        label = f"{row['point']}, h = {row['width']}"
+        index = range(1, len(row["top_h"]) + 1)
+        (line,) = left.plot(index, row["top_h"], "o", ms=5, mfc="none", label=f"H, {label}")
+        left.plot(index, row["top_g"], "x", ms=5, color=line.get_color(), label=f"G, {label}")
+    left.set_yscale("log")
+    left.set_xlabel("index i")
+    left.set_ylabel("lambda_i")
+    left.set_title("top eigenvalues of H (o) and G (x)")
+    left.legend(fontsize=7)
+    names = [f"{r['point']}\nh = {r['width']}" for r in section["rows"]]
+    right.bar(names, [r["residual_norm"] / r["lambda_1"] for r in section["rows"]])
+    right.set_yscale("log")
+    right.set_ylabel(r"$\|H - G\|_2 / \lambda_1(H)$")
+    right.set_title("the residual term")
+    return _save(fig, out / "fig4_ggn.png")
+
+
+def _checks_table(checks: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| check | criterion | result |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {c['criterion']} | {'pass' if c['passed'] else 'FAIL'} |" for name, c in checks.items()]
+    return lines
+
+
+def _spectrum_cells(s: dict[str, Any]) -> str:
+    exact = "n/a" if s["exact"] is None else f"{s['near_zero_fraction']:.3f}"
+    return f"{s['outliers']} | {s['gap_ratio']:.2f} | {exact} | {s['slq_near_zero_fraction']:.3f}"
+
+
+def _section_init_vs_trained(section: dict[str, Any], figure: str) -> list[str]:
+    net = section["net"]
+    lines = [
+        f"MLP 64-20-20-10 on 1,000 digits after {net['steps']} SGD steps: train loss {net['train_loss']:.4f}, "
+        f"train accuracy {net['train_acc']:.3f}, test accuracy {net['test_acc']:.3f}.",
+        "",
+        "| point | top eigenvalues (Lanczos) | outliers | gap ratio | near-zero, exact (<1e-3 lambda_1) "
+        "| near-zero, SLQ (<1e-2 lambda_1) | negatives (exact) | lambda_min |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, s in section["spectra"].items():
+        negatives = "n/a" if s["exact"] is None else f"{s['negative_count']} of {s['num_params']}"
+        lines.append(f"| {name} | {_fmt(s['top'][:12])} | {_spectrum_cells(s)} | {negatives} | {s['lambda_min']:.3g} |")
+    trained = section["spectra"]["trained"]
+    if trained["exact"] is not None:
+        lines += [
+            "",
+            f"Engine vs exact (trained): the top-22 Lanczos eigenvalues differ from `eigvalsh` of the dense Hessian "
+            f"by at most {trained['lanczos_error']:.1e} lambda_1; SLQ puts {trained['slq_near_zero_fraction']:.3f} "
+            f"of the mass within 1e-2 lambda_1 of zero, the exact spectrum "
+            f"{trained['exact_near_zero_fraction_coarse']:.3f}.",
+        ]
+    return [*lines, "", f"![init vs trained]({figure})"]
+
+
+def _section_classes(section: dict[str, Any], figure: str) -> list[str]:
+    lines = [
+        "Digits restricted to classes 0..C-1 (MLP 64-20-20-C, 30 epochs of SGD). Top 2C+2 eigenvalues by Lanczos; "
+        "`outliers` is the index of the largest ratio gap (`outlier_gap`, minimum ratio 1.5).",
+        "",
+        "| C | seed | train loss | test acc | init: outliers (max ratio) | trained: top C+1 | ratios "
+        "lambda_{C-1}/lambda_C, lambda_C/lambda_{C+1} | outliers | gap ratio | near-zero (SLQ) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in section["digits"]:
+        c, init, trained = r["classes"], r["init"], r["trained"]
+        ratios = trained["ratios"]
+        lines.append(
+            f"| {c} | {r['seed']} | {r['train_loss']:.4f} | {r['test_acc']:.3f} | {init['outliers']} "
+            f"({max(init['ratios']):.2f}) | {_fmt(trained['top'][:c + 1])} | {ratios[c - 2]:.2f}, {ratios[c - 1]:.2f} "
+            f"| {trained['outliers']} | {trained['gap_ratio']:.2f} | {trained['slq_near_zero_fraction']:.3f} |"
+        )
+    misses = [f"C = {r['classes']}, seed {r['seed']}: gap at {r['trained']['outliers']}" for r in section["digits"]
+              if r["trained"]["outliers"] not in (r["classes"] - 1, r["classes"])]
+    if misses:
+        lines += ["", "Runs whose largest gap is not at C-1 or C: " + "; ".join(misses) + "."]
+    worst = max(section["digits"], key=lambda r: max(r["init"]["ratios"]))
+    gaps = sum(r["init"]["outliers"] > 0 for r in section["digits"])
+    lines += [
+        "",
+        f"At initialization the largest ratio between consecutive top eigenvalues was "
+        f"{max(worst['init']['ratios']):.2f} (C = {worst['classes']}, seed {worst['seed']}); `outlier_gap` found a "
+        f"gap of at least 1.5 in {gaps} of {len(section['digits'])} initial points.",
+    ]
+    lines += [
+        "",
+        f"Gaussian mixtures (`make_blobs`, d = 10, 1,000 training points, MLP 10-20-20-C, full-batch gradient "
+        f"descent, {section['mixtures'][0]['steps'] if section['mixtures'] else 0} steps):",
+        "",
+        "| C | cluster std | train loss | test acc | top C+1 | outliers | gap ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in section["mixtures"]:
+        t = r["trained"]
+        lines.append(f"| {r['classes']} | {r['cluster_std']:g} | {r['train_loss']:.2g} | {r['test_acc']:.3f} | "
+                     f"{_fmt(t['top'][:r['classes'] + 1])} | {t['outliers']} | {t['gap_ratio']:.2f} |")
+    return [*lines, "", f"![classes]({figure})"]
+
+
+def _section_width(section: dict[str, Any], figure: str) -> list[str]:
+    lines = [
+        "| h | M | train loss | test acc | top 10 | outliers | near-zero count, exact (<1e-3 lambda_1) "
+        "| near-zero count, SLQ (<1e-2 lambda_1) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in section["rows"]:
+        t = r["trained"]
+        exact = "n/a" if t["exact"] is None else f"{r['near_zero_count']:.0f} ({t['near_zero_fraction']:.3f})"
+        lines.append(f"| {r['width']} | {t['num_params']} | {r['train_loss']:.4f} | {r['test_acc']:.3f} | "
+                     f"{_fmt(t['top'][:10])} | {t['outliers']} | {exact} | "
+                     f"{r['slq_near_zero_count']:.0f} ({t['slq_near_zero_fraction']:.3f}) |")
+    return [*lines, "", f"![width]({figure})"]
+
+
+def _section_ggn(section: dict[str, Any], figure: str) -> list[str]:
+    lines = [
+        "Top-10 of H (`HessianOperator`) and of G (`GGNOperator`) by Lanczos; ‖H - G‖₂ by Lanczos on the "
+        "difference operator and, where dense matrices were built, exactly (`dense_hessian` - `dense_ggn`).",
+        "",
+        "| point | h | train loss | top 5 of H | top 5 of G | max relative difference (top 10) | ‖H - G‖₂ "
+        "| exact ‖H - G‖₂ | ‖H - G‖₂ / lambda_1 | rank G (exact) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in section["rows"]:
+        exact = f"{r['exact_residual_norm']:.3g}" if "exact_residual_norm" in r else "n/a"
+        rank = f"{r['ggn_rank']} of {r['num_params']}" if "ggn_rank" in r else "n/a"
+        lines.append(f"| {r['point']} | {r['width']} | {r['loss']:.4f} | {_fmt(r['top_h'][:5])} | "
+                     f"{_fmt(r['top_g'][:5])} | {r['relative_gap']:.2e} | {r['residual_norm']:.3g} | {exact} | "
+                     f"{r['residual_norm'] / r['lambda_1']:.3f} | {rank} |")
+    return [*lines, "", f"![ggn]({figure})"]
+
+
+def _section_sblb(section: dict[str, Any], out: Path, sblb_dir: Path) -> list[str]:
+    from lightning_hessian.sblb import _markdown
+
+    lines = _markdown(section["summary"]).splitlines()[2:]
+    lines = lines[: next((i for i, line in enumerate(lines) if line.startswith("| check |")), len(lines))]
+    for source, target in _SBLB_FIGURES.items():
+        if (sblb_dir / source).exists():
+            shutil.copyfile(sblb_dir / source, out / target)
+            lines += ["", f"![{target}]({target})"]
+    return lines
+
+
+def write(results: dict[str, Any], out: Path, *, sblb_dir: Path) -> Path:
+    """Write ``REPORT.md`` and the figures for ``results`` into ``out``; return the report's path."""
+    renderers = {
+        "init_vs_trained": lambda s: _section_init_vs_trained(s, _figure_init_vs_trained(s, out)),
+        "classes": lambda s: _section_classes(s, _figure_classes(s, out)),
+        "width": lambda s: _section_width(s, _figure_width(s, out)),
+        "ggn": lambda s: _section_ggn(s, _figure_ggn(s, out)),
+        "sblb": lambda s: _section_sblb(s, out, sblb_dir),
+    }
+    config, seconds = results["config"], results["seconds"]
+    quick = " --quick" if config["preset"] == "quick" else ""
+    lines = [
+        "# Reproducing Sagun et al. 2017 on a CPU",
+        "",
+        f"`lightning-hessian reproduce{quick}`: {seconds['total']:.0f} s on {os.cpu_count()} CPU cores "
+        f"({platform.processor() or platform.machine()}), torch {torch.__version__}, float64. "
+        "Every number below comes from this run; `results.json` holds them (all but the full exact spectra).",
+        "",
+        "| section | claim | verdict |",
+        "| --- | --- | --- |",
+    ]
+    present = [key for key in renderers if key in results]
+    lines += [f"| {_CLAIMS[k][0]} | {_CLAIMS[k][1]} | {_verdict(results[k]['checks'])} |" for k in present]
+    for key in present:
+        title, claim = _CLAIMS[key]
+        section = results[key]
+        lines += ["", f"## {title}", "", f"**Paper's claim.** {claim}", "", "**Our measurement.**", ""]
+        lines += renderers[key](section)
+        lines += ["", f"**Verdict:** the claim {_verdict(section['checks'])} here.", ""]
+        lines += _checks_table(section["checks"])
+    path = out / "REPORT.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,317 @@
+"""The paper's experiments (Sagun et al. 2017) on a CPU, in minutes: ``lightning-hessian reproduce``.
+
+Symbols: C classes, h hidden width, M parameters, k top eigenvalues.
+
+Sections (PAPER.md sections 6 and 7):
+
+1. the spectrum at initialization and after training (bulk at zero, outliers appear);
+2. outliers against the number of classes: digits restricted to classes ``0..C-1``, and Gaussian
+   mixtures with C clusters;
+3. a width sweep at fixed data (the bulk grows, the outliers stay);
+4. the Hessian against its Gauss-Newton part G (top eigenvalues match, ``||H - G||_2`` small);
+5. small batch against large batch (:mod:`lightning_hessian.sblb`).
+
+Protocol (the pilot's, PAPER.md T1-T4): float64; ReLU MLPs with PyTorch's default initialization;
+digits scaled to [0, 1], the first 5,565 per mille of the kept images train (1,000 of 1,797 for all
+ten classes); plain SGD, lr 0.1, batch 32, 30 epochs; mixtures of 2,000 points in 10 dimensions
+(half train) fitted by full-batch gradient descent. Every Hessian is that of the mean loss over the
+whole training set. Training uses plain PyTorch loops: for these 2,000-parameter nets a Lightning step
+costs more than the step itself. Top eigenvalues come from the engine (Lanczos, certified by
+residuals); full spectra from dense Hessians where ``exact`` is on (M up to ~5k), and SLQ densities
+everywhere; where both exist the report compares them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_hessian._spectra import TrainedNet, compare_ggn, measure, train_net
+from lightning_hessian.data import digits_tensors, gaussian_mixture_tensors
+
+# 1,000 of the 1,797 digits train when all ten classes are kept (PAPER.md T1); the same fraction of
+# the kept images for fewer classes.
+TRAIN_FRACTION = 0.5565
+MIXTURE_DIM = 10
+MIXTURE_SAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    """What :func:`reproduce` runs; :meth:`full` and :meth:`quick` are the two presets.
+
+    Attributes:
+        digits_classes: C values of the digits class sweep (10 is also the section 1 and 3 net).
+        seeds: initialization and shuffle seeds of the class sweep (sections 1, 3, 4 use the first).
+        mixture_classes, mixture_stds: the Gaussian-mixture sweep (cluster count, spread).
+        mixture_steps: full-batch gradient-descent steps on the mixtures.
+        widths: hidden widths h of the width sweep (MLP 64-h-h-10).
+        exact: dense float64 Hessians (and Gauss-Newton matrices) for the section 1, 3 and 4 nets.
+        num_probes, num_steps: SLQ probes and Lanczos steps per probe.
+        sblb_quick: run section 5 with the ``quick`` overrides of its config.
+        preset: ``"full"`` or ``"quick"`` (named in the report).
+        sections: which sections to run (1..5).
+    """
+
+    digits_classes: tuple[int, ...] = (2, 4, 6, 8, 10)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    mixture_classes: tuple[int, ...] = (2, 3, 5, 7, 10)
+    mixture_stds: tuple[float, ...] = (1.0, 6.0)
+    mixture_steps: int = 2000
+    widths: tuple[int, ...] = (20, 30, 40)
+    exact: bool = True
+    num_probes: int = 5
+    num_steps: int = 80
+    sblb_quick: bool = False
+    preset: str = "full"
+    sections: tuple[int, ...] = (1, 2, 3, 4, 5)
+
+    @classmethod
+    def full(cls, sections: Sequence[int] = (1, 2, 3, 4, 5)) -> ReproduceConfig:
+        """The report's run (about 2 minutes on 2 CPU cores)."""
+        return cls(sections=tuple(sections))
+
+    @classmethod
+    def quick(cls, sections: Sequence[int] = (1, 2, 3, 4, 5)) -> ReproduceConfig:
+        """A short run with the same shapes: one seed, C in {2, 4, 10}, no dense matrices."""
+        return cls(digits_classes=(2, 4, 10), seeds=(0,), mixture_classes=(2, 3, 5), mixture_stds=(6.0,),
+                   widths=(20, 40), exact=False, num_probes=3, num_steps=40, sblb_quick=True, preset="quick",
+                   sections=tuple(sections))
+
+
+def _check(passed: bool, criterion: str) -> dict[str, Any]:
+    return {"passed": bool(passed), "criterion": criterion}
+
+
+def _slq(config: ReproduceConfig) -> dict[str, int]:
+    return {"num_probes": config.num_probes, "num_steps": config.num_steps}
+
+
+def _digits(classes: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return digits_tensors(classes, TRAIN_FRACTION, scaling="unit")
+
+
+def _net_row(net: TrainedNet) -> dict[str, Any]:
+    return {"train_loss": net.train_loss, "train_acc": net.train_acc, "test_acc": net.test_acc,
+            "steps": net.steps, "train_seconds": net.seconds}
+
+
+def section_init_vs_trained(config: ReproduceConfig, net: TrainedNet) -> dict[str, Any]:
+    """Section 1: the digits MLP (C = 10, h = 20) at initialization and after training."""
+    rows = {}
+    for name, model in (("init", net.init), ("trained", net.model)):
+        spectrum, hessian = measure(model, net.x, net.y, k=22, **_slq(config), exact=config.exact)
+        if hessian is not None:
+            net.dense[name] = hessian
+        rows[name] = asdict(spectrum)
+    init, trained = rows["init"], rows["trained"]
+    near_zero = trained["near_zero_fraction"] if config.exact else trained["slq_near_zero_fraction"]
+    checks = {
+        "no gap at init": _check(init["outliers"] == 0, "largest ratio among the top 22 below 1.5"),
+        "gap after training": _check(trained["outliers"] in (9, 10), "largest gap at C-1 = 9 or C = 10"),
+        "bulk at zero": _check(near_zero > 0.5, "near-zero fraction > 0.5 after training"),
+    }
+    if config.exact:
+        checks["small negatives"] = _check(
+            -trained["lambda_min"] < 0.1 * trained["top"][0], "abs(lambda_min) < 0.1 lambda_1 after training"
+        )
+    return {"net": _net_row(net), "spectra": rows, "checks": checks}
+
+
+def section_classes(config: ReproduceConfig, base: TrainedNet) -> dict[str, Any]:
+    """Section 2: outliers against the number of classes, on digits and on Gaussian mixtures."""
+    digits = []
+    for classes in config.digits_classes:
+        split = _digits(classes)
+        for seed in config.seeds:
+            net = base if (classes, seed) == (10, config.seeds[0]) else train_net(split, 20, seed)
+            k = 2 * classes + 2
+            init, _ = measure(net.init, net.x, net.y, k=k, **_slq(config), density=False)
+            trained, _ = measure(net.model, net.x, net.y, k=k, **_slq(config), density=seed == config.seeds[0])
+            digits.append({"classes": classes, "seed": seed, **_net_row(net), "init": asdict(init),
+                           "trained": asdict(trained)})
+    mixtures = []
+    for std in config.mixture_stds:
+        for classes in config.mixture_classes:
+            split = gaussian_mixture_tensors(classes, MIXTURE_DIM, MIXTURE_SAMPLES, std, seed=0)
+            net = train_net(split, 20, 0, mixture_steps=config.mixture_steps)
+            trained, _ = measure(net.model, net.x, net.y, k=2 * classes + 2, **_slq(config))
+            mixtures.append({"classes": classes, "cluster_std": std, **_net_row(net), "trained": asdict(trained)})
+    hits = [r["trained"]["outliers"] in (r["classes"] - 1, r["classes"]) for r in digits]
+    medians = [statistics.median(r["trained"]["outliers"] for r in digits if r["classes"] == c)
+               for c in config.digits_classes]
+    first = [r for r in digits if r["seed"] == config.seeds[0]]
+    top = [r["trained"]["top"][0] for r in first]
+    checks = {
+        "gap at C-1 or C": _check(3 * sum(hits) >= 2 * len(hits), "largest gap at C-1 or C in at least 2/3 of "
+                                  f"the digits runs ({sum(hits)}/{len(hits)})"),
+        "outliers grow with C": _check(all(a < b for a, b in itertools.pairwise(medians)),
+                                       f"median outlier count over seeds increases with C ({medians})"),
+        "lambda_1 grows with C": _check(top[-1] > top[0], "lambda_1 at the largest C exceeds lambda_1 at C = 2"),
+    }
+    for classes in config.mixture_classes:
+        by_std = {r["cluster_std"]: r["trained"]["top"][0] for r in mixtures if r["classes"] == classes}
+        if len(by_std) > 1:
+            ordered = [by_std[s] for s in sorted(by_std)]
+            checks[f"mixtures, C = {classes}: spread moves the outliers"] = _check(
+                all(a < b for a, b in itertools.pairwise(ordered)),
+                "lambda_1 grows as the clusters overlap more (larger cluster std)",
+            )
+    return {"digits": digits, "mixtures": mixtures, "checks": checks}
+
+
+def section_width(config: ReproduceConfig, base: TrainedNet) -> dict[str, Any]:
+    """Section 3: MLP 64-h-h-10 for each width h on the same digits."""
+    rows, nets = [], {}
+    for width in config.widths:
+        net = base if width == 20 else train_net(_digits(10), width, config.seeds[0])
+        spectrum, hessian = measure(net.model, net.x, net.y, k=12, **_slq(config), exact=config.exact,
+                                    hessian=net.dense.get("trained"))
+        if hessian is not None:
+            net.dense["trained"] = hessian
+        nets[width] = net
+        row = {"width": width, **_net_row(net), "trained": asdict(spectrum)}
+        row["slq_near_zero_count"] = spectrum.slq_near_zero_fraction * spectrum.num_params
+        row["near_zero_count"] = spectrum.near_zero_fraction * spectrum.num_params
+        rows.append(row)
+    count = "near_zero_count" if config.exact else "slq_near_zero_count"
+    grows = all(a[count] < b[count] for a, b in itertools.pairwise(rows))
+    narrow = rows[0]["trained"]["top"][:10]
+    change = max(max(a / b, b / a) for row in rows[1:] for a, b in zip(narrow, row["trained"]["top"][:10], strict=True))
+    checks = {
+        "bulk grows": _check(grows, f"{count.replace('_', ' ')} grows with every increase of the width"),
+        "outliers stay": _check(change < 2, f"top-10 eigenvalues change by less than 2x from the narrowest net "
+                                f"(max ratio {change:.2f})"),
+    }
+    return {"rows": rows, "checks": checks, "nets": nets}
+
+
+def section_ggn(config: ReproduceConfig, base: TrainedNet, wide: dict[int, TrainedNet]) -> dict[str, Any]:
+    """Section 4: the Gauss-Newton part against the Hessian, at initialization and after training."""
+    rows = [{"width": 20, **compare_ggn(base, base.init, "init", exact=config.exact)}]
+    for width, net in wide.items():
+        rows.append({"width": width, **compare_ggn(net, net.model, "trained", exact=config.exact)})
+    trained = [r for r in rows if r["point"] == "trained"]
+    checks = {
+        "top eigenvalues match": _check(all(r["relative_gap"] < 0.05 for r in trained),
+                                        "top-10 of G within 5% of those of H after training"),
+        "H - G small near a minimum": _check(all(r["residual_norm"] < 0.1 * r["lambda_1"] for r in trained),
+                                             "‖H - G‖₂ < 0.1 lambda_1 after training"),
+        "H - G larger far from it": _check(rows[0]["residual_norm"] / rows[0]["lambda_1"]
+                                           > trained[0]["residual_norm"] / trained[0]["lambda_1"],
+                                           "‖H - G‖₂ / lambda_1 larger at initialization than after training"),
+    }
+    return {"rows": rows, "checks": checks}
+
+
+def section_sblb(quick: bool, out: Path) -> dict[str, Any]:
+    """Section 5: :func:`lightning_hessian.sblb.run_sb_lb` with ``configs/sb_vs_lb.yaml``'s defaults."""
+    from lightning_hessian.sblb import SBLBConfig, run_sb_lb
+
+    summary = run_sb_lb(SBLBConfig(), out, quick=quick)
+    checks = {name: _check(c["passed"], c["criterion"]) for name, c in summary["checks"].items()}
+    return {"summary": summary, "checks": checks}
+
+
+def reproduce(out_dir: str | Path = "reports", config: ReproduceConfig | None = None,
+              *, work_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run the sections in ``config`` (default :meth:`ReproduceConfig.full`) and write the report.
+
+    Torch runs on one thread meanwhile (restored afterwards): for these small nets a second thread
+    only adds synchronization, and on a busy 2-core machine it made every step 10-40x slower.
+
+    Args:
+        out_dir: where ``REPORT.md``, ``results.json`` (the numbers of the run, without the full exact
+            spectra) and the PNG figures go.
+        config: what to run.
+        work_dir: bulky outputs of section 5 (TensorBoard logs, CSVs); default ``runs/reproduce``.
+
+    Returns:
+        The results: per section its rows and ``checks`` (each ``passed`` with its ``criterion``),
+        plus ``seconds`` per section and in total.
+    """
+    config = config or ReproduceConfig.full()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(config, Path(out_dir), Path(work_dir) if work_dir is not None else Path("runs/reproduce"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: ReproduceConfig, out: Path, work: Path) -> dict[str, Any]:
+    from lightning_hessian import _report
+
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results: dict[str, Any] = {"config": asdict(config), "seconds": {}}
+
+    def timed(name: str, run: Any) -> Any:
+        began = time.perf_counter()
+        value = run()
+        results["seconds"][name] = time.perf_counter() - began
+        print(f"reproduce: {name} done in {results['seconds'][name]:.0f} s", flush=True)
+        return value
+
+    base = timed("train", lambda: train_net(_digits(10), 20, config.seeds[0]))
+    if 1 in config.sections:
+        results["init_vs_trained"] = timed("section 1", lambda: section_init_vs_trained(config, base))
+    if 2 in config.sections:
+        results["classes"] = timed("section 2", lambda: section_classes(config, base))
+    if 3 in config.sections or 4 in config.sections:
+        width = timed("section 3", lambda: section_width(config, base))
+        nets = width.pop("nets")
+        results["width"] = width
+    if 4 in config.sections:
+        results["ggn"] = timed("section 4", lambda: section_ggn(config, base, nets))
+    if 5 in config.sections:
+        results["sblb"] = timed("section 5", lambda: section_sblb(config.sblb_quick, work / "sb_lb"))
+    results["seconds"]["total"] = time.perf_counter() - started
+    (out / "results.json").write_text(json.dumps(_compact(results), indent=1))
+    _report.write(results, out, sblb_dir=work / "sb_lb")
+    return results
+
+
+def _compact(value: Any) -> Any:
+    """``value`` for ``results.json``: floats to 6 significant digits, NaN (not measured) as null, full
+    exact spectra left out (thousands of numbers each; the figures show them)."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _compact(v) for k, v in value.items() if k != "exact"}
+    if isinstance(value, (list, tuple)):
+        return [_compact(v) for v in value]
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``lightning-hessian reproduce [--quick] [--out reports] [--sections 1 2 3 4 5]``.
+
+    Returns:
+        0 when every check of the sections run passed, 1 otherwise (the report says which).
+    """
+    parser = argparse.ArgumentParser(prog="lightning-hessian reproduce", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, fewer classes, no dense matrices (~20 s)")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="report folder (default reports)")
+    parser.add_argument("--work", type=Path, default=Path("runs/reproduce"), help="logs of section 5")
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=range(1, 6))
+    args = parser.parse_args(argv)
+    preset = ReproduceConfig.quick if args.quick else ReproduceConfig.full
+    results = reproduce(args.out, preset(args.sections), work_dir=args.work)
+    checks = [(section, name, check) for section, value in results.items() if isinstance(value, dict)
+              for name, check in value.get("checks", {}).items()]
+    for section, name, check in checks:
+        print(f"{'PASS' if check['passed'] else 'FAIL'}  {section}: {name} ({check['criterion']})")
+    print(f"report: {args.out / 'REPORT.md'} ({results['seconds']['total']:.0f} s)")
+    return 0 if all(check["passed"] for _, _, check in checks) else 1
