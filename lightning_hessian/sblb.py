@@ -36,14 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_hessian.data import digits_tensors
 from lightning_hessian.engine import HessianOperator, spectral_density, top_eigenvalues
 from lightning_hessian.interpolation import InterpolationResult, evaluate, linear_interpolation
 
 RISE_FACTOR = 2.0
 FALL_FACTOR = 10.0
 BARRIER_FRACTION = 0.01
-# Digit pixels are integers 0..16; dividing by 16 puts them in [0, 1], the scaling of the pilot run (T5).
-DIGITS_PIXEL_MAX = 16.0
 
 _SECTIONS = ("data", "model", "optimization", "interpolation", "spectrum")
 
@@ -141,18 +140,9 @@ class SBLBConfig:
 
 def _digits(config: SBLBConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Train and test digits in float64, scaled as ``config.inputs`` says."""
-    if config.inputs == "standardized":
-        from lightning_hessian.data import digits_tensors
-
-        x, y, x_test, y_test = digits_tensors(num_train=config.num_train)
-        return x.double(), y, x_test.double(), y_test
-    from sklearn.datasets import load_digits
-
-    images, labels = load_digits(return_X_y=True)
-    x = torch.as_tensor(images, dtype=torch.float64) / DIGITS_PIXEL_MAX
-    y = torch.as_tensor(labels, dtype=torch.int64)
-    n = config.num_train
-    return x[:n], y[:n], x[n:], y[n:]
+    scaling = "standardize" if config.inputs == "standardized" else "unit"
+    x, y, x_test, y_test = digits_tensors(num_train=config.num_train, scaling=scaling)
+    return x.double(), y, x_test.double(), y_test
 
 
 def _full_loss(model: nn.Module, x: Tensor, y: Tensor) -> float:
