@@ -19,22 +19,10 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from lightning_hessian import HessianSpectrumCallback, SpectralDensity
+from lightning_hessian import HessianSpectrumCallback
 from lightning_hessian.data import DigitsDataModule
+from lightning_hessian.loggers import density_of
 from lightning_hessian.models import MLPClassifier
-
-
-def _density(record: dict) -> SpectralDensity:
-    """The SLQ density of one history record."""
-    return SpectralDensity(
-        nodes=torch.tensor(record["nodes"], dtype=torch.float64),
-        weights=torch.tensor(record["weights"], dtype=torch.float64),
-        trace=record["trace"],
-        trace_stderr=record["trace_stderr"],
-        num_params=record["num_params"],
-        num_matvecs=0,
-        seconds=0.0,
-    )
 
 
 def plot(history: list[dict], path: Path) -> None:
@@ -55,7 +43,7 @@ def plot(history: list[dict], path: Path) -> None:
     left.set_title("top eigenvalues during training")
     left.legend(fontsize=7)
     for record, name in ((history[0], "start"), (history[-1], "end")):
-        density = _density(record)
+        density = density_of(record)
         grid = density.grid()
         curve = density.density(grid).clamp_min(1e-5)
         right.semilogy(grid.tolist(), curve.tolist(), label=f"{name} (step {record['step']})")

@@ -22,15 +22,6 @@ from lightning_hessian.loggers import scalar_metrics
 NUM_FEATURES, NUM_CLASSES = 4, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; two threads were 3x slower on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def dataset(num_samples: int = 32, seed: int = 0, dtype: torch.dtype = torch.float32) -> TensorDataset:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(num_samples, NUM_FEATURES, generator=generator, dtype=dtype)

@@ -13,7 +13,6 @@ import torch.distributed as dist
 from pytorch_lightning.loggers import Logger
 from test_callback import (
     ProtocolMLP,
-    _one_thread,  # noqa: F401  (autouse fixture: one thread here too)
     assert_eigenvalues,
     dataset,
     top_dense,

@@ -8,7 +8,6 @@ import json
 import os
 
 import pytest
-import torch
 import wandb
 import yaml
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
@@ -39,10 +38,7 @@ def logged_run(tmp_path_factory):
     callback = HessianSpectrumCallback(every_n_steps=2, k=3, smallest=True, num_samples=16, num_steps=8,
                                        num_probes=2, layers=["net.0.*"])
     run = trainer(max_steps=4, logger=[tensorboard, weights_and_biases, comma_separated], callbacks=[callback])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_callback._one_thread
     run.fit(ProtocolMLP(), DataLoader(dataset(), batch_size=8))
-    torch.set_num_threads(threads)
     summary = {key: weights_and_biases.experiment.summary[key] for key in weights_and_biases.experiment.summary.keys()}
     run_dir = weights_and_biases.experiment.dir
     wandb.finish()

@@ -16,15 +16,6 @@ from lightning_hessian.interpolation import DEFAULT_ALPHAS, evaluate
 from lightning_hessian.models import MLPClassifier
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     x, y, x_test, y_test = digits_tensors(num_train=300)

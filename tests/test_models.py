@@ -11,15 +11,6 @@ from lightning_hessian.data import DigitsDataModule
 from lightning_hessian.models import MLPClassifier, SmallCNN
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small nets train 10-40x faster on one thread than on two when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _batch(n=24, d=64, classes=10, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=generator, dtype=torch.float64), torch.randint(0, classes, (n,),

@@ -1,0 +1,59 @@
+"""The benchmark harness: its metrics against closed forms, and `python -m benchmarks.run` end to end."""
+
+import subprocess
+import sys
+from pathlib import Path
+from statistics import NormalDist
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `benchmarks` is a top-level folder of the repository, not an installed package
+
+from benchmarks.measure import relative_errors, wasserstein1, wasserstein1_grid  # noqa: E402
+
+
+def test_wasserstein1_of_shifted_spectrum_is_the_shift_over_the_range():
+    exact = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
+    shifted = exact + 0.1
+    assert wasserstein1(shifted, torch.ones(5), exact) == pytest.approx(0.1 / 4)
+    assert wasserstein1(exact, torch.ones(5), exact) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_wasserstein1_of_all_mass_at_the_mean():
+    # Moving every eigenvalue of {0, 4} to 2 costs |0 - 2| / 2 + |4 - 2| / 2 = 2, over a range of 4.
+    assert wasserstein1(torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0.0, 4.0])) == pytest.approx(0.5)
+
+
+def test_wasserstein1_grid_of_a_gaussian_matches_the_quantile_coupling():
+    # N(1.2, s^2) against {1 (mass 3/4), 3 (mass 1/4)}: the lower 3/4 of the Gaussian goes to 1, the rest
+    # to 3, which costs 0.75 * 0.2 + 0.25 * 1.8 - 2 s phi(z) with z the 3/4 quantile; the range is 2.
+    sigma = 0.01
+    grid = torch.linspace(-1, 3, 4001, dtype=torch.float64)
+    bump = torch.exp(-0.5 * ((grid - 1.2) / sigma) ** 2)
+    normal = NormalDist()
+    expected = (0.6 - 2 * sigma * normal.pdf(normal.inv_cdf(0.75))) / 2
+    assert wasserstein1_grid(grid, bump, torch.tensor([1.0, 1.0, 1.0, 3.0])) == pytest.approx(expected, rel=1e-4)
+
+
+def test_relative_errors_sort_and_penalize_ghost_copies():
+    exact = torch.tensor([3.0, 2.0, 1.0])
+    assert relative_errors(torch.tensor([1.0, 3.0, 2.0]), exact, (1, 3)) == {1: 0.0, 3: 0.0}
+    errors = relative_errors(torch.tensor([3.0, 3.0, 2.0]), exact, (1, 2, 3))  # a ghost copy of the top one
+    assert errors[1] == 0.0 and errors[2] == pytest.approx(0.5) and errors[3] == pytest.approx(1.0)
+
+
+def test_run_writes_results_with_verdicts(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    command = [sys.executable, "-m", "benchmarks.run", "--smoke", "--no-peers", "--workloads", "mixture-mlp",
+               "--callback-epochs", "0", "--out", str(out)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    text = out.read_text()
+    assert "python -m benchmarks.run --smoke --no-peers" in text
+    assert "GPU figures: pending" in text
+    verdict = next(line for line in text.splitlines() if line.startswith("| mixture-mlp | top-10 relative error"))
+    assert verdict.endswith("| yes |"), verdict
+    for heading in ("### Top-10 eigenvalues", "### Spectral density (SLQ)", "### Trace (exact:",
+                    "### Product cost relative to one gradient", "### Warm start", "## Memory"):
+        assert heading in text
