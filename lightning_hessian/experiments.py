@@ -9,7 +9,9 @@ Sections (PAPER.md sections 6 and 7):
    mixtures with C clusters;
 3. a width sweep at fixed data (the bulk grows, the outliers stay);
 4. the Hessian against its Gauss-Newton part G (top eigenvalues match, ``||H - G||_2`` small);
-5. small batch against large batch (:mod:`lightning_hessian.sblb`).
+5. small batch against large batch (:mod:`lightning_hessian.sblb`);
+6. beyond the paper: the class and cross-class parts of G (Papyan 2019, 2020) against the top
+   eigenvalues of G and H (:func:`lightning_hessian.class_structure`).
 
 Protocol (the pilot's, PAPER.md T1-T4): float64; ReLU MLPs with PyTorch's default initialization;
 digits scaled to [0, 1], the first 5,565 per mille of the kept images train (1,000 of 1,797 for all
@@ -37,8 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_hessian._spectra import TrainedNet, compare_ggn, measure, train_net
+from lightning_hessian._spectra import TrainedNet, _loss, _output_loss, _outputs, compare_ggn, measure, train_net
 from lightning_hessian.data import digits_tensors, gaussian_mixture_tensors
+from lightning_hessian.engine import GGNOperator, HessianOperator, top_eigenvalues
+from lightning_hessian.engine.class_structure import class_structure
+from lightning_hessian.engine.spectrum import outlier_gap
 
 # 1,000 of the 1,797 digits train when all ten classes are kept (PAPER.md T1); the same fraction of
 # the kept images for fewer classes.
@@ -75,15 +80,15 @@ class ReproduceConfig:
     num_steps: int = 80
     sblb_quick: bool = False
     preset: str = "full"
-    sections: tuple[int, ...] = (1, 2, 3, 4, 5)
+    sections: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
 
     @classmethod
-    def full(cls, sections: Sequence[int] = (1, 2, 3, 4, 5)) -> ReproduceConfig:
+    def full(cls, sections: Sequence[int] = (1, 2, 3, 4, 5, 6)) -> ReproduceConfig:
         """The report's run (about 2 minutes on 2 CPU cores)."""
         return cls(sections=tuple(sections))
 
     @classmethod
-    def quick(cls, sections: Sequence[int] = (1, 2, 3, 4, 5)) -> ReproduceConfig:
+    def quick(cls, sections: Sequence[int] = (1, 2, 3, 4, 5, 6)) -> ReproduceConfig:
         """A short run with the same shapes: one seed, C in {2, 4, 10}, no dense matrices."""
         return cls(digits_classes=(2, 4, 10), seeds=(0,), mixture_classes=(2, 3, 5), mixture_stds=(6.0,),
                    widths=(20, 40), exact=False, num_probes=3, num_steps=40, sblb_quick=True, preset="quick",
@@ -215,6 +220,29 @@ def section_ggn(config: ReproduceConfig, base: TrainedNet, wide: dict[int, Train
     return {"rows": rows, "checks": checks}
 
 
+def section_class_structure(net: TrainedNet, k: int = 12) -> dict[str, Any]:
+    """Section 6: the class (G1), cross-class (G2) and G0 parts of G at the trained digits net, beside
+    the top eigenvalues of G and H. The parts' eigenvalues come from C x C and C(C-1) x C(C-1) Gram
+    matrices; ``G0 + G1 + G2`` is the between-class part of G, so its top eigenvalue cannot exceed G's."""
+    batches = [(net.x, net.y)]
+    num_classes = int(net.y.max()) + 1
+    parts = class_structure(net.model, _outputs, batches, num_classes)
+    top_h = top_eigenvalues(HessianOperator(net.model, _loss, batches), k).eigenvalues
+    top_g = top_eigenvalues(GGNOperator(net.model, _outputs, _output_loss, batches), k).eigenvalues
+    rows = {"H": top_h.tolist(), "G": top_g.tolist(), "G0 + G1 + G2": parts.between[:k].tolist(),
+            "G1 (class)": parts.g1.tolist(), "G2 (cross-class)": parts.g2[:k].tolist(), "G0": parts.g0.tolist()}
+    between_count, _ = outlier_gap(parts.between[:k])
+    hessian_count, _ = outlier_gap(top_h)
+    checks = {
+        "same outlier count": _check(between_count == hessian_count > 0,
+                                     "the largest gap of G0 + G1 + G2 sits where that of H does"),
+        "between-class part inside G": _check(parts.between[0] <= top_g[0] * (1 + 1e-9),
+                                              "lambda_1(G0 + G1 + G2) <= lambda_1(G), as G minus it is PSD"),
+    }
+    return {"rows": rows, "num_classes": num_classes, "train_loss": net.train_loss,
+            "magnitude_ratio": float(parts.between[0] / top_h[0]), "checks": checks}
+
+
 def section_sblb(quick: bool, out: Path) -> dict[str, Any]:
     """Section 5: :func:`lightning_hessian.sblb.run_sb_lb` with ``configs/sb_vs_lb.yaml``'s defaults."""
     from lightning_hessian.sblb import SBLBConfig, run_sb_lb
@@ -275,6 +303,8 @@ def _run(config: ReproduceConfig, out: Path, work: Path) -> dict[str, Any]:
         results["width"] = width
     if 4 in config.sections:
         results["ggn"] = timed("section 4", lambda: section_ggn(config, base, nets))
+    if 6 in config.sections:
+        results["class_structure"] = timed("section 6", lambda: section_class_structure(base))
     if 5 in config.sections:
         results["sblb"] = timed("section 5", lambda: section_sblb(config.sblb_quick, work / "sb_lb"))
     results["seconds"]["total"] = time.perf_counter() - started
@@ -296,7 +326,7 @@ def _compact(value: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``lightning-hessian reproduce [--quick] [--out reports] [--sections 1 2 3 4 5]``.
+    """``lightning-hessian reproduce [--quick] [--out reports] [--sections 1 2 3 4 5 6]``.
 
     Returns:
         0 when every check of the sections run passed, 1 otherwise (the report says which).
@@ -305,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one seed, fewer classes, no dense matrices (~20 s)")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="report folder (default reports)")
     parser.add_argument("--work", type=Path, default=Path("runs/reproduce"), help="logs of section 5")
-    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=range(1, 6))
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], choices=range(1, 7))
     args = parser.parse_args(argv)
     preset = ReproduceConfig.quick if args.quick else ReproduceConfig.full
     results = reproduce(args.out, preset(args.sections), work_dir=args.work)

@@ -70,11 +70,11 @@ def test_report_and_figures(quick):
     out = quick[2]
     report = (out / "REPORT.md").read_text()
     for title in ("1. Spectrum at initialization", "2. Outliers track", "3. Width scales", "4. The outliers come",
-                  "5. Small batch vs large batch"):
+                  "5. Small batch vs large batch", "6. Beyond the paper"):
         assert title in report
-    assert report.count("**Paper's claim.**") == 5 and report.count("**Verdict:**") == 5
+    assert report.count("**Paper's claim.**") == 6 and report.count("**Verdict:**") == 6
     figures = ["fig1_init_vs_trained.png", "fig2_classes.png", "fig3_width.png", "fig4_ggn.png",
-               "fig5_continuation.png", "fig5_interpolation.png", "fig5_spectra.png"]
+               "fig5_continuation.png", "fig5_interpolation.png", "fig5_spectra.png", "fig6_class_structure.png"]
     for name in figures:
         data = (out / name).read_bytes()
         assert f"({name})" in report
