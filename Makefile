@@ -31,6 +31,7 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check lightning_hessian tests benchmarks examples
 
 bench: $(VENV)/.installed-test
+	PYTHON=$(PYTHON) bash benchmarks/install_peers.sh
 	$(PYTHON) -m benchmarks.run
 
 reproduce: $(VENV)/.installed-cli

@@ -1,0 +1,182 @@
+"""Run the CPU benchmarks against the peer libraries and write ``benchmarks/RESULTS.md``.
+
+Usage::
+
+    python -m benchmarks.run                  # everything, about 10 minutes on 2 cores
+    python -m benchmarks.run --smoke --out /tmp/r.md --no-peers   # tiny sizes, seconds
+
+Peers are used when they import (install them with ``bash benchmarks/install_peers.sh``); a missing
+one is listed as "not installed" and its rows are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import costs, peers, report, suites
+from benchmarks.workloads import BUILDERS, Workload
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+K = 10
+
+MEMORY_NOTES = """\
+Memory of the Lanczos basis (the dominant term for large models): `top_eigenvalues` keeps one basis of
+`c x P` numbers and `spectral_density` keeps `S` of them (`S` = probes per pass), each number
+`basis_dtype` wide (8 bytes in float64, the default; 4 in float32). The capacity `c` starts at 16 columns
+and doubles when full, so `c` is the smallest `16 * 2^j >= m` for `m` steps, and while it doubles the
+old and the new array coexist: the peak is `3 c' P b` with `c'` the capacity before the last doubling,
+i.e. between `m P b` and about `3 m P b` bytes per recursion (SLQ with the default 80 steps:
+`c = 128`, peak `(64 + 128) P b`, 2.4x the `80 P b` that the steps need). Add `k P b` for the
+returned eigenvectors and the operator's kept gradient graph (about one backward pass of
+activations per batch when `keep_graph=True`). Example: a ResNet-18 (P = 11.2 M) with k = 10 and
+m = 40 steps holds `64 * 11.2e6 * 8` = 5.7 GB of float64 basis at capacity 64 on the GPU, 8.6 GB while
+it grows from 32 to 64 columns; half of that with `basis_dtype=torch.float32`, none of the GPU's memory
+with `basis_device="cpu"` (one transfer of P numbers per step). SLQ with 10 probes per pass and 80 steps
+at P = 11.2 M would hold `10 * 128 * 11.2e6 * 8` = 115 GB (172 GB while growing): use
+`probes_per_pass=1` and/or a CPU or float32 basis.
+"""
+
+METHOD_NOTES = """\
+How to read the tables:
+- Products are Hessian-vector products (a pass with S vectors counts S), counted at the library's own
+  operator without changing what it computes (the largest count over the runs).
+- Wall s: wall time of the whole call, construction included, median of the timed runs after one warm-up
+  run; a call whose warm-up takes over 2 s is timed once ("1 run"). CPU s: the process's CPU time over
+  the same runs (all threads): it is what a call costs when the machine is shared, as this one may be.
+  Each call, the warm-up included, uses the next seed (0, 1, 2, ...), passed to the library or set on
+  the global RNGs; density settings all make the same number of calls (five with the default
+  `--runs 3`), however slow, so that their errors are means over as many independent probe draws.
+- Verdicts read the CPU time when torch runs one thread (the default here): with one thread it is the
+  wall time the call would take on an idle core, and it does not move when other processes compete for
+  the machine; with more threads they read the wall time.
+- Peak MB: peak resident memory above the level before the call (Linux VmHWM, reset per call;
+  tracemalloc cannot see tensor storage).
+- Errors: relative errors of the k largest values (sorted), worst over the calls, against the exact
+  eigenvalues of the dense float64 Hessian (small workloads) or a certified reference (large ones: our
+  Lanczos in float64 stopped at relative residual 1e-9, eigenvalue error at most 1e-9 ||H||). Large
+  workloads run in float32, so errors near 1e-6 there are the float32 rounding of the products.
+- W1 / range: Wasserstein-1 distance between the estimated spectral measure and the exact spectrum,
+  divided by the spectral range, mean ± standard error over the calls (independent probes); "as low
+  as" in a verdict means within two standard errors of the difference. Raw quadrature nodes and
+  weights are compared where the library returns them (ours, hessian-eigenthings); curvlinops returns
+  only a smoothed density on a grid, compared as it is (its kernel adds about 0.003 of the range).
+- `which='LM'` (the default of hessian-eigenthings' Lanczos and of the documented curvlinops recipe) asks
+  for the largest magnitudes, which include negative eigenvalues when those are large (at initialization):
+  the errors are then those of the top-k of a different set.
+- PyHessian runs on one batch with its gradient graph kept (its fastest mode) at its defaults except
+  `top_n` (1 by default, 10 here). Its `density()` calls `torch.eig`, removed from PyTorch: that failure
+  is the peer's and is recorded as such, not patched.
+"""
+
+
+def _section_eigen(w: Workload, available: dict[str, str | None], runs: int) -> tuple[list[str], list[list[str]]]:
+    rows = suites.eigen_table(w, K, available, runs)
+    return [f"### Top-{K} eigenvalues", "", *report.eigen_lines(rows, K)], report.eigen_verdicts(w.name, rows, K)
+
+
+def _section_density(w: Workload, available: dict[str, str | None], runs: int) -> tuple[list[str], list[list[str]]]:
+    rows = suites.density_table(w, available, runs)
+    return ["### Spectral density (SLQ)", "", *report.density_lines(rows)], report.density_verdict(w.name, rows)
+
+
+def _section_trace(w: Workload, available: dict[str, str | None], runs: int) -> tuple[list[str], list[list[str]]]:
+    rows = suites.trace_table(w, available, runs)
+    exact = f" (exact: {w.trace:.6g})" if w.trace is not None else " (no exact trace at this size)"
+    return [f"### Trace{exact}", "", *report.trace_lines(rows)], []
+
+
+def _section_products(w: Workload, available: dict[str, str | None], runs: int) -> tuple[list[str], list[list[str]]]:
+    rows = costs.product_table(w, available, runs)
+    return ["### Product cost relative to one gradient", "", *report.product_lines(rows)], \
+        report.product_verdicts(w.name, rows)
+
+
+def _section_warm(w: Workload) -> tuple[list[str], list[list[str]]]:
+    rows = costs.warm_start_table(w)
+    title = (f"### Warm start: {costs.WARM_START_STEPS} more full-batch GD steps, then top-k from the "
+             "previous eigenvectors")
+    return [title, "", *report.warm_lines(rows)], report.warm_verdicts(w.name, rows)
+
+
+def _section_callback(max_epochs: int) -> tuple[list[str], list[list[str]]]:
+    try:
+        result = costs.callback_overhead(max_epochs=max_epochs)
+    except ImportError as err:
+        return ["## The callback's overhead", "", f"Not measured: {err}.", ""], []
+    lines = ["## The callback's overhead on the demo run", "",
+             f"`MLPClassifier()` on `DigitsDataModule()` (1,000 images, batch 32), {result['max_epochs']} epochs on "
+             f"the CPU, `HessianSpectrumCallback()` at its defaults: {result['without']:.3g} s without, "
+             f"{result['with']:.3g} s with the callback (median of {result['runs']} runs each): "
+             f"**{100 * result['overhead']:.0f}% overhead**, from {result['measurements']} measurements of "
+             f"{result['seconds_each']:.3g} s and {result['matvecs_each']:.0f} products each on average.", ""]
+    return lines, [["digits demo", "callback overhead at defaults", f"{100 * result['overhead']:.0f}%", "(figure)"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny workloads, one run each (seconds, not minutes)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"output file (default {RESULTS})")
+    parser.add_argument("--no-peers", action="store_true", help="benchmark lightning-hessian alone")
+    parser.add_argument("--workloads", default=",".join(BUILDERS), help="comma-separated subset of "
+                        + ", ".join(BUILDERS))
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per call on small workloads (large: 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: every library gets the same single core, and the timings "
+                             "survive other processes on a small machine; 0 keeps torch's choice)")
+    parser.add_argument("--callback-epochs", type=int, default=10, help="epochs of the callback-overhead run (0: skip)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report.set_clock("cpu_seconds" if torch.get_num_threads() == 1 else "seconds")
+    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(BUILDERS))
+    if unknown:
+        parser.error(f"unknown workloads {unknown}; choose from {', '.join(BUILDERS)}")
+    started, load_before = time.perf_counter(), report.load_average()
+    available = {name: None for name in peers.PEERS} if args.no_peers else peers.versions()
+    runs = 1 if args.smoke else args.runs
+
+    body: list[str] = []
+    verdicts: list[list[str]] = []
+    for name in names:
+        w = BUILDERS[name](args.smoke)
+        print(f"[benchmarks] {name}: P={w.num_params:,}", file=sys.stderr, flush=True)
+        body += [f"## {w.name} (P = {w.num_params:,})", "", w.description + ".", ""]
+        sections = [_section_eigen(w, available, 1 if w.large else runs)]
+        if w.eigenvalues is not None:
+            sections.append(_section_density(w, available, runs + 1))
+        sections += [_section_trace(w, available, 1 if w.large else runs), _section_products(w, available, runs)]
+        if name == "mixture-mlp":
+            sections.append(_section_warm(w))
+        for lines, found in sections:
+            body += lines
+            verdicts += found
+    if args.callback_epochs > 0:
+        lines, found = _section_callback(1 if args.smoke else args.callback_epochs)
+        body += lines
+        verdicts += found
+
+    command = "python -m benchmarks.run" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
+    minutes = (time.perf_counter() - started) / 60
+    text = [
+        "# Benchmarks: lightning-hessian against PyHessian, hessian-eigenthings and curvlinops", "",
+        *report.environment(command, available, (load_before, report.load_average())),
+        f"Total run time: {minutes:.1f} min. GPU figures: pending — no GPU was available to this run; "
+        "`python -m benchmarks.gpu` writes them (see `benchmarks/gpu.py`).", "",
+        "## Targets, measured in this run", "",
+        *report.table(["workload", "target", "measured", "met"], verdicts),
+        METHOD_NOTES, *body, "## Memory", "", MEMORY_NOTES,
+    ]
+    args.out.write_text("\n".join(text))
+    print(f"[benchmarks] wrote {args.out} in {minutes:.1f} min", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
