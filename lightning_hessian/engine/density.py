@@ -137,7 +137,8 @@ def spectral_density(
     probes = rademacher((num_probes, num_params), generator, basis_dtype)
     nodes, weights, diagonals = [], [], []
     for group in probes.split(per_pass):
-        lanczos = Lanczos(op, group, generator=generator, basis_dtype=basis_dtype, basis_device=basis_device)
+        lanczos = Lanczos(op, group, generator=generator, basis_dtype=basis_dtype, basis_device=basis_device,
+                          capacity=steps)
         for _ in range(steps):
             lanczos.step()
         group_nodes, group_weights = tridiagonal_quadrature(lanczos)

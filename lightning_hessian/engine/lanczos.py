@@ -35,6 +35,10 @@ _MAX_RANDOM_FRACTION = 1 / 3
 # A new Lanczos vector whose norm falls below this fraction of the operator's scale means the
 # Krylov space is invariant: the recursion restarts from a fresh random direction with beta = 0.
 _BREAKDOWN_FRACTION = 1e-10
+# A second Gram-Schmidt pass runs when the first shrank the vector below 1/sqrt(2) of its norm.
+_REORTHOGONALIZE_AGAIN = 2**-0.5
+# Basis columns allocated when the number of steps is not known in advance (the basis doubles).
+_INITIAL_CAPACITY = 16
 
 
 class LinearOperator(Protocol):
@@ -90,6 +94,8 @@ class Lanczos:
         basis_dtype: dtype of the stored basis and of all scalars (default float64).
         basis_device: where the basis lives (default the operator's device); ``"cpu"`` keeps a
             large basis off the GPU at the cost of a transfer per step.
+        capacity: basis columns to allocate up front, e.g. the number of steps when it is known;
+            default 16, doubled whenever full (so up to twice the memory needed at the peak).
 
     Attributes:
         alphas: list of ``(S,)`` diagonal entries, one per step.
@@ -105,6 +111,7 @@ class Lanczos:
         generator: torch.Generator,
         basis_dtype: torch.dtype = torch.float64,
         basis_device: torch.device | str | None = None,
+        capacity: int | None = None,
     ) -> None:
         self.op = op
         self.generator = generator
@@ -114,7 +121,8 @@ class Lanczos:
         norms = start.norm(dim=1, keepdim=True)
         if not torch.all(norms > 0):
             raise ValueError("start vectors must be non-zero")
-        self._basis = torch.empty(start.shape[0], 16, op.num_params, dtype=basis_dtype,
+        columns = min(capacity or _INITIAL_CAPACITY, op.num_params)
+        self._basis = torch.empty(start.shape[0], columns, op.num_params, dtype=basis_dtype,
                                   device=self.basis_device)
         self._basis[:, 0] = start / norms
         self.alphas: list[Tensor] = []
@@ -134,10 +142,19 @@ class Lanczos:
         product = self.op.matmat(current.to(device=self.op.device, dtype=self.op.dtype))
         w = product.to(device=self.basis_device, dtype=self.basis_dtype)
         alpha = (current * w).sum(dim=1)
+        w = w - alpha[:, None] * current
+        if j > 0:
+            w = w - self.betas[-1][:, None] * self._basis[:, j - 1]
+        # Full reorthogonalization: one classical Gram-Schmidt pass against the whole basis, and a
+        # second one only where the first removed a large part of the vector (the DGKS criterion:
+        # "twice is enough"); after the three-term recurrence a second pass is rarely needed.
         basis = self._basis[:, : j + 1]
-        for _ in range(2):  # classical Gram-Schmidt, twice ("twice is enough")
-            w = w - torch.einsum("smp,sm->sp", basis, torch.einsum("smp,sp->sm", basis, w))
+        before = w.norm(dim=1)
+        w = _orthogonalize(w, basis)
         beta = w.norm(dim=1)
+        if bool((beta < _REORTHOGONALIZE_AGAIN * before).any()):
+            w = _orthogonalize(w, basis)
+            beta = w.norm(dim=1)
         self._scale = torch.maximum(self._scale, alpha.abs() + beta)
         broken = beta <= _BREAKDOWN_FRACTION * self._scale.clamp_min(torch.finfo(self.basis_dtype).tiny)
         self.alphas.append(alpha)
@@ -160,9 +177,7 @@ class Lanczos:
         """Random unit vectors orthogonal to the current bases, ``(S, P)``."""
         shape = (self._basis.shape[0], self.op.num_params)
         w = torch.randn(shape, generator=self.generator, dtype=self.basis_dtype).to(self.basis_device)
-        basis = self.basis
-        for _ in range(2):
-            w = w - torch.einsum("smp,sm->sp", basis, torch.einsum("smp,sp->sm", basis, w))
+        w = _orthogonalize(_orthogonalize(w, self.basis), self.basis)
         return w / w.norm(dim=1, keepdim=True)
 
     def tridiagonal(self, index: int = 0) -> Tensor:
@@ -173,6 +188,11 @@ class Lanczos:
         if off is not None:
             matrix = matrix + torch.diag(off, 1) + torch.diag(off, -1)
         return matrix
+
+
+def _orthogonalize(vectors: Tensor, basis: Tensor) -> Tensor:
+    """One classical Gram-Schmidt pass: ``(S, P)`` vectors minus their projections on ``(S, m, P)`` bases."""
+    return vectors - torch.einsum("smp,sm->sp", basis, torch.einsum("smp,sp->sm", basis, vectors))
 
 
 def rademacher(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> Tensor:

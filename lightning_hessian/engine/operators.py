@@ -196,7 +196,9 @@ class CurvatureOperator:
             product costs about one backward pass instead of a forward and a double backward; costs
             the memory of those graphs. Dropped with a warning if the device runs out of memory.
         vectorize: multiply several vectors per pass with ``is_grads_batched`` (falls back to a
-            loop where an operation has no batching rule).
+            loop where an operation has no batching rule); default ``None``: on CUDA devices only. On
+            a CPU the batched pass cost more per vector than a loop (2.6x vs 1.7x a gradient on a
+            5k-parameter MLP, 2.2x vs 1.4x on a small CNN; ``benchmarks/RESULTS.md``).
 
     Attributes:
         num_params: P, the length of the flat vectors.
@@ -215,7 +217,7 @@ class CurvatureOperator:
         dtype: torch.dtype | None = None,
         mode: Mode = "eval",
         keep_graph: bool = True,
-        vectorize: bool = True,
+        vectorize: bool | None = None,
     ) -> None:
         if mode not in ("eval", "train"):
             raise ValueError(f"mode={mode!r} must be 'eval' or 'train'")
@@ -224,13 +226,13 @@ class CurvatureOperator:
         self.model = model
         self.mode: Mode = mode
         self.keep_graph = keep_graph
-        self.vectorize = vectorize
         selected = select_parameters(model, params)
         self.param_names = [n for n, _ in selected]
         self._shapes = [p.shape for _, p in selected]
         self._numels = [p.numel() for _, p in selected]
         self.num_params = sum(self._numels)
         self.device = selected[0][1].device
+        self.vectorize = self.device.type == "cuda" if vectorize is None else vectorize
         default = selected[0][1].dtype
         self.dtype = dtype or (torch.float32 if default in (torch.float16, torch.bfloat16) else default)
         with _autograd_on():
@@ -451,7 +453,7 @@ class HessianOperator(CurvatureOperator):
         dtype: torch.dtype | None = None,
         mode: Mode = "eval",
         keep_graph: bool = True,
-        vectorize: bool = True,
+        vectorize: bool | None = None,
     ) -> None:
         super().__init__(model, batches, params=params, dtype=dtype, mode=mode,
                          keep_graph=keep_graph, vectorize=vectorize)
@@ -515,7 +517,7 @@ class GGNOperator(CurvatureOperator):
         dtype: torch.dtype | None = None,
         mode: Mode = "eval",
         keep_graph: bool = True,
-        vectorize: bool = True,
+        vectorize: bool | None = None,
     ) -> None:
         super().__init__(model, batches, params=params, dtype=dtype, mode=mode,
                          keep_graph=keep_graph, vectorize=vectorize)
