@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.seed import isolate_rng
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
-from lightning_hessian.engine.operators import _batch_size as count_samples
+from lightning_hessian.engine.operators import count_samples
 
 
 def _map(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:

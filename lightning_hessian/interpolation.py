@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_hessian.engine.operators import _batch_size, _Bound, _move, module_mode
+from lightning_hessian.engine.operators import BoundModule, count_samples, module_mode, move_batch
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -284,7 +284,7 @@ class _Evaluator:
         floating = [p for p in model.parameters() if p.is_floating_point()]
         self.device = floating[0].device if floating else torch.device("cpu")
         self.dtype = floating[0].dtype if floating else None
-        self._bound = _Bound(model, self._loss_and_logits)
+        self._bound = BoundModule(model, self._loss_and_logits)
 
     def _loss_and_logits(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor | None]:
         if self.loss_fn is None:
@@ -294,7 +294,7 @@ class _Evaluator:
 
     def outputs(self, batch: Any, state: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
         """``(mean loss, logits or None)`` of one batch, with the tensors of ``state`` if given."""
-        batch = _move(batch, self.device, self.dtype)
+        batch = move_batch(batch, self.device, self.dtype)
         if state is None:
             return self._loss_and_logits(self.model, batch)
         swapped = {f"model.{key}": value for key, value in state.items()}
@@ -308,7 +308,7 @@ class _Evaluator:
         with torch.no_grad(), module_mode(self.model, "eval"):
             for batch in loader:
                 loss, logits = self.outputs(batch, state)
-                num = _batch_size(batch)
+                num = count_samples(batch)
                 total += float(loss) * num
                 count += num
                 if logits is None:
@@ -320,7 +320,7 @@ class _Evaluator:
                     )
                 if metric is None:
                     metric = MulticlassAccuracy(num_classes=logits.shape[1], average="micro").to(logits.device)
-                metric.update(logits, _move(batch, logits.device, None)[1])
+                metric.update(logits, move_batch(batch, logits.device, None)[1])
         if count == 0:
             raise ValueError("a dataloader yielded no batches")
         return total / count, (float(metric.compute()) if metric is not None else None)

@@ -45,7 +45,7 @@ OutputLossFn = Callable[[Tensor, Any], Tensor]
 Mode = Literal["eval", "train"]
 
 
-class _Bound(nn.Module):
+class BoundModule(nn.Module):
     """Wraps ``fn(model, *args)`` as a module so :func:`functional_call` can swap the model's tensors."""
 
     def __init__(self, model: nn.Module, fn: Callable[..., Tensor]) -> None:
@@ -138,7 +138,7 @@ def _autograd_on() -> contextlib.ExitStack:
     return stack
 
 
-def _batch_size(batch: Any) -> int:
+def count_samples(batch: Any) -> int:
     """Number of samples in a batch: the leading size of its first tensor."""
     if isinstance(batch, Tensor):
         return batch.shape[0]
@@ -150,11 +150,11 @@ def _batch_size(batch: Any) -> int:
         raise TypeError(f"a batch must be a tensor, tuple, list or dict of tensors, got {type(batch).__name__}")
     for item in items:
         with contextlib.suppress(TypeError):
-            return _batch_size(item)
+            return count_samples(item)
     raise TypeError("a batch must contain at least one tensor to count its samples")
 
 
-def _move(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+def move_batch(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
     """Move every tensor of a batch to ``device``; cast floating tensors to ``dtype`` when given.
 
     Inference tensors (made under ``torch.inference_mode``) are copied into ordinary ones, which
@@ -167,11 +167,11 @@ def _move(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
             return batch.to(device=device, dtype=dtype)
         return batch.to(device=device)
     if isinstance(batch, Mapping):
-        return type(batch)({k: _move(v, device, dtype) for k, v in batch.items()})
+        return type(batch)({k: move_batch(v, device, dtype) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_move(v, device, dtype) for v in batch))
+        return type(batch)(*(move_batch(v, device, dtype) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_move(v, device, dtype) for v in batch)
+        return type(batch)(move_batch(v, device, dtype) for v in batch)
     return batch
 
 
@@ -236,10 +236,10 @@ class CurvatureOperator:
         default = selected[0][1].dtype
         self.dtype = dtype or (torch.float32 if default in (torch.float16, torch.bfloat16) else default)
         with _autograd_on():
-            self._batches = [_move(b, self.device, self.dtype) for b in batches]
+            self._batches = [move_batch(b, self.device, self.dtype) for b in batches]
             if not self._batches:
                 raise ValueError("batches is empty; pass at least one batch of samples")
-            self._sizes = [_batch_size(b) for b in self._batches]
+            self._sizes = [count_samples(b) for b in self._batches]
             self._leaves = [p.detach().to(self.dtype, copy=True).requires_grad_(True) for _, p in selected]
             selected_names = set(self.param_names)
             self._frozen = {
@@ -289,7 +289,7 @@ class CurvatureOperator:
         state = {"model." + k: v for k, v in state.items()}
         modes = module_mode(self.model, self.mode, freeze_statistics=True)
         with modes, torch.autocast(self.device.type, enabled=False):
-            return functional_call(_Bound(self.model, fn), state, args, strict=False)
+            return functional_call(BoundModule(self.model, fn), state, args, strict=False)
 
     def _unflatten(self, matrix: Tensor) -> list[Tensor]:
         """``[S, P]`` -> one ``[S, *shape]`` tensor per parameter."""
