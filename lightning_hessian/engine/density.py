@@ -114,7 +114,7 @@ def spectral_density(
         seed: seed of the probes' private ``torch.Generator`` (the global RNG is untouched).
         probes_per_pass: probes multiplied together in one pass over the data (default all S);
             lower it when S bases of ``m * P`` numbers do not fit in memory.
-        basis_dtype: dtype of the Lanczos bases and scalars (float64 by default).
+        basis_dtype: dtype of the Lanczos bases (float64 by default; T is always float64).
         basis_device: device of the bases (default the operator's).
 
     Returns:
@@ -144,7 +144,7 @@ def spectral_density(
         group_nodes, group_weights = tridiagonal_quadrature(lanczos)
         nodes.append(group_nodes)
         weights.append(group_weights)
-        diagonals.append(lanczos.alphas[0].cpu())
+        diagonals.append(lanczos.alphas[:, 0])
     estimates = torch.cat(diagonals) * num_params
     stderr = float(estimates.std() / math.sqrt(num_probes)) if num_probes > 1 else 0.0
     return SpectralDensity(

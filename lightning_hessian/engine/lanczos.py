@@ -1,17 +1,24 @@
-"""Lanczos with full reorthogonalization: extreme eigenpairs with residual certificates.
+"""Lanczos kept semi-orthogonal: extreme eigenpairs with residual certificates, and SLQ's tridiagonals.
 
 Symbols: P parameters (``op.num_params``), k wanted eigenpairs, m Lanczos steps, S recursions run
 side by side (one product with S vectors per step).
 
-Every new Lanczos vector is orthogonalized twice against the whole basis (classical Gram-Schmidt,
-twice), which is what keeps the Ritz values free of the spurious copies that plain Lanczos produces
-(PITFALLS.md: 5 copies of lambda_1 among the top 10 after 80 steps without it). The basis lives in
-float64 by default; products run in the operator's dtype.
+Plain Lanczos loses orthogonality as soon as a Ritz pair converges and then returns spurious
+copies of it (PITFALLS.md: 5 copies of lambda_1 among the top 10 after 80 steps). Orthogonalizing
+every new vector against the whole basis prevents that, but costs two reads of the basis per step,
+which dominated the solver's own time on large models. Partial reorthogonalization (Simon, Math.
+Comp. 42, 1984) gets the same accuracy for less: a recurrence estimates the inner products of the
+new vector with the basis from T alone, and the new vector (and the next one, which inherits the
+loss) is orthogonalized against the whole basis only when an estimate exceeds ``sqrt(eps)``. Such a
+semi-orthogonal basis makes T the projection of H onto the Krylov space to working precision, so
+Ritz values and quadrature are as accurate as with full reorthogonalization. On trained float64
+MLPs a third of the steps or fewer reorthogonalize; float32 products, whose rounding alone exceeds
+``sqrt(eps)`` of the float64 basis, reorthogonalize at every step.
 
-The residual of a Ritz pair (theta, y) is read from the recursion, ``||H y - theta y|| =
-beta_m |s_m|`` with ``s_m`` the last component of the tridiagonal eigenvector; with full
-reorthogonalization this equals the true residual to rounding error, so it certifies each
-eigenvalue: some eigenvalue of H lies within that distance of theta.
+The residual of a Ritz pair (theta, y = Q s) is read from the recursion: ``H Q = Q T + beta_m
+q_{m+1} e_m^T + Q C``, with C the components that reorthogonalization removed (recorded), so
+``||H y - theta y||^2 = (beta_m s_m)^2 + ||C s||^2`` up to rounding. It certifies each eigenvalue:
+some eigenvalue of H lies within that distance of theta.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import numpy as np
+import scipy.linalg
 import torch
 from torch import Tensor
 
@@ -63,7 +72,8 @@ class EigenResult:
         eigenvectors: ``(k, P)`` unit vectors; row i belongs to ``eigenvalues[i]``.
         residuals: ``(k,)`` float64 relative residuals ``||H v - theta v|| / ||H||``, with
             ``||H||`` estimated by the largest absolute Ritz value; an eigenvalue of H lies within
-            ``residuals[i] * ||H||`` of ``eigenvalues[i]``.
+            ``residuals[i] * ||H||`` of ``eigenvalues[i]``. The vectors are orthonormal to about
+            ``sqrt(eps)`` of the basis dtype (1.5e-8 in float64).
         converged: ``(k,)`` bool, ``residuals <= tol``.
         num_matvecs: operator products used.
         seconds: wall time of the call.
@@ -85,22 +95,22 @@ class EigenResult:
 
 
 class Lanczos:
-    """S Lanczos recursions run side by side with full reorthogonalization.
+    """S Lanczos recursions run side by side, kept semi-orthogonal by partial reorthogonalization.
 
     Args:
         op: the operator.
         start: ``(S, P)`` start vectors (normalized here).
         generator: source of random restart directions after a breakdown.
-        basis_dtype: dtype of the stored basis and of all scalars (default float64).
+        basis_dtype: dtype of the stored basis (default float64).
         basis_device: where the basis lives (default the operator's device); ``"cpu"`` keeps a
             large basis off the GPU at the cost of a transfer per step.
         capacity: basis columns to allocate up front, e.g. the number of steps when it is known;
             default 16, doubled whenever full (so up to twice the memory needed at the peak).
 
     Attributes:
-        alphas: list of ``(S,)`` diagonal entries, one per step.
-        betas: list of ``(S,)`` off-diagonal entries; ``betas[j]`` joins steps j and j+1.
         num_steps: m, the steps taken.
+        num_reorthogonalized: new Lanczos vectors that were orthogonalized against their whole basis
+            (a step of S recursions adds up to S).
     """
 
     def __init__(
@@ -121,78 +131,189 @@ class Lanczos:
         norms = start.norm(dim=1, keepdim=True)
         if not torch.all(norms > 0):
             raise ValueError("start vectors must be non-zero")
-        columns = min(capacity or _INITIAL_CAPACITY, op.num_params)
-        self._basis = torch.empty(start.shape[0], columns, op.num_params, dtype=basis_dtype,
-                                  device=self.basis_device)
+        num_recursions = start.shape[0]
+        # One column more than the steps: the vector after the last step.
+        columns = min((capacity or _INITIAL_CAPACITY) + 1, op.num_params)
+        self._basis = torch.empty(num_recursions, columns, op.num_params, dtype=basis_dtype, device=self.basis_device)
         self._basis[:, 0] = start / norms
-        self.alphas: list[Tensor] = []
-        self.betas: list[Tensor] = []
+        self._alpha = np.zeros((num_recursions, columns))
+        self._beta = np.zeros((num_recursions, columns))
+        self._last_beta = torch.zeros(num_recursions, dtype=basis_dtype, device=self.basis_device)
+        # Estimated inner products of the newest basis vector (and of the one before) with every
+        # basis vector, ``(S, columns + 1)``; the diagonal entries are 1.
+        self._omega = np.zeros((num_recursions, columns + 1))
+        self._omega[:, 0] = 1.0
+        self._omega_before = np.zeros((num_recursions, columns + 1))
+        # Column j: the components that reorthogonalization removed from step j's new vector, which
+        # the three-term recurrence in T does not account for, ``(S, columns, columns)``.
+        self._removed = np.zeros((num_recursions, columns, columns))
+        # Rounding per step, of the basis or of the products (float32 products make it float32's),
+        # and the loss of orthogonality that triggers a reorthogonalization: the square root of the
+        # basis's precision (so float32 products, whose rounding exceeds it, reorthogonalize every step).
+        self._unit_roundoff = max(torch.finfo(basis_dtype).eps, torch.finfo(op.dtype).eps)
+        self._semi_orthogonality = math.sqrt(torch.finfo(basis_dtype).eps)
+        self._scale = np.zeros(num_recursions)
+        self._reorthogonalize_next = np.zeros(num_recursions, dtype=bool)
         self.num_steps = 0
-        self._scale = torch.zeros(start.shape[0], dtype=basis_dtype, device=self.basis_device)
+        self.num_reorthogonalized = 0
 
     @property
     def basis(self) -> Tensor:
-        """``(S, m, P)``: the orthonormal Lanczos vectors of the steps taken so far."""
+        """``(S, m, P)``: the Lanczos vectors of the steps taken so far, orthonormal to
+        ``sqrt(eps)`` (eps the unit roundoff of the basis or of the products, whichever is larger)."""
         return self._basis[:, : self.num_steps]
+
+    @property
+    def alphas(self) -> Tensor:
+        """``(S, m)`` float64 diagonals of the tridiagonal matrices."""
+        return torch.from_numpy(self._alpha[:, : self.num_steps])
+
+    @property
+    def betas(self) -> Tensor:
+        """``(S, m)`` float64 off-diagonals; entry j joins steps j and j + 1 (the last one is the
+        norm of the residual vector, which is not part of T)."""
+        return torch.from_numpy(self._beta[:, : self.num_steps])
 
     def step(self) -> None:
         """One Lanczos step for every recursion: one product with S vectors."""
         j = self.num_steps
+        if j + 1 >= self._basis.shape[1] and j + 1 < self.op.num_params:
+            self._grow()
         current = self._basis[:, j]
         product = self.op.matmat(current.to(device=self.op.device, dtype=self.op.dtype))
         w = product.to(device=self.basis_device, dtype=self.basis_dtype)
         alpha = (current * w).sum(dim=1)
         w = w - alpha[:, None] * current
         if j > 0:
-            w = w - self.betas[-1][:, None] * self._basis[:, j - 1]
-        # Full reorthogonalization: one classical Gram-Schmidt pass against the whole basis, and a
-        # second one only where the first removed a large part of the vector (the DGKS criterion:
-        # "twice is enough"); after the three-term recurrence a second pass is rarely needed.
-        basis = self._basis[:, : j + 1]
-        before = w.norm(dim=1)
-        w = _orthogonalize(w, basis)
+            w = w - self._last_beta[:, None] * self._basis[:, j - 1]
         beta = w.norm(dim=1)
-        if bool((beta < _REORTHOGONALIZE_AGAIN * before).any()):
-            w = _orthogonalize(w, basis)
-            beta = w.norm(dim=1)
-        self._scale = torch.maximum(self._scale, alpha.abs() + beta)
-        broken = beta <= _BREAKDOWN_FRACTION * self._scale.clamp_min(torch.finfo(self.basis_dtype).tiny)
-        self.alphas.append(alpha)
-        self.betas.append(torch.where(broken, torch.zeros_like(beta), beta))
+        alpha_host, beta_host = torch.stack([alpha, beta]).to(device="cpu", dtype=torch.float64).numpy()
+        self._scale = np.maximum(self._scale, np.abs(alpha_host) + beta_host)
+        omega = self._next_orthogonality(j, alpha_host, beta_host)
+        lost = (np.abs(omega[:, :j]) > self._semi_orthogonality).any(axis=1)
+        selected = np.flatnonzero(lost | self._reorthogonalize_next)
+        if selected.size:
+            w, beta = self._reorthogonalize(w, beta, selected)
+            beta_host = beta.to(device="cpu", dtype=torch.float64).numpy()
+            omega[selected, : j + 1] = self._unit_roundoff
+        # The vector after a reorthogonalized one inherits the loss through the recurrence.
+        self._reorthogonalize_next = lost
+        broken = beta_host <= _BREAKDOWN_FRACTION * np.maximum(self._scale, np.finfo(np.float64).tiny)
         self.num_steps = j + 1
+        self._alpha[:, j] = alpha_host
+        self._beta[:, j] = np.where(broken, 0.0, beta_host)
+        self._omega_before, self._omega = self._omega, omega
         if j + 1 >= self.op.num_params:
             return
-        if j + 1 >= self._basis.shape[1]:
-            grown = torch.empty(self._basis.shape[0], 2 * self._basis.shape[1], self._basis.shape[2],
-                                dtype=self.basis_dtype, device=self.basis_device)
-            grown[:, : j + 1] = self._basis[:, : j + 1]
-            self._basis = grown
         if broken.any():
-            w = torch.where(broken[:, None], self._fresh_direction(), w / beta.clamp_min(1e-300)[:, None])
+            fresh = torch.from_numpy(broken).to(self.basis_device)[:, None]
+            w = torch.where(fresh, self._fresh_direction(), w / beta.clamp_min(1e-300)[:, None])
+            omega[broken, : j + 1] = self._unit_roundoff
+            beta = torch.where(fresh[:, 0], torch.zeros_like(beta), beta)
         else:
             w = w / beta[:, None]
+        self._last_beta = beta
         self._basis[:, j + 1] = w
+
+    def _reorthogonalize(self, w: Tensor, beta: Tensor, selected: np.ndarray) -> tuple[Tensor, Tensor]:
+        """Orthogonalize the new vectors ``w`` ``(S, P)`` of the ``selected`` recursions against their
+        whole bases; returns them and their norms ``(S,)``, and records what was removed.
+
+        Classical Gram-Schmidt, with a second pass only where the first removed a large part of the
+        vector (the DGKS criterion: "twice is enough"). Consecutive recursions go in one batched pass.
+        """
+        j = self.num_steps
+        for rows in _contiguous_runs(selected):
+            basis = self._basis[rows, : j + 1]
+            before = beta[rows].clone()
+            w[rows], removed = _orthogonalize(w[rows], basis)
+            beta[rows] = w[rows].norm(dim=1)
+            if bool((beta[rows] < _REORTHOGONALIZE_AGAIN * before).any()):
+                w[rows], again = _orthogonalize(w[rows], basis)
+                removed = removed + again
+                beta[rows] = w[rows].norm(dim=1)
+            self._removed[rows, : j + 1, j] = removed.to(device="cpu", dtype=torch.float64).numpy()
+        self.num_reorthogonalized += selected.size
+        return w, beta
+
+    def _next_orthogonality(self, j: int, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+        """Estimated inner products of the next Lanczos vector with the basis, ``(S, j + 2)``.
+
+        Simon's recurrence for the loss of orthogonality (Math. Comp. 42, 1984): the recurrence
+        ``beta_j q_{j+1} = H q_j - alpha_j q_j - beta_{j-1} q_{j-1}`` carries the inner products
+        ``omega_{j,k} = q_j . q_k`` along, each step adding a rounding term of about
+        ``eps * ||H||`` (counted against the growth, with the sign that makes it worse).
+        """
+        omega = np.empty((alpha.shape[0], self._omega.shape[1]))
+        current, before = self._omega[:, : j + 1], self._omega_before[:, : j + 1]
+        if j > 0:
+            estimate = self._beta[:, :j] * current[:, 1:] + (self._alpha[:, :j] - alpha[:, None]) * current[:, :j]
+            estimate[:, 1:] += self._beta[:, : j - 1] * current[:, : j - 1]
+            estimate -= self._beta[:, j - 1 : j] * before[:, :j]
+            noise = self._unit_roundoff * self._scale[:, None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                omega[:, :j] = (estimate + np.sign(estimate) * noise) / beta[:, None]
+        with np.errstate(divide="ignore"):
+            omega[:, j] = self._unit_roundoff * self._scale / beta
+        omega[:, j + 1] = 1.0
+        return omega
+
+    def _grow(self) -> None:
+        """Double the capacity of the basis and of the scalars."""
+        steps, capacity = self.num_steps + 1, 2 * self._basis.shape[1]
+        grown = torch.empty(self._basis.shape[0], capacity, self._basis.shape[2], dtype=self.basis_dtype,
+                            device=self.basis_device)
+        grown[:, :steps] = self._basis[:, :steps]
+        self._basis = grown
+        for name in ("_alpha", "_beta", "_omega", "_omega_before", "_removed"):
+            old = getattr(self, name)
+            new = np.zeros((old.shape[0], *(size + capacity // 2 for size in old.shape[1:])))
+            new[(slice(None), *(slice(0, size) for size in old.shape[1:]))] = old
+            setattr(self, name, new)
 
     def _fresh_direction(self) -> Tensor:
         """Random unit vectors orthogonal to the current bases, ``(S, P)``."""
         shape = (self._basis.shape[0], self.op.num_params)
         w = torch.randn(shape, generator=self.generator, dtype=self.basis_dtype).to(self.basis_device)
-        w = _orthogonalize(_orthogonalize(w, self.basis), self.basis)
+        w = _orthogonalize(_orthogonalize(w, self.basis)[0], self.basis)[0]
         return w / w.norm(dim=1, keepdim=True)
 
-    def tridiagonal(self, index: int = 0) -> Tensor:
-        """The ``(m, m)`` tridiagonal matrix T of recursion ``index``."""
-        diag = torch.stack([a[index] for a in self.alphas])
-        off = torch.stack([b[index] for b in self.betas[: self.num_steps - 1]]) if self.num_steps > 1 else None
-        matrix = torch.diag(diag)
-        if off is not None:
-            matrix = matrix + torch.diag(off, 1) + torch.diag(off, -1)
-        return matrix
+    def tridiagonal(self, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Diagonal ``(m,)`` and off-diagonal ``(m - 1,)`` of the tridiagonal matrix T of recursion ``index``."""
+        return self._alpha[index, : self.num_steps], self._beta[index, : self.num_steps - 1]
+
+    def unrecorded(self, index: int, vectors: np.ndarray) -> np.ndarray:
+        """Norms ``(k,)`` of the parts of ``H Q s - Q T s - beta_m s_m q_{m+1}`` that
+        reorthogonalization moved out of the recurrence, for T-vectors ``s`` given as ``(m, k)`` columns.
+
+        With ``C`` the removed components (column j from step j), ``H Q = Q T + beta_m q_{m+1} e_m^T
+        + Q C`` up to rounding, so the residual of the Ritz vector ``Q s`` has the two orthogonal parts
+        ``beta_m s_m q_{m+1}`` and ``Q C s``.
+        """
+        steps = self.num_steps
+        return np.linalg.norm(self._removed[index, :steps, :steps] @ vectors, axis=0)
+
+    def ritz(self, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Eigenvalues ``(m,)`` ascending and eigenvectors ``(m, m)`` (columns) of T of recursion ``index``."""
+        diagonal, off_diagonal = self.tridiagonal(index)
+        if diagonal.shape[0] == 1:
+            return diagonal.copy(), np.ones((1, 1))
+        return scipy.linalg.eigh_tridiagonal(diagonal, off_diagonal)
 
 
-def _orthogonalize(vectors: Tensor, basis: Tensor) -> Tensor:
-    """One classical Gram-Schmidt pass: ``(S, P)`` vectors minus their projections on ``(S, m, P)`` bases."""
-    return vectors - torch.einsum("smp,sm->sp", basis, torch.einsum("smp,sp->sm", basis, vectors))
+def _contiguous_runs(indices: np.ndarray) -> list[slice]:
+    """Sorted indices as slices of consecutive ones: ``[0, 1, 2, 5] -> [0:3, 5:6]``."""
+    breaks = np.flatnonzero(np.diff(indices) > 1)
+    starts = [indices[0], *indices[breaks + 1]]
+    stops = [*indices[breaks], indices[-1]]
+    return [slice(int(first), int(last) + 1) for first, last in zip(starts, stops, strict=True)]
+
+
+def _orthogonalize(vectors: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """One classical Gram-Schmidt pass: ``(S, P)`` vectors minus their projections on ``(S, m, P)``
+    bases, and the coefficients of the projections, ``(S, m)``."""
+    coefficients = torch.einsum("smp,sp->sm", basis, vectors)
+    return vectors - torch.einsum("smp,sm->sp", basis, coefficients), coefficients
 
 
 def rademacher(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> Tensor:
@@ -214,7 +335,7 @@ def top_eigenvalues(
 ) -> EigenResult:
     """The k largest (or smallest) eigenvalues of a symmetric operator, with certificates.
 
-    Lanczos with full reorthogonalization, checked after every step: it stops as soon as each of
+    Lanczos kept semi-orthogonal, checked after every step: it stops as soon as each of
     the k wanted Ritz pairs has relative residual ``||H v - theta v|| / ||H|| <= tol``, or when
     ``max_matvecs`` products are spent (then ``converged`` says which pairs made it).
 
@@ -230,7 +351,7 @@ def top_eigenvalues(
         max_matvecs: cap on products (default ``min(P, 20 k + 100)``).
         seed: seed of the random start and restart directions (a private ``torch.Generator``;
             the global RNG is not touched).
-        basis_dtype: dtype of the Lanczos basis and scalars (float64 by default).
+        basis_dtype: dtype of the Lanczos basis (float64 by default; T is always float64).
         basis_device: device of the basis (default the operator's; ``"cpu"`` to save GPU memory:
             the basis takes ``m * P * 8`` bytes in float64).
 
@@ -276,7 +397,9 @@ def top_eigenvalues(
         if bool((residuals <= tol).all()):
             break
     assert ritz is not None and vectors is not None and residuals is not None
-    eigenvectors = torch.einsum("mk,mp->kp", vectors.to(lanczos.basis_dtype), lanczos.basis[0])
+    eigenvectors = torch.einsum("mk,mp->kp", vectors.to(device=lanczos.basis_device, dtype=lanczos.basis_dtype),
+                                lanczos.basis[0])
+    eigenvectors = eigenvectors / eigenvectors.norm(dim=1, keepdim=True)  # the basis is orthonormal to sqrt(eps)
     return EigenResult(
         eigenvalues=ritz.cpu(),
         eigenvectors=eigenvectors,
@@ -318,27 +441,24 @@ def _random_fraction(num_params: int, tol: float) -> float:
 
 
 def _ritz_pairs(lanczos: Lanczos, k: int, which: Which) -> tuple[Tensor, Tensor, Tensor]:
-    """The k wanted Ritz values ``(k,)``, their T-eigenvectors ``(m, k)`` and relative residuals."""
-    values, vectors = torch.linalg.eigh(lanczos.tridiagonal(0).cpu())
-    order = torch.arange(values.numel() - 1, values.numel() - 1 - k, -1) if which == "largest" \
-        else torch.arange(k)
-    scale = values.abs().max().clamp_min(torch.finfo(values.dtype).tiny)
-    beta = lanczos.betas[-1][0].cpu()
-    if lanczos.num_steps >= lanczos.op.num_params:
-        beta = torch.zeros_like(beta)  # the whole space is spanned: T's eigenpairs are exact
-    residuals = (beta * vectors[-1, order]).abs() / scale
-    return values[order], vectors[:, order], residuals
+    """The k wanted Ritz values ``(k,)``, their T-eigenvectors ``(m, k)`` and relative residuals, float64."""
+    values, vectors = lanczos.ritz(0)
+    order = slice(None, -k - 1, -1) if which == "largest" else slice(None, k)
+    scale = max(float(np.abs(values).max()), np.finfo(np.float64).tiny)
+    # When the whole space is spanned, T's eigenpairs are exact.
+    beta = 0.0 if lanczos.num_steps >= lanczos.op.num_params else float(lanczos.betas[0, -1])
+    residuals = np.hypot(beta * vectors[-1, order], lanczos.unrecorded(0, vectors[:, order])) / scale
+    return torch.from_numpy(values[order].copy()), torch.from_numpy(vectors[:, order].copy()), \
+        torch.from_numpy(residuals)
 
 
 def tridiagonal_quadrature(lanczos: Lanczos) -> tuple[Tensor, Tensor]:
     """Gauss quadrature nodes and weights of every recursion: eigenvalues of T and the squared first
     components of its eigenvectors, each ``(S, m)``, weights summing to 1 per row."""
-    nodes, weights = [], []
-    for index in range(len(lanczos.alphas[0])):
-        values, vectors = torch.linalg.eigh(lanczos.tridiagonal(index).cpu())
-        nodes.append(values)
-        weights.append(vectors[0] ** 2)
-    return torch.stack(nodes), torch.stack(weights)
+    pairs = [lanczos.ritz(index) for index in range(lanczos.alphas.shape[0])]
+    nodes = np.stack([values for values, _ in pairs])
+    weights = np.stack([vectors[0] ** 2 for _, vectors in pairs])
+    return torch.from_numpy(nodes), torch.from_numpy(weights)
 
 
 __all__ = ["EigenResult", "Lanczos", "LinearOperator", "rademacher", "top_eigenvalues", "tridiagonal_quadrature"]
