@@ -28,18 +28,18 @@ K = 10
 MEMORY_NOTES = """\
 Memory of the Lanczos basis (the dominant term for large models): `top_eigenvalues` keeps one basis of
 `c x P` numbers and `spectral_density` keeps `S` of them (`S` = probes per pass), each number
-`basis_dtype` wide (8 bytes in float64, the default; 4 in float32). The capacity `c` starts at 16 columns
-and doubles when full, so `c` is the smallest `16 * 2^j >= m` for `m` steps, and while it doubles the
-old and the new array coexist: the peak is `3 c' P b` with `c'` the capacity before the last doubling,
-i.e. between `m P b` and about `3 m P b` bytes per recursion (SLQ with the default 80 steps:
-`c = 128`, peak `(64 + 128) P b`, 2.4x the `80 P b` that the steps need). Add `k P b` for the
-returned eigenvectors and the operator's kept gradient graph (about one backward pass of
-activations per batch when `keep_graph=True`). Example: a ResNet-18 (P = 11.2 M) with k = 10 and
-m = 40 steps holds `64 * 11.2e6 * 8` = 5.7 GB of float64 basis at capacity 64 on the GPU, 8.6 GB while
-it grows from 32 to 64 columns; half of that with `basis_dtype=torch.float32`, none of the GPU's memory
-with `basis_device="cpu"` (one transfer of P numbers per step). SLQ with 10 probes per pass and 80 steps
-at P = 11.2 M would hold `10 * 128 * 11.2e6 * 8` = 115 GB (172 GB while growing): use
-`probes_per_pass=1` and/or a CPU or float32 basis.
+`basis_dtype` wide (`b` = 8 bytes in float64, the default; 4 in float32). `spectral_density` knows its
+`m` steps and allocates `c = m + 1` columns once: `S (m + 1) P b` bytes. `top_eigenvalues` does not know
+when it will stop: `c` starts at 17 columns and doubles when full (17, 34, 68, ...), and while it doubles
+the old and the new array coexist, so the peak is `3 c' P b` with `c'` the capacity before the last
+doubling, between `(m + 1) P b` and about `3 m P b`. Add `k P b` for the returned eigenvectors, the
+operator's kept gradient graph (about one backward pass of activations per batch when
+`keep_graph=True`), and `S c^2` float64 numbers for T and the reorthogonalization record (small next
+to the basis, as `c` is much smaller than `P`). Example: a ResNet-18 (P = 11.2 M) with k = 10 and m = 40
+steps holds `68 * 11.2e6 * 8` = 6.1 GB of float64 basis on the GPU, 9.1 GB while it grows from 34 to 68
+columns; half of that with `basis_dtype=torch.float32`, none of the GPU's memory with
+`basis_device="cpu"` (one transfer of P numbers per step). SLQ with 10 probes per pass and 80 steps at
+P = 11.2 M would hold `10 * 81 * 11.2e6 * 8` = 73 GB: use `probes_per_pass=1` and/or a CPU or float32 basis.
 """
 
 METHOD_NOTES = """\
@@ -69,6 +69,15 @@ How to read the tables:
 - `which='LM'` (the default of hessian-eigenthings' Lanczos and of the documented curvlinops recipe) asks
   for the largest magnitudes, which include negative eigenvalues when those are large (at initialization):
   the errors are then those of the top-k of a different set.
+- "Fewer products than PyHessian": both libraries at their cheapest setting in the table that reaches
+  the accuracy in question, ours 1e-6 (its residual tolerance sweep: the eigenvalue error is about the
+  square of the residual), PyHessian 1e-2 (its `maxIter`/`tol` sweep).
+- Product floor: for the MLPs, the multiply-adds of an exact Hessian-vector product (Pearlmutter's
+  R-operator, which double backward on a kept graph computes) over those of a gradient,
+  `(2 F_1 + 6 sum F_l) / (2 F_1 + 3 sum F_l)` with `F_l` the size of weight matrix l (l >= 2 in the
+  sums): no exact product route on a kept graph does fewer matrix products.
+- Warm starts: "eigenvectors moved" is the sine of the largest principal angle between the top-k
+  eigenvectors before and after the GD steps.
 - PyHessian runs on one batch with its gradient graph kept (its fastest mode) at its defaults except
   `top_n` (1 by default, 10 here). Its `density()` calls `torch.eig`, removed from PyTorch: that failure
   is the peer's and is recorded as such, not patched.
@@ -94,13 +103,13 @@ def _section_trace(w: Workload, available: dict[str, str | None], runs: int) -> 
 def _section_products(w: Workload, available: dict[str, str | None], runs: int) -> tuple[list[str], list[list[str]]]:
     rows = costs.product_table(w, available, runs)
     return ["### Product cost relative to one gradient", "", *report.product_lines(rows)], \
-        report.product_verdicts(w.name, rows)
+        report.product_verdicts(w.name, rows, costs.exact_product_floor(w.model))
 
 
 def _section_warm(w: Workload) -> tuple[list[str], list[list[str]]]:
     rows = costs.warm_start_table(w)
-    title = (f"### Warm start: {costs.WARM_START_STEPS} more full-batch GD steps, then top-k from the "
-             "previous eigenvectors")
+    stretches = ", ".join(str(steps) for steps in costs.WARM_START_STEPS)
+    title = f"### Warm start: {stretches} more full-batch GD steps, then top-k from the previous eigenvectors"
     return [title, "", *report.warm_lines(rows)], report.warm_verdicts(w.name, rows)
 
 
