@@ -12,7 +12,7 @@ Lanczos 7.3 s). Each runs with a float32 model and with the same model cast to b
 then multiplies in float32 at the bf16 weights; the peers run in the model's dtype). Figures per
 workload and dtype: top-10 eigenvalues (errors against our float64 Lanczos stopped at relative residual
 1e-9 at the same weights), the product cost of each route relative to a gradient, and the SLQ cost on
-the two digits workloads (the ResNet's 10-probe SLQ basis alone would take 115 GB, see RESULTS.md).
+the two digits workloads (the ResNet's 10-probe SLQ bases alone would take 73 GB, see RESULTS.md).
 """
 
 from __future__ import annotations

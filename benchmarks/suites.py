@@ -111,6 +111,9 @@ OURS_TOL_SWEEP = (1e-5, 1e-4, 1e-3)
 """Looser residual tolerances of ours, besides the default 1e-6: the eigenvalue error is about the
 square of the residual, so a looser tolerance can still reach a given eigenvalue accuracy."""
 
+DEFLATE = 10
+"""Top eigenpairs that the deflated density settings place exactly."""
+
 PYHESSIAN_SWEEP = ((100, 1e-3), (1000, 1e-4), (1000, 1e-5), (1000, 1e-6))
 """PyHessian ``(maxIter, tol)`` settings; the first is its default."""
 
@@ -164,15 +167,20 @@ def eigen_table(workload: Workload, k: int, available: dict[str, str | None], ru
 
 # --- spectral density and trace ------------------------------------------------------------------
 
-def _ours_density(workload: Workload, seed: int, **kwargs: Any) -> DensityOutput:
+def _ours_density(workload: Workload, seed: int, deflate: int = 0, **kwargs: Any) -> DensityOutput:
+    """``spectral_density``; with ``deflate`` > 0 the top ``deflate`` eigenpairs are found first (in the
+    timed call, their products counted) and placed exactly."""
     op_kwargs = {key: kwargs.pop(key) for key in ("keep_graph", "vectorize") if key in kwargs}
-    result = spectral_density(workload.operator(**op_kwargs), seed=seed, **kwargs)
-    return DensityOutput(result.num_matvecs, nodes=result.nodes.flatten(),
+    op = workload.operator(**op_kwargs)
+    outliers = top_eigenvalues(op, deflate, seed=seed) if deflate else None
+    result = spectral_density(op, seed=seed, outliers=outliers, **kwargs)
+    return DensityOutput(op.num_matvecs, nodes=result.nodes.flatten(),
                          weights=result.weights.flatten() / result.nodes.shape[0])
 
 
 def density_cases(workload: Workload, available: dict[str, str | None]) -> list[Case]:
-    """SLQ settings: ours with each speed lever on and off, and the peers' defaults and tightened settings."""
+    """SLQ settings: ours with each speed lever on and off and with the top eigenpairs deflated, and the
+    peers' defaults and tightened settings."""
     w = workload
     cases = [
         Case(OURS, "spectral_density() defaults: 10 probes x 80 steps, 10 per pass, graph kept",
@@ -182,6 +190,8 @@ def density_cases(workload: Workload, available: dict[str, str | None]) -> list[
         Case(OURS, "probes_per_pass=1, keep_graph=False (neither lever)",
              lambda seed: _ours_density(w, seed, probes_per_pass=1, keep_graph=False)),
         Case(OURS, "vectorize=False (10 per pass, looped)", lambda seed: _ours_density(w, seed, vectorize=False)),
+        *(Case(OURS, f"outliers=top_eigenvalues(op, {DEFLATE}), 10 probes x {steps} steps (top-{DEFLATE} included)",
+               lambda seed, m=steps: _ours_density(w, seed, deflate=DEFLATE, num_steps=m)) for steps in (40, 80)),
     ]
     if available.get("PyHessian"):
         cases.append(Case("PyHessian", "density(iter=100, n_v=1) (defaults)", lambda seed: peers.pyhessian_density(w)))

@@ -135,7 +135,8 @@ class Solver:
         Returns:
             The record fields (plain values: ``eigenvalues`` (k), ``residuals``, ``converged``,
             ``num_params``, optionally ``eig_min``/``eig_min_residual``, ``trace``,
-            ``trace_stderr``, ``nodes``/``weights`` (S x m), then ``outliers``, ``gap_ratio``,
+            ``trace_stderr``, ``nodes``/``weights`` (S x (m + k), the top k placed exactly when they
+            converged, else S x m), then ``outliers``, ``gap_ratio``,
             ``bulk_edge``, ``near_zero_fraction``, ``negative_mass``, ``layers``, ``layer_views``
             (per module: ``trace``, ``trace_stderr``, ``eig_1_mass``) and ``grad_overlap``) and the
             number of products used.
@@ -153,7 +154,10 @@ class Solver:
             count += low.num_matvecs
         esd = None
         if self.density:
-            esd = spectral_density(op, num_probes=self.num_probes, num_steps=self.num_steps, seed=self.seed)
+            # The converged top-k are placed exactly and SLQ spends its steps on the rest (the bulk).
+            exact = top if top.all_converged and top.eigenvalues.numel() < op.num_params else None
+            esd = spectral_density(op, num_probes=self.num_probes, num_steps=self.num_steps, seed=self.seed,
+                                   outliers=exact)
             fields.update(trace=esd.trace, trace_stderr=esd.trace_stderr, nodes=esd.nodes.tolist(),
                           weights=esd.weights.tolist())
             count += esd.num_matvecs

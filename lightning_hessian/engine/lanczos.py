@@ -182,11 +182,11 @@ class Lanczos:
         current = self._basis[:, j]
         product = self.op.matmat(current.to(device=self.op.device, dtype=self.op.dtype))
         w = product.to(device=self.basis_device, dtype=self.basis_dtype)
-        alpha = (current * w).sum(dim=1)
-        w = w - alpha[:, None] * current
+        alpha = torch.linalg.vecdot(current, w)
+        w = torch.addcmul(w, alpha[:, None], current, value=-1)
         if j > 0:
-            w = w - self._last_beta[:, None] * self._basis[:, j - 1]
-        beta = w.norm(dim=1)
+            w = torch.addcmul(w, self._last_beta[:, None], self._basis[:, j - 1], value=-1)
+        beta = torch.linalg.vector_norm(w, dim=1)
         alpha_host, beta_host = torch.stack([alpha, beta]).to(device="cpu", dtype=torch.float64).numpy()
         self._scale = np.maximum(self._scale, np.abs(alpha_host) + beta_host)
         omega = self._next_orthogonality(j, alpha_host, beta_host)
@@ -246,15 +246,15 @@ class Lanczos:
         """
         omega = np.empty((alpha.shape[0], self._omega.shape[1]))
         current, before = self._omega[:, : j + 1], self._omega_before[:, : j + 1]
+        # A breakdown (beta = 0) restarts the recursion orthogonally: any finite estimate will do.
+        beta = np.maximum(beta, np.finfo(np.float64).tiny)
         if j > 0:
             estimate = self._beta[:, :j] * current[:, 1:] + (self._alpha[:, :j] - alpha[:, None]) * current[:, :j]
             estimate[:, 1:] += self._beta[:, : j - 1] * current[:, : j - 1]
             estimate -= self._beta[:, j - 1 : j] * before[:, :j]
             noise = self._unit_roundoff * self._scale[:, None]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                omega[:, :j] = (estimate + np.sign(estimate) * noise) / beta[:, None]
-        with np.errstate(divide="ignore"):
-            omega[:, j] = self._unit_roundoff * self._scale / beta
+            omega[:, :j] = (estimate + np.sign(estimate) * noise) / beta[:, None]
+        omega[:, j] = self._unit_roundoff * self._scale / beta
         omega[:, j + 1] = 1.0
         return omega
 

@@ -130,8 +130,10 @@ def module_mode(model: nn.Module, mode: Mode, *, freeze_statistics: bool = False
             m.track_running_stats = tracking
 
 
-def _autograd_on() -> contextlib.ExitStack:
+def _autograd_on() -> contextlib.AbstractContextManager[Any]:
     """Gradients on, inference mode off: products work inside ``torch.no_grad()`` and ``inference_mode()``."""
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.enable_grad())
@@ -352,12 +354,13 @@ class CurvatureOperator:
                 f"vectors have length {matrix.shape[1]}, the operator has num_params={self.num_params}"
             )
         with _autograd_on():
-            matrix = matrix.to(device=self.device, dtype=self.dtype, copy=True)
-            parts = self._unflatten(matrix)
-            total = torch.zeros_like(matrix)
+            parts = self._unflatten(matrix.detach().to(device=self.device, dtype=self.dtype))
+            total = None
             for index, size in enumerate(self._sizes):
-                product = self._flatten(self._batch_matmat(index, parts))
-                total.add_(product, alpha=size / self.num_samples)
+                product = self._flatten(self._batch_matmat(index, parts))  # a new tensor: scaled in place
+                if size != self.num_samples:
+                    product.mul_(size / self.num_samples)
+                total = product if total is None else total.add_(product)
         if not torch.isfinite(total).all():
             raise NonFiniteError(
                 f"the {type(self).__name__} product is not finite (NaN or inf); the loss or its "
