@@ -125,7 +125,8 @@ def eigen_cases(workload: Workload, k: int, available: dict[str, str | None]) ->
         Case(OURS, "top_eigenvalues(k), default tol=1e-6", lambda seed: _ours_top_k(w, k, seed)),
         *(Case(OURS, f"tol={tol:g}", lambda seed, t=tol: _ours_top_k(w, k, seed, tol=t)) for tol in OURS_TOL_SWEEP),
         Case(SCIPY_ON_OURS, "eigsh(which='LA'), default tol=0", lambda seed: _eigsh_on_ours(w, k, 0.0)),
-        Case(SCIPY_ON_OURS, "eigsh(which='LA', tol=1e-6)", lambda seed: _eigsh_on_ours(w, k, 1e-6)),
+        *(Case(SCIPY_ON_OURS, f"eigsh(which='LA', tol={tol:g})", lambda seed, t=tol: _eigsh_on_ours(w, k, t))
+          for tol in (1e-6, *OURS_TOL_SWEEP)),
     ]
     if available.get("PyHessian"):
         for max_iter, tol in PYHESSIAN_SWEEP[:1] if big else PYHESSIAN_SWEEP:

@@ -169,3 +169,16 @@ def test_outliers_that_do_not_fit_or_did_not_converge_are_rejected():
     with pytest.raises(ValueError, match="unconverged"):
         spectral_density(op, outliers=unconverged)
     assert op.num_matvecs == 3
+
+
+def test_float32_products_give_the_float64_quadrature_to_their_precision():
+    """SLQ keeps float32 bases only semi-orthogonal to float32's precision: nodes and weights still
+    agree with a float64 run on the same probes to that precision."""
+    spectrum = torch.cat([torch.tensor([8.0, 6.0, 4.0], dtype=F64), torch.linspace(-0.2, 0.6, 297, dtype=F64)])
+    matrix = cases.matrix_with_spectrum(spectrum, seed=4)
+    exact = spectral_density(cases.MatrixOperator(matrix), num_probes=3, num_steps=40, seed=1)
+    single = spectral_density(cases.MatrixOperator(matrix.float()), num_probes=3, num_steps=40, seed=1)
+    for estimate in (exact, single):
+        assert _w1(estimate, spectrum.sort().values) <= 5e-3
+    assert abs(_w1(single, spectrum.sort().values) - _w1(exact, spectrum.sort().values)) <= 1e-5
+    assert single.trace == pytest.approx(exact.trace, rel=1e-5)

@@ -106,6 +106,9 @@ class Lanczos:
             large basis off the GPU at the cost of a transfer per step.
         capacity: basis columns to allocate up front, e.g. the number of steps when it is known;
             default 16, doubled whenever full (so up to twice the memory needed at the peak).
+        semi_orthogonality: the estimated loss of orthogonality that triggers a reorthogonalization;
+            default ``sqrt(eps)`` of ``basis_dtype``, which keeps the residual certificates true to
+            that level. Quadrature needs only ``sqrt(eps)`` of the products' own precision.
 
     Attributes:
         num_steps: m, the steps taken.
@@ -122,6 +125,7 @@ class Lanczos:
         basis_dtype: torch.dtype = torch.float64,
         basis_device: torch.device | str | None = None,
         capacity: int | None = None,
+        semi_orthogonality: float | None = None,
     ) -> None:
         self.op = op
         self.generator = generator
@@ -147,11 +151,11 @@ class Lanczos:
         # Column j: the components that reorthogonalization removed from step j's new vector, which
         # the three-term recurrence in T does not account for, ``(S, columns, columns)``.
         self._removed = np.zeros((num_recursions, columns, columns))
-        # Rounding per step, of the basis or of the products (float32 products make it float32's),
-        # and the loss of orthogonality that triggers a reorthogonalization: the square root of the
-        # basis's precision (so float32 products, whose rounding exceeds it, reorthogonalize every step).
+        # Rounding per step, of the basis or of the products (float32 products make it float32's).
+        # With the default threshold, float32 products, whose rounding exceeds it, reorthogonalize
+        # at every step.
         self._unit_roundoff = max(torch.finfo(basis_dtype).eps, torch.finfo(op.dtype).eps)
-        self._semi_orthogonality = math.sqrt(torch.finfo(basis_dtype).eps)
+        self._semi_orthogonality = semi_orthogonality or math.sqrt(torch.finfo(basis_dtype).eps)
         self._scale = np.zeros(num_recursions)
         self._reorthogonalize_next = np.zeros(num_recursions, dtype=bool)
         self.num_steps = 0
