@@ -48,6 +48,9 @@ _BREAKDOWN_FRACTION = 1e-10
 _REORTHOGONALIZE_AGAIN = 2**-0.5
 # Basis columns allocated when the number of steps is not known in advance (the basis doubles).
 _INITIAL_CAPACITY = 16
+# top_eigenvalues stops for a pair whose residual from the recurrence is below this fraction of the
+# residual that rounding left (recorded by reorthogonalization): further steps cannot lower it.
+_FLOOR_FRACTION = 0.1
 
 
 class LinearOperator(Protocol):
@@ -340,8 +343,9 @@ def top_eigenvalues(
     """The k largest (or smallest) eigenvalues of a symmetric operator, with certificates.
 
     Lanczos kept semi-orthogonal, checked after every step: it stops as soon as each of
-    the k wanted Ritz pairs has relative residual ``||H v - theta v|| / ||H|| <= tol``, or when
-    ``max_matvecs`` products are spent (then ``converged`` says which pairs made it).
+    the k wanted Ritz pairs has relative residual ``||H v - theta v|| / ||H|| <= tol`` or sits at
+    the rounding floor of the products (float32 products can leave about 1e-7 to 1e-6 that no step
+    removes), or when ``max_matvecs`` products are spent; ``converged`` says which pairs met ``tol``.
 
     Args:
         op: the operator (``HessianOperator``, ``GGNOperator``, anything with ``matmat``).
@@ -397,8 +401,8 @@ def top_eigenvalues(
         lanczos.step()
         if lanczos.num_steps < k:
             continue
-        ritz, vectors, residuals = _ritz_pairs(lanczos, k, which)
-        if bool((residuals <= tol).all()):
+        ritz, vectors, residuals, at_floor = _ritz_pairs(lanczos, k, which)
+        if ((residuals.numpy() <= tol) | at_floor).all():
             break
     assert ritz is not None and vectors is not None and residuals is not None
     eigenvectors = torch.einsum("mk,mp->kp", vectors.to(device=lanczos.basis_device, dtype=lanczos.basis_dtype),
@@ -444,16 +448,25 @@ def _random_fraction(num_params: int, tol: float) -> float:
     return min(_MAX_RANDOM_FRACTION, _MISSING_COMPONENT_TOLS * tol * math.sqrt(num_params))
 
 
-def _ritz_pairs(lanczos: Lanczos, k: int, which: Which) -> tuple[Tensor, Tensor, Tensor]:
-    """The k wanted Ritz values ``(k,)``, their T-eigenvectors ``(m, k)`` and relative residuals, float64."""
+def _ritz_pairs(lanczos: Lanczos, k: int, which: Which) -> tuple[Tensor, Tensor, Tensor, np.ndarray]:
+    """The k wanted Ritz values ``(k,)``, their T-eigenvectors ``(m, k)``, relative residuals (float64),
+    and whether each pair is at the rounding floor ``(k,)`` bool.
+
+    A pair is at the floor when the recurrence's part of its residual has fallen below
+    ``_FLOOR_FRACTION`` of the part that reorthogonalization recorded: that part is the rounding
+    of the products (float32 products put it near 1e-7 to 1e-6 of ``||H||``), and more steps cannot
+    remove it.
+    """
     values, vectors = lanczos.ritz(0)
     order = slice(None, -k - 1, -1) if which == "largest" else slice(None, k)
     scale = max(float(np.abs(values).max()), np.finfo(np.float64).tiny)
     # When the whole space is spanned, T's eigenpairs are exact.
     beta = 0.0 if lanczos.num_steps >= lanczos.op.num_params else float(lanczos.betas[0, -1])
-    residuals = np.hypot(beta * vectors[-1, order], lanczos.unrecorded(0, vectors[:, order])) / scale
+    recurrence = np.abs(beta * vectors[-1, order])
+    rounding = lanczos.unrecorded(0, vectors[:, order])
+    residuals = np.hypot(recurrence, rounding) / scale
     return torch.from_numpy(values[order].copy()), torch.from_numpy(vectors[:, order].copy()), \
-        torch.from_numpy(residuals)
+        torch.from_numpy(residuals), recurrence < _FLOOR_FRACTION * rounding
 
 
 def tridiagonal_quadrature(lanczos: Lanczos) -> tuple[Tensor, Tensor]:
