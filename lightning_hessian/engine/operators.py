@@ -333,7 +333,7 @@ class CurvatureOperator:
             _fill(one_pass([c[s] for c in cots], False, retain or s < num_vectors - 1), inputs, 1)
             for s in range(num_vectors)
         ]
-        return [torch.cat(parts) for parts in zip(*rows, strict=True)]
+        return rows[0] if num_vectors == 1 else [torch.cat(parts) for parts in zip(*rows, strict=True)]
 
     def matmat(self, vectors: Tensor) -> Tensor:
         """Multiply with S vectors in one pass over the data.
