@@ -153,8 +153,10 @@ def test_deflated_outliers_are_point_masses_and_the_rest_lies_below_them():
     op = cases.MatrixOperator(cases.matrix_with_spectrum(spectrum, seed=2))
     top = top_eigenvalues(op, 3, tol=1e-10)
     density = spectral_density(op, num_probes=3, num_steps=30, outliers=top)
-    torch.testing.assert_close(density.weights.sum(dim=1), torch.ones(3, dtype=F64), rtol=0, atol=1e-12)
+    # Each probe counts by the share of it that deflation leaves; the rows average to 1.
+    assert float(density.weights.sum(dim=1).mean()) == pytest.approx(1.0, abs=1e-12)
     assert torch.all(density.nodes[:, 1:] >= density.nodes[:, :-1])
+    assert density.range[0] >= -0.5 - 1e-9  # no node outside the spectrum: the bases stay off the outliers
     assert density.mass(2.0) == pytest.approx(3 / 100, abs=1e-12)  # exactly the outliers, nothing leaks
     assert density.mass(-0.5 - 1e-9, 1.0 + 1e-9) == pytest.approx(97 / 100, abs=1e-12)
     assert density.trace == pytest.approx(float(spectrum.sum()), rel=0.1)
@@ -182,3 +184,28 @@ def test_float32_products_give_the_float64_quadrature_to_their_precision():
         assert _w1(estimate, spectrum.sort().values) <= 5e-3
     assert abs(_w1(single, spectrum.sort().values) - _w1(exact, spectrum.sort().values)) <= 1e-5
     assert single.trace == pytest.approx(exact.trace, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_deflated_bases_stay_off_the_outliers_for_hundreds_of_steps(dtype):
+    """The recurrence would regrow rounding-level components along the deflated eigenvectors (as if
+    they had eigenvalue 0); the bases are kept orthogonal to them, so no node leaves the spectrum."""
+    generator = torch.Generator().manual_seed(5)
+    spectrum = torch.cat([torch.tensor([100.0, 60.0, 40.0, 30.0, 20.0], dtype=F64),
+                          1 + torch.rand(395, generator=generator, dtype=F64)])
+    op = cases.MatrixOperator(cases.matrix_with_spectrum(spectrum, seed=2).to(dtype))
+    density = spectral_density(op, num_probes=4, num_steps=300, outliers=top_eigenvalues(op, 5, tol=1e-5))
+    low, high = density.range
+    assert low >= 1 - 1e-5 and high <= 100 * (1 + 1e-5)
+
+
+def test_a_probe_inside_the_deflated_space_counts_for_nothing():
+    """P = 2 with the top eigenvector (1, 1)/sqrt(2) deflated: Rademacher probes (1, 1) have no part
+    left; the others carry the remaining eigenvalue 1 with its full mass 1/2."""
+    op = cases.MatrixOperator(torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=F64))
+    top = top_eigenvalues(op, 1, tol=1e-10, seed=1)
+    density = spectral_density(op, num_probes=4, num_steps=5, outliers=top, seed=0)
+    assert density.mass(-0.5, 0.5) == pytest.approx(0.0, abs=1e-12)
+    assert density.mass(0.5, 1.5) == pytest.approx(0.5, abs=1e-12)
+    assert density.mass(2.5, 3.5) == pytest.approx(0.5, abs=1e-12)
+    assert density.trace == pytest.approx(4.0, abs=1e-10)

@@ -241,3 +241,43 @@ def test_float32_rounding_floor_stops_the_solver_and_is_reported():
     true = (vectors @ matrix - result.eigenvalues[:, None] * vectors).norm(dim=1) / spectrum.abs().max()
     assert torch.all(true <= result.residuals + 10 * torch.finfo(torch.float32).eps)
     torch.testing.assert_close(result.eigenvalues, spectrum[:3], rtol=1e-5, atol=0)
+
+
+def test_a_tight_cluster_at_the_top_over_hundreds_of_steps():
+    """20 eigenvalues within 1e-3 of each other need 270 steps: the orthogonality estimate must keep up
+    with the rounding (its noise term grows with sqrt(P)), or ghosts above lambda_max appear."""
+    generator = torch.Generator().manual_seed(2)
+    bulk = torch.rand(280, generator=generator, dtype=F64) * 0.99
+    spectrum = torch.cat([torch.linspace(1.001, 1.0, 20, dtype=F64), bulk])
+    matrix = cases.matrix_with_spectrum(spectrum, seed=2)
+    result = top_eigenvalues(cases.MatrixOperator(matrix), 20, tol=1e-6, seed=2)
+    assert result.all_converged and result.num_matvecs > 200
+    torch.testing.assert_close(result.eigenvalues, spectrum.sort(descending=True).values[:20], rtol=1e-10, atol=0)
+    _assert_certified(result, matrix, 1e-6)
+
+
+@pytest.mark.parametrize(("basis_dtype", "tol"), [(torch.float32, 1e-6), (torch.float64, 1e-8)])
+def test_tolerances_below_sqrt_eps_of_the_basis_are_reached(basis_dtype, tol):
+    """What reorthogonalization removes enters the residuals, so it is kept below tol."""
+    generator = torch.Generator().manual_seed(7)
+    spectrum = torch.cat([torch.tensor([19.0, 15.0, 11.0, 7.0, 4.0], dtype=F64),
+                          torch.rand(395, generator=generator, dtype=F64) * 2 - 0.5])
+    matrix = cases.matrix_with_spectrum(spectrum, seed=1)
+    result = top_eigenvalues(cases.MatrixOperator(matrix), 5, tol=tol, seed=1, basis_dtype=basis_dtype)
+    assert result.all_converged
+    true = (result.eigenvectors.double() @ matrix - result.eigenvalues[:, None] * result.eigenvectors.double())
+    assert torch.all(true.norm(dim=1) / 19.0 <= 2 * tol)
+
+
+def test_a_start_inside_an_invariant_subspace_does_not_hide_larger_eigenvalues():
+    """A Rademacher start can be an eigenvector (here of [[2, 1], [1, 2]], seed 0 draws (-1, 1)); the
+    recursion breaks down, restarts from a fresh direction, and that block must converge too."""
+    pair = top_eigenvalues(cases.MatrixOperator(torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=F64)), 1, seed=0)
+    assert pair.eigenvalues.tolist() == pytest.approx([3.0]) and pair.all_converged
+    # Two identical units: the start's symmetric part spans an invariant subspace for some seeds.
+    unit = torch.tensor([[4.0, 1.0, 0.5], [1.0, 3.0, 0.2], [0.5, 0.2, 1.0]], dtype=F64)
+    matrix = torch.kron(torch.tensor([[1.0, 0.9], [0.9, 1.0]], dtype=F64), unit)
+    exact = torch.linalg.eigvalsh(matrix).flip(0)[:2]
+    for seed in range(50):
+        result = top_eigenvalues(cases.MatrixOperator(matrix), 2, tol=1e-8, seed=seed)
+        torch.testing.assert_close(result.eigenvalues, exact, rtol=1e-8, atol=0)

@@ -47,8 +47,9 @@ class SpectralDensity:
     Attributes:
         nodes: ``(S, m + k)`` float64 Ritz values per probe, ascending, with the k deflated
             outliers' eigenvalues among them (k = 0 without ``outliers``).
-        weights: ``(S, m + k)`` float64 quadrature weights per probe, each row summing to 1 (each
-            outlier weighs ``1/P``).
+        weights: ``(S, m + k)`` float64 quadrature weights per probe, each row summing to 1 (with
+            outliers: each outlier weighs ``1/P`` and the rest of a row ``(P - k)/P`` times the
+            probe's share ``||(I - V V^T) z||^2 / mean``, so the rows average to 1).
         trace: Hutchinson estimate of ``tr(H)``.
         trace_stderr: its standard error (0 with one probe).
         num_params: P, so that ``weights * P`` counts eigenvalues.
@@ -150,11 +151,17 @@ def spectral_density(
     num_params = op.num_params
     generator = torch.Generator().manual_seed(seed)
     probes = rademacher((num_probes, num_params), generator, basis_dtype)
-    exact = torch.zeros(0, dtype=torch.float64)
+    exact, deflate, kept = torch.zeros(0, dtype=torch.float64), None, probes.double()
     if outliers is not None:
         exact = _check_outliers(outliers, num_params)
-        op = _Deflated(op, outliers.eigenvectors)
-        probes = op.project(probes.to(device=op.device, dtype=op.dtype)).to(device="cpu", dtype=basis_dtype)
+        deflate = outliers.eigenvectors.to(basis_dtype)
+        vectors = outliers.eigenvectors.double().cpu()
+        kept = kept - (kept @ vectors.T) @ vectors
+    # ||z||^2 per probe, of the part that deflation leaves (all P without it). A probe's measure
+    # counts in proportion (the ratio estimator: a probe almost inside the deflated space carries
+    # almost nothing), and its Hutchinson term is z^T (I - V V^T) H (I - V V^T) z = ||.||^2 T[0, 0].
+    squared = kept.pow(2).sum(dim=1)
+    shares = squared / squared.mean()
     steps = min(num_steps, num_params - exact.numel())
     # Quadrature is as accurate as the products once the bases are orthogonal to the square root of
     # their precision: float32 products need not be orthogonalized to float64's.
@@ -162,16 +169,17 @@ def spectral_density(
     nodes, weights, diagonals = [], [], []
     for group in probes.split(per_pass):
         lanczos = Lanczos(op, group, generator=generator, basis_dtype=basis_dtype, basis_device=basis_device,
-                          capacity=steps, semi_orthogonality=semi_orthogonality)
+                          capacity=steps, semi_orthogonality=semi_orthogonality, deflate=deflate)
         for _ in range(steps):
             lanczos.step()
         group_nodes, group_weights = tridiagonal_quadrature(lanczos)
         nodes.append(group_nodes)
         weights.append(group_weights)
         diagonals.append(lanczos.alphas[:, 0])
-    estimates = torch.cat(diagonals) * probes.double().pow(2).sum(dim=1) + exact.sum()
+    estimates = torch.cat(diagonals) * squared + exact.sum()
     stderr = float(estimates.std() / math.sqrt(num_probes)) if num_probes > 1 else 0.0
-    all_nodes, all_weights = _with_outliers(torch.cat(nodes), torch.cat(weights), exact, num_params)
+    all_nodes, all_weights = _with_outliers(torch.cat(nodes), torch.cat(weights) * shares[:, None], exact,
+                                            num_params)
     return SpectralDensity(
         nodes=all_nodes,
         weights=all_weights,
@@ -181,22 +189,6 @@ def spectral_density(
         num_matvecs=num_probes * steps,
         seconds=time.perf_counter() - started,
     )
-
-
-class _Deflated:
-    """``(I - V^T V) H (I - V^T V)`` for orthonormal rows V ``(k, P)``: H with k eigenpairs removed."""
-
-    def __init__(self, op: LinearOperator, eigenvectors: Tensor) -> None:
-        self.op = op
-        self.num_params, self.dtype, self.device = op.num_params, op.dtype, op.device
-        self.eigenvectors = eigenvectors.to(device=op.device, dtype=op.dtype)
-
-    def project(self, vectors: Tensor) -> Tensor:
-        """``(S, P)`` vectors without their components along the eigenvectors."""
-        return vectors - (vectors @ self.eigenvectors.T) @ self.eigenvectors
-
-    def matmat(self, vectors: Tensor) -> Tensor:
-        return self.project(self.op.matmat(self.project(vectors.to(device=self.device, dtype=self.dtype))))
 
 
 def _check_outliers(outliers: EigenResult, num_params: int) -> Tensor:

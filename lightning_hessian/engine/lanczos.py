@@ -9,16 +9,18 @@ every new vector against the whole basis prevents that, but costs two reads of t
 which dominated the solver's own time on large models. Partial reorthogonalization (Simon, Math.
 Comp. 42, 1984) gets the same accuracy for less: a recurrence estimates the inner products of the
 new vector with the basis from T alone, and the new vector (and the next one, which inherits the
-loss) is orthogonalized against the whole basis only when an estimate exceeds ``sqrt(eps)``. Such a
-semi-orthogonal basis makes T the projection of H onto the Krylov space to working precision, so
-Ritz values and quadrature are as accurate as with full reorthogonalization. On trained float64
-MLPs a third of the steps or fewer reorthogonalize; float32 products, whose rounding alone exceeds
-``sqrt(eps)`` of the float64 basis, reorthogonalize at every step.
+loss) is orthogonalized against the whole basis only when an estimate exceeds a threshold
+(``sqrt(eps)``, or a tenth of the residual tolerance when that is smaller). Such a semi-orthogonal
+basis makes T the projection of H onto the Krylov space to working precision, so Ritz values and
+quadrature are as accurate as with full reorthogonalization. On trained float64 MLPs a third of the
+steps or fewer reorthogonalize; float32 products, whose rounding alone exceeds ``sqrt(eps)`` of the
+float64 basis, reorthogonalize at every step (SLQ settles for float32's ``sqrt(eps)``).
 
 The residual of a Ritz pair (theta, y = Q s) is read from the recursion: ``H Q = Q T + beta_m
-q_{m+1} e_m^T + Q C``, with C the components that reorthogonalization removed (recorded), so
-``||H y - theta y||^2 = (beta_m s_m)^2 + ||C s||^2`` up to rounding. It certifies each eigenvalue:
-some eigenvalue of H lies within that distance of theta.
+q_{m+1} e_m^T + Q C``, with C the components that reorthogonalization removed (recorded, each below
+the threshold times a step's residual), so ``||H y - theta y||^2 = (beta_m s_m)^2 + ||C s||^2`` up
+to the rounding of the products themselves (about 1e-7 of ``||H||`` in float32). It certifies each
+eigenvalue: some eigenvalue of H lies within that distance of theta.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ _INITIAL_CAPACITY = 16
 # top_eigenvalues stops for a pair whose residual from the recurrence is below this fraction of the
 # residual that rounding left (recorded by reorthogonalization): further steps cannot lower it.
 _FLOOR_FRACTION = 0.1
+# ... provided that rounding part is within this many unit roundoffs (times sqrt(m)) of ||H||.
+_FLOOR_ROUNDINGS = 100.0
 
 
 class LinearOperator(Protocol):
@@ -110,8 +114,12 @@ class Lanczos:
         capacity: basis columns to allocate up front, e.g. the number of steps when it is known;
             default 16, doubled whenever full (so up to twice the memory needed at the peak).
         semi_orthogonality: the estimated loss of orthogonality that triggers a reorthogonalization;
-            default ``sqrt(eps)`` of ``basis_dtype``, which keeps the residual certificates true to
-            that level. Quadrature needs only ``sqrt(eps)`` of the products' own precision.
+            default ``sqrt(eps)`` of ``basis_dtype``. What a reorthogonalization removes is up to
+            this fraction of a step's residual, which enters the residuals of the Ritz pairs, so a
+            residual tolerance ``tol`` needs it below ``tol`` (``top_eigenvalues`` sees to it);
+            quadrature needs only ``sqrt(eps)`` of the products' own precision.
+        deflate: ``(k, P)`` orthonormal vectors, e.g. known eigenvectors, that the bases are kept
+            orthogonal to: the recursions then run on H restricted to their complement.
 
     Attributes:
         num_steps: m, the steps taken.
@@ -129,6 +137,7 @@ class Lanczos:
         basis_device: torch.device | str | None = None,
         capacity: int | None = None,
         semi_orthogonality: float | None = None,
+        deflate: Tensor | None = None,
     ) -> None:
         self.op = op
         self.generator = generator
@@ -138,11 +147,19 @@ class Lanczos:
         norms = start.norm(dim=1, keepdim=True)
         if not torch.all(norms > 0):
             raise ValueError("start vectors must be non-zero")
+        self._deflate = None if deflate is None else deflate.to(device=self.basis_device, dtype=basis_dtype)
         num_recursions = start.shape[0]
         # One column more than the steps: the vector after the last step.
         columns = min((capacity or _INITIAL_CAPACITY) + 1, op.num_params)
         self._basis = torch.empty(num_recursions, columns, op.num_params, dtype=basis_dtype, device=self.basis_device)
-        self._basis[:, 0] = start / norms
+        self.num_steps = 0
+        start = self._deflated(start)
+        kept = start.norm(dim=1, keepdim=True)
+        # A start that lies (almost) in the deflated space carries no direction: a random one replaces it.
+        lost = kept[:, 0] <= math.sqrt(torch.finfo(basis_dtype).eps) * norms[:, 0]
+        self._basis[:, 0] = start / kept.clamp_min(torch.finfo(basis_dtype).tiny)
+        if lost.any():
+            self._basis[:, 0] = torch.where(lost[:, None], self._fresh_direction(), self._basis[:, 0])
         self._alpha = np.zeros((num_recursions, columns))
         self._beta = np.zeros((num_recursions, columns))
         self._last_beta = torch.zeros(num_recursions, dtype=basis_dtype, device=self.basis_device)
@@ -158,11 +175,14 @@ class Lanczos:
         # With the default threshold, float32 products, whose rounding exceeds it, reorthogonalize
         # at every step.
         self._unit_roundoff = max(torch.finfo(basis_dtype).eps, torch.finfo(op.dtype).eps)
-        self._semi_orthogonality = semi_orthogonality or math.sqrt(torch.finfo(basis_dtype).eps)
+        self._semi_orthogonality = math.sqrt(torch.finfo(basis_dtype).eps) if semi_orthogonality is None \
+            else semi_orthogonality
         self._scale = np.zeros(num_recursions)
         self._reorthogonalize_next = np.zeros(num_recursions, dtype=bool)
-        self.num_steps = 0
         self.num_reorthogonalized = 0
+        # Step at which each recursion's current Krylov block began: after a breakdown the recursion
+        # restarts from a fresh direction, and T is block diagonal.
+        self.block_starts = np.zeros(num_recursions, dtype=int)
 
     @property
     def basis(self) -> Tensor:
@@ -193,11 +213,12 @@ class Lanczos:
         w = torch.addcmul(w, alpha[:, None], current, value=-1)
         if j > 0:
             w = torch.addcmul(w, self._last_beta[:, None], self._basis[:, j - 1], value=-1)
+        w = self._deflated(w)
         beta = torch.linalg.vector_norm(w, dim=1)
         alpha_host, beta_host = torch.stack([alpha, beta]).to(device="cpu", dtype=torch.float64).numpy()
         self._scale = np.maximum(self._scale, np.abs(alpha_host) + beta_host)
         omega = self._next_orthogonality(j, alpha_host, beta_host)
-        lost = (np.abs(omega[:, :j]) > self._semi_orthogonality).any(axis=1)
+        lost = (np.abs(omega[:, : j + 1]) > self._semi_orthogonality).any(axis=1)
         selected = np.flatnonzero(lost | self._reorthogonalize_next)
         if selected.size:
             w, beta = self._reorthogonalize(w, beta, selected)
@@ -213,6 +234,7 @@ class Lanczos:
         if j + 1 >= self.op.num_params:
             return
         if broken.any():
+            self.block_starts[broken] = j + 1
             fresh = torch.from_numpy(broken).to(self.basis_device)[:, None]
             w = torch.where(fresh, self._fresh_direction(), w / beta.clamp_min(1e-300)[:, None])
             omega[broken, : j + 1] = self._unit_roundoff
@@ -221,6 +243,12 @@ class Lanczos:
             w = w / beta[:, None]
         self._last_beta = beta
         self._basis[:, j + 1] = w
+
+    def _deflated(self, vectors: Tensor) -> Tensor:
+        """``(S, P)`` vectors without their components along the deflated vectors (if any)."""
+        if self._deflate is None:
+            return vectors
+        return vectors - (vectors @ self._deflate.T) @ self._deflate
 
     def _reorthogonalize(self, w: Tensor, beta: Tensor, selected: np.ndarray) -> tuple[Tensor, Tensor]:
         """Orthogonalize the new vectors ``w`` ``(S, P)`` of the ``selected`` recursions against their
@@ -244,14 +272,16 @@ class Lanczos:
         return w, beta
 
     def _next_orthogonality(self, j: int, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
-        """Estimated inner products of the next Lanczos vector with the basis, ``(S, j + 2)``.
+        """Estimated inner products of the next Lanczos vector with the basis, ``(S, columns + 1)``.
 
         Simon's recurrence for the loss of orthogonality (Math. Comp. 42, 1984): the recurrence
         ``beta_j q_{j+1} = H q_j - alpha_j q_j - beta_{j-1} q_{j-1}`` carries the inner products
         ``omega_{j,k} = q_j . q_k`` along, each step adding a rounding term of about
-        ``eps * ||H||`` (counted against the growth, with the sign that makes it worse).
+        ``eps sqrt(P) ||H||`` (as in Simon's analysis and PROPACK; counted against the growth, with
+        the sign that makes it worse). Entries after ``j + 1`` are zero.
         """
-        omega = np.empty((alpha.shape[0], self._omega.shape[1]))
+        omega = np.zeros((alpha.shape[0], self._omega.shape[1]))
+        rounding = self._unit_roundoff * math.sqrt(self.op.num_params) * self._scale
         current, before = self._omega[:, : j + 1], self._omega_before[:, : j + 1]
         # A breakdown (beta = 0) restarts the recursion orthogonally: any finite estimate will do.
         beta = np.maximum(beta, np.finfo(np.float64).tiny)
@@ -259,30 +289,30 @@ class Lanczos:
             estimate = self._beta[:, :j] * current[:, 1:] + (self._alpha[:, :j] - alpha[:, None]) * current[:, :j]
             estimate[:, 1:] += self._beta[:, : j - 1] * current[:, : j - 1]
             estimate -= self._beta[:, j - 1 : j] * before[:, :j]
-            noise = self._unit_roundoff * self._scale[:, None]
-            omega[:, :j] = (estimate + np.sign(estimate) * noise) / beta[:, None]
-        omega[:, j] = self._unit_roundoff * self._scale / beta
+            omega[:, :j] = (estimate + np.sign(estimate) * rounding[:, None]) / beta[:, None]
+        omega[:, j] = rounding / beta
         omega[:, j + 1] = 1.0
         return omega
 
     def _grow(self) -> None:
-        """Double the capacity of the basis and of the scalars."""
-        steps, capacity = self.num_steps + 1, 2 * self._basis.shape[1]
-        grown = torch.empty(self._basis.shape[0], capacity, self._basis.shape[2], dtype=self.basis_dtype,
+        """Double the capacity of the basis and of the scalars (at most P columns)."""
+        steps, columns = self.num_steps + 1, self._basis.shape[1]
+        extra = min(columns, self.op.num_params - columns)
+        grown = torch.empty(self._basis.shape[0], columns + extra, self._basis.shape[2], dtype=self.basis_dtype,
                             device=self.basis_device)
         grown[:, :steps] = self._basis[:, :steps]
         self._basis = grown
         for name in ("_alpha", "_beta", "_omega", "_omega_before", "_removed"):
             old = getattr(self, name)
-            new = np.zeros((old.shape[0], *(size + capacity // 2 for size in old.shape[1:])))
+            new = np.zeros((old.shape[0], *(size + extra for size in old.shape[1:])))
             new[(slice(None), *(slice(0, size) for size in old.shape[1:]))] = old
             setattr(self, name, new)
 
     def _fresh_direction(self) -> Tensor:
         """Random unit vectors orthogonal to the current bases, ``(S, P)``."""
         shape = (self._basis.shape[0], self.op.num_params)
-        w = torch.randn(shape, generator=self.generator, dtype=self.basis_dtype).to(self.basis_device)
-        w = _orthogonalize(_orthogonalize(w, self.basis)[0], self.basis)[0]
+        w = self._deflated(torch.randn(shape, generator=self.generator, dtype=self.basis_dtype).to(self.basis_device))
+        w = self._deflated(_orthogonalize(_orthogonalize(w, self.basis)[0], self.basis)[0])
         return w / w.norm(dim=1, keepdim=True)
 
     def tridiagonal(self, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -302,10 +332,14 @@ class Lanczos:
 
     def ritz(self, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Eigenvalues ``(m,)`` ascending and eigenvectors ``(m, m)`` (columns) of T of recursion ``index``."""
-        diagonal, off_diagonal = self.tridiagonal(index)
-        if diagonal.shape[0] == 1:
-            return diagonal.copy(), np.ones((1, 1))
-        return scipy.linalg.eigh_tridiagonal(diagonal, off_diagonal)
+        return _tridiagonal_eigh(*self.tridiagonal(index))
+
+
+def _tridiagonal_eigh(diagonal: np.ndarray, off_diagonal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues ``(m,)`` ascending and eigenvectors ``(m, m)`` of a symmetric tridiagonal matrix."""
+    if diagonal.shape[0] == 1:
+        return diagonal.copy(), np.ones((1, 1))
+    return scipy.linalg.eigh_tridiagonal(diagonal, off_diagonal)
 
 
 def _contiguous_runs(indices: np.ndarray) -> list[slice]:
@@ -395,14 +429,19 @@ def top_eigenvalues(
     start = rademacher((1, num_params), generator, basis_dtype)
     if v0 is not None:
         start = _warm_start(v0, start, num_params, tol)
-    lanczos = Lanczos(op, start, generator=generator, basis_dtype=basis_dtype, basis_device=basis_device)
+    # Reorthogonalization removes up to this fraction of a step's residual, which the certificates
+    # then carry: a tenth of tol keeps them reachable, and sqrt(eps) is all that PRO needs otherwise.
+    eps = torch.finfo(basis_dtype).eps
+    semi_orthogonality = min(math.sqrt(eps), max(eps, 0.1 * tol))
+    lanczos = Lanczos(op, start, generator=generator, basis_dtype=basis_dtype, basis_device=basis_device,
+                      semi_orthogonality=semi_orthogonality)
     ritz = residuals = vectors = None
     while lanczos.num_steps < cap:
         lanczos.step()
         if lanczos.num_steps < k:
             continue
         ritz, vectors, residuals, at_floor = _ritz_pairs(lanczos, k, which)
-        if ((residuals.numpy() <= tol) | at_floor).all():
+        if ((residuals.numpy() <= tol) | at_floor).all() and _restart_settled(lanczos, k, which, tol):
             break
     assert ritz is not None and vectors is not None and residuals is not None
     eigenvectors = torch.einsum("mk,mp->kp", vectors.to(device=lanczos.basis_device, dtype=lanczos.basis_dtype),
@@ -453,9 +492,9 @@ def _ritz_pairs(lanczos: Lanczos, k: int, which: Which) -> tuple[Tensor, Tensor,
     and whether each pair is at the rounding floor ``(k,)`` bool.
 
     A pair is at the floor when the recurrence's part of its residual has fallen below
-    ``_FLOOR_FRACTION`` of the part that reorthogonalization recorded: that part is the rounding
-    of the products (float32 products put it near 1e-7 to 1e-6 of ``||H||``), and more steps cannot
-    remove it.
+    ``_FLOOR_FRACTION`` of the part that reorthogonalization recorded, and that part is no more than
+    the products' rounding could leave (``_FLOOR_ROUNDINGS * sqrt(m) * eps`` of ``||H||``, eps of
+    the operator's dtype; float32 products leave 1e-7 to 2e-6): more steps cannot remove it.
     """
     values, vectors = lanczos.ritz(0)
     order = slice(None, -k - 1, -1) if which == "largest" else slice(None, k)
@@ -465,8 +504,27 @@ def _ritz_pairs(lanczos: Lanczos, k: int, which: Which) -> tuple[Tensor, Tensor,
     recurrence = np.abs(beta * vectors[-1, order])
     rounding = lanczos.unrecorded(0, vectors[:, order])
     residuals = np.hypot(recurrence, rounding) / scale
+    attainable = _FLOOR_ROUNDINGS * math.sqrt(lanczos.num_steps) * torch.finfo(lanczos.op.dtype).eps * scale
+    at_floor = (recurrence < _FLOOR_FRACTION * rounding) & (rounding <= attainable)
     return torch.from_numpy(values[order].copy()), torch.from_numpy(vectors[:, order].copy()), \
-        torch.from_numpy(residuals), recurrence < _FLOOR_FRACTION * rounding
+        torch.from_numpy(residuals), at_floor
+
+
+def _restart_settled(lanczos: Lanczos, k: int, which: Which, tol: float) -> bool:
+    """After a breakdown (the start spanned an invariant subspace, e.g. a Rademacher vector that is an
+    eigenvector of a symmetric network), whether the block grown from the fresh direction has
+    converged its own k wanted pairs: until then larger eigenvalues may still be hidden there."""
+    first = int(lanczos.block_starts[0])
+    if first == 0 or lanczos.num_steps >= lanczos.op.num_params:
+        return True
+    if first >= lanczos.num_steps:  # the fresh direction has not been multiplied yet
+        return False
+    diagonal, off_diagonal = lanczos.tridiagonal(0)
+    values, vectors = _tridiagonal_eigh(diagonal[first:], off_diagonal[first:])
+    wanted = min(k, values.shape[0])
+    order = slice(None, -wanted - 1, -1) if which == "largest" else slice(None, wanted)
+    scale = max(float(np.abs(lanczos.alphas[0]).max()), float(np.abs(values).max()), np.finfo(np.float64).tiny)
+    return bool((np.abs(float(lanczos.betas[0, -1]) * vectors[-1, order]) <= tol * scale).all())
 
 
 def tridiagonal_quadrature(lanczos: Lanczos) -> tuple[Tensor, Tensor]:
