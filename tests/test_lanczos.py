@@ -203,7 +203,7 @@ def test_partial_reorthogonalization_keeps_the_basis_semi_orthogonal(dtype):
         lanczos.step()
     assert _orthogonality_loss(lanczos.basis) <= 10 * SQRT_EPS
     if dtype == torch.float64:
-        assert 0 < lanczos.num_reorthogonalized < 0.6 * 3 * 80
+        assert 0 < lanczos.num_reorthogonalized < 0.6 * 3 * 80  # measured 85 of 240
     else:
         assert lanczos.num_reorthogonalized >= 3 * 78
         # Asked for float32's semi-orthogonality (what quadrature needs), it reorthogonalizes far less.
@@ -211,7 +211,7 @@ def test_partial_reorthogonalization_keeps_the_basis_semi_orthogonal(dtype):
                           semi_orthogonality=math.sqrt(torch.finfo(torch.float32).eps))
         for _ in range(80):
             relaxed.step()
-        assert relaxed.num_reorthogonalized < 0.75 * 3 * 80  # measured 145 of 240
+        assert relaxed.num_reorthogonalized < 0.75 * 3 * 80  # measured 150 of 240
         assert _orthogonality_loss(relaxed.basis) <= 10 * math.sqrt(torch.finfo(torch.float32).eps)
 
 

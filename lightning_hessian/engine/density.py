@@ -19,7 +19,7 @@ probes and the operator are projected onto their orthogonal complement, SLQ esti
 ``P - k`` eigenvalues, and the k outliers enter as point masses of ``1/P`` at their eigenvalues (and
 exactly in the trace). The outliers are where most of a trained network's spectral range and most of
 the estimate's variance sit: on the benchmarks' mixture MLP, deflating the top 10 made 10 probes x 40
-steps (427 products with the top-10's) as accurate in Wasserstein distance as 10 x 80 without, and
+steps (about 430 products with the top-10's) as accurate in Wasserstein distance as 10 x 80 without, and
 its error varied a tenth as much from seed to seed.
 """
 
