@@ -72,6 +72,14 @@ def _plt() -> Any:
     return plt
 
 
+def _top_eigenvalue_axes(ax: Any, title: str, ylabel: str = "lambda_i", xlabel: str = "index i") -> None:
+    """Log-scale axes for a top-eigenvalue curve (eigenvalue against its index)."""
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+
+
 def _save(fig: Any, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
@@ -101,10 +109,7 @@ def _figure_init_vs_trained(section: dict[str, Any], out: Path) -> str:
     for name, spectrum in section["spectra"].items():
         left.plot(range(1, len(spectrum["top"]) + 1), spectrum["top"], "o-", ms=3, label=name)
         _histogram(right, spectrum, name)
-    left.set_yscale("log")
-    left.set_xlabel("index i")
-    left.set_ylabel("lambda_i")
-    left.set_title("top eigenvalues (C = 10)")
+    _top_eigenvalue_axes(left, "top eigenvalues (C = 10)")
     right.set_title("whole spectrum")
     left.legend()
     right.legend()
@@ -120,10 +125,8 @@ def _figure_classes(section: dict[str, Any], out: Path) -> str:
         left.plot(range(1, len(top) + 1), (top / top[0]).tolist(), "o-", ms=3, label=f"C = {row['classes']}")
         if row["trained"]["outliers"]:
             left.axvline(row["trained"]["outliers"] + 0.5, ls=":", lw=0.8, color=left.lines[-1].get_color())
-    left.set_yscale("log")
-    left.set_xlabel("index i (dotted: the largest gap)")
-    left.set_ylabel("lambda_i / lambda_1")
-    left.set_title("digits, trained MLP 64-20-20-C")
+    _top_eigenvalue_axes(left, "digits, trained MLP 64-20-20-C", ylabel="lambda_i / lambda_1",
+                         xlabel="index i (dotted: the largest gap)")
     left.legend(fontsize=7)
     series = [("digits", section["digits"], "o")]
     for std in sorted({r["cluster_std"] for r in section["mixtures"]}):
@@ -150,10 +153,7 @@ def _figure_width(section: dict[str, Any], out: Path) -> str:
         top = row["trained"]["top"]
         left.plot(range(1, len(top) + 1), top, "o-", ms=3, label=label)
         _histogram(right, row["trained"], label)
-    left.set_yscale("log")
-    left.set_xlabel("index i")
-    left.set_ylabel("lambda_i")
-    left.set_title("top eigenvalues after training")
+    _top_eigenvalue_axes(left, "top eigenvalues after training")
     right.set_title("whole spectrum after training")
     left.legend()
     right.legend()
@@ -168,10 +168,7 @@ def _figure_ggn(section: dict[str, Any], out: Path) -> str:
         index = range(1, len(row["top_h"]) + 1)
         (line,) = left.plot(index, row["top_h"], "o", ms=5, mfc="none", label=f"H, {label}")
         left.plot(index, row["top_g"], "x", ms=5, color=line.get_color(), label=f"G, {label}")
-    left.set_yscale("log")
-    left.set_xlabel("index i")
-    left.set_ylabel("lambda_i")
-    left.set_title("top eigenvalues of H (o) and G (x)")
+    _top_eigenvalue_axes(left, "top eigenvalues of H (o) and G (x)")
     left.legend(fontsize=7)
     names = [f"{r['point']}\nh = {r['width']}" for r in section["rows"]]
     right.bar(names, [r["residual_norm"] / r["lambda_1"] for r in section["rows"]])
@@ -187,10 +184,7 @@ def _figure_class_structure(section: dict[str, Any], out: Path) -> str:
     for (name, values), marker in zip(section["rows"].items(), "os^vDx", strict=True):
         positive = [v for v in values if v > 0]
         axes.plot(range(1, len(positive) + 1), positive, marker + "-", ms=4, lw=0.8, label=name)
-    axes.set_yscale("log")
-    axes.set_xlabel("index i")
-    axes.set_ylabel("lambda_i")
-    axes.set_title(f"digits MLP after training (C = {section['num_classes']})")
+    _top_eigenvalue_axes(axes, f"digits MLP after training (C = {section['num_classes']})")
     axes.legend(fontsize=7, ncol=2)
     return _save(fig, out / "fig6_class_structure.png")
 

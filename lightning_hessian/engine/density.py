@@ -151,16 +151,16 @@ def spectral_density(
     num_params = op.num_params
     generator = torch.Generator().manual_seed(seed)
     probes = rademacher((num_probes, num_params), generator, basis_dtype)
-    exact, deflate, kept = torch.zeros(0, dtype=torch.float64), None, probes.double()
+    exact, deflate = torch.zeros(0, dtype=torch.float64), None
+    # ||z||^2 per probe, of the part that deflation leaves: ||z||^2 - ||V z||^2 (all P without it). A
+    # probe's measure counts in proportion (the ratio estimator: a probe almost inside the deflated
+    # space carries almost nothing), and its Hutchinson term is z^T (I - V V^T) H (I - V V^T) z =
+    # ||.||^2 T[0, 0].
+    squared = probes.double().pow(2).sum(dim=1)
     if outliers is not None:
         exact = _check_outliers(outliers, num_params)
         deflate = outliers.eigenvectors.to(basis_dtype)
-        vectors = outliers.eigenvectors.double().cpu()
-        kept = kept - (kept @ vectors.T) @ vectors
-    # ||z||^2 per probe, of the part that deflation leaves (all P without it). A probe's measure
-    # counts in proportion (the ratio estimator: a probe almost inside the deflated space carries
-    # almost nothing), and its Hutchinson term is z^T (I - V V^T) H (I - V V^T) z = ||.||^2 T[0, 0].
-    squared = kept.pow(2).sum(dim=1)
+        squared = (squared - (probes.double() @ outliers.eigenvectors.double().cpu().T).pow(2).sum(dim=1)).clamp_min(0)
     shares = squared / squared.mean()
     steps = min(num_steps, num_params - exact.numel())
     # Quadrature is as accurate as the products once the bases are orthogonal to the square root of
