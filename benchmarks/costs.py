@@ -65,7 +65,11 @@ def product_routes(workload: Workload, available: dict[str, str | None]) -> list
     w = workload
 
     def ours(**kwargs: Any) -> Callable[[], Callable]:
-        return lambda: w.operator(**kwargs).matmat
+        def build() -> Callable[[Tensor], Tensor]:
+            op = w.operator(**kwargs)
+            return lambda v: op.matmat(v.T if v.dim() == 2 else v)  # the operator takes columns [P, S]
+
+        return build
 
     routes: list[tuple[str, int, Callable]] = [
         ("ours: double backward, graph kept", 1, ours()),
@@ -197,10 +201,10 @@ def callback_overhead(max_epochs: int = 10, runs: int = 2, root: str | None = No
     import pytorch_lightning as pl
 
     from lightning_hessian.callback import HessianSpectrumCallback
-    from lightning_hessian.data import DigitsDataModule
-    from lightning_hessian.models import MLPClassifier
+    from lightning_hessian.paper.data import DigitsDataModule
+    from lightning_hessian.paper.models import MLPClassifier
 
-    def fit(with_callback: bool, directory: str) -> tuple[float, list[dict[str, Any]]]:
+    def fit(with_callback: bool, directory: str) -> tuple[float, list[Any]]:
         pl.seed_everything(0, verbose=False)
         callbacks = [HessianSpectrumCallback()] if with_callback else []
         trainer = pl.Trainer(accelerator="cpu", max_epochs=max_epochs, logger=False, enable_progress_bar=False,
@@ -211,7 +215,7 @@ def callback_overhead(max_epochs: int = 10, runs: int = 2, root: str | None = No
         return time.perf_counter() - started, callbacks[0].history if callbacks else []
 
     times: dict[bool, list[float]] = {False: [], True: []}
-    history: list[dict[str, Any]] = []
+    history: list[Any] = []
     with tempfile.TemporaryDirectory(dir=root) as directory:
         fit(False, directory)  # warm-up: imports, threads, allocator
         for _ in range(runs):
@@ -222,5 +226,5 @@ def callback_overhead(max_epochs: int = 10, runs: int = 2, root: str | None = No
     without, with_ = float(np.median(times[False])), float(np.median(times[True]))
     return {"max_epochs": max_epochs, "runs": runs, "without": without, "with": with_,
             "overhead": with_ / without - 1, "measurements": len(history),
-            "seconds_each": statistics.mean(r["seconds"] for r in history) if history else float("nan"),
-            "matvecs_each": statistics.mean(r["matvecs"] for r in history) if history else float("nan")}
+            "seconds_each": statistics.mean(r.seconds for r in history) if history else float("nan"),
+            "matvecs_each": statistics.mean(r.num_matvecs for r in history) if history else float("nan")}

@@ -173,8 +173,8 @@ def _ours_density(workload: Workload, seed: int, deflate: int = 0, **kwargs: Any
     timed call, their products counted) and placed exactly."""
     op_kwargs = {key: kwargs.pop(key) for key in ("keep_graph", "vectorize") if key in kwargs}
     op = workload.operator(**op_kwargs)
-    outliers = top_eigenvalues(op, deflate, seed=seed) if deflate else None
-    result = spectral_density(op, seed=seed, outliers=outliers, **kwargs)
+    deflated = top_eigenvalues(op, deflate, seed=seed) if deflate else None
+    result = spectral_density(op, seed=seed, deflate=deflated, **kwargs)
     return DensityOutput(op.num_matvecs, nodes=result.nodes.flatten(),
                          weights=result.weights.flatten() / result.nodes.shape[0])
 
@@ -191,7 +191,7 @@ def density_cases(workload: Workload, available: dict[str, str | None]) -> list[
         Case(OURS, "probes_per_pass=1, keep_graph=False (neither lever)",
              lambda seed: _ours_density(w, seed, probes_per_pass=1, keep_graph=False)),
         Case(OURS, "vectorize=False (10 per pass, looped)", lambda seed: _ours_density(w, seed, vectorize=False)),
-        *(Case(OURS, f"outliers=top_eigenvalues(op, {DEFLATE}), 10 probes x {steps} steps (top-{DEFLATE} included)",
+        *(Case(OURS, f"deflate=top_eigenvalues(op, {DEFLATE}), 10 probes x {steps} steps (top-{DEFLATE} included)",
                lambda seed, m=steps: _ours_density(w, seed, deflate=DEFLATE, num_steps=m)) for steps in (40, 80)),
     ]
     if available.get("PyHessian"):

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_hessian import HessianOperator, dense_hessian, top_eigenvalues
-from lightning_hessian.data import digits_tensors, gaussian_mixture_tensors
-from lightning_hessian.models import MLPClassifier, SmallCNN
+from lightning_hessian.paper.data import digits_tensors, gaussian_mixture_tensors
+from lightning_hessian.paper.models import MLPClassifier, SmallCNN
+from lightning_hessian.paper.training import train_sgd
 
 Batch = tuple[Tensor, Tensor]
 
@@ -86,13 +87,7 @@ class Workload:
 
 def train(model: nn.Module, batch: Batch, *, steps: int, lr: float) -> nn.Module:
     """Full-batch gradient descent on the mean cross-entropy; returns the model in eval mode."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        cross_entropy(model, batch).backward()
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    train_sgd(model, *batch, lr=lr, steps=steps)
     return model.eval()
 
 

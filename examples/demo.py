@@ -1,6 +1,6 @@
 """`make demo`: watch the Hessian spectrum of a digits MLP while it trains (about a minute on 2 CPU cores).
 
-The paper's setting (Sagun et al. 2017; PAPER.md T1): scikit-learn's 8x8 digits (bundled, no download),
+The paper's setting (Sagun et al. 2017): scikit-learn's 8x8 digits (bundled, no download),
 an MLP 64-20-20-10 (1,930 parameters), plain SGD with lr 0.1 and batch 32 for 30 epochs.
 ``HessianSpectrumCallback`` measures the Hessian of the mean loss over all 1,000 training images at the
 start, every 240 steps and at the end: the top 12 eigenvalues (certified by Lanczos residuals) and the
@@ -19,13 +19,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from lightning_hessian import HessianSpectrumCallback
-from lightning_hessian.data import DigitsDataModule
-from lightning_hessian.loggers import density_of
-from lightning_hessian.models import MLPClassifier
+from lightning_hessian import HessianSpectrumCallback, Measurement
+from lightning_hessian.paper.data import DigitsDataModule
+from lightning_hessian.paper.models import MLPClassifier
 
 
-def plot(history: list[dict], path: Path) -> None:
+def plot(history: list[Measurement], path: Path) -> None:
     """Top eigenvalues at every measurement, and the density at the start and at the end."""
     import matplotlib
 
@@ -35,18 +34,18 @@ def plot(history: list[dict], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     colors = plt.cm.viridis(torch.linspace(0, 1, len(history)).tolist())
     for record, color in zip(history, colors, strict=True):
-        values = record["eigenvalues"]
-        left.plot(range(1, len(values) + 1), values, "o-", ms=3, color=color, label=f"step {record['step']}")
+        values = record.hessian.eigenvalues
+        left.plot(range(1, len(values) + 1), values, "o-", ms=3, color=color, label=f"step {record.step}")
     left.set_yscale("log")
     left.set_xlabel("index i")
     left.set_ylabel("lambda_i")
     left.set_title("top eigenvalues during training")
     left.legend(fontsize=7)
     for record, name in ((history[0], "start"), (history[-1], "end")):
-        density = density_of(record)
+        density = record.hessian.density
         grid = density.grid()
         curve = density.density(grid).clamp_min(1e-5)
-        right.semilogy(grid.tolist(), curve.tolist(), label=f"{name} (step {record['step']})")
+        right.semilogy(grid.tolist(), curve.tolist(), label=f"{name} (step {record.step})")
     right.set_xlabel("eigenvalue")
     right.set_ylabel("density (SLQ)")
     right.set_title("spectral density")
@@ -56,11 +55,12 @@ def plot(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _describe(record: dict, when: str) -> str:
-    top = ", ".join(f"{v:.3g}" for v in record["eigenvalues"])
-    return (f"{when} (step {record['step']}): top eigenvalues {top}\n"
-            f"    outliers: {record['outliers']} (gap ratio {record['gap_ratio']:.2f}), "
-            f"near-zero fraction {record['near_zero_fraction']:.2f}")
+def _describe(record: Measurement, when: str) -> str:
+    hessian = record.hessian
+    top = ", ".join(f"{v:.3g}" for v in hessian.eigenvalues)
+    return (f"{when} (step {record.step}): top eigenvalues {top}\n"
+            f"    outliers: {hessian.summary.outliers} (gap ratio {hessian.summary.gap_ratio:.2f}), "
+            f"near-zero fraction {hessian.summary.near_zero_fraction:.2f}")
 
 
 def main() -> None:
@@ -92,7 +92,7 @@ def main() -> None:
     print(_describe(history[0], "start"))
     print(_describe(history[-1], "end"))
     print(f"test accuracy {result['val_acc']:.3f}; {len(history)} measurements, "
-          f"{sum(r['seconds'] for r in history):.1f} s spent in the callback")
+          f"{sum(r.seconds for r in history):.1f} s spent in the callback")
     print(f"\nspectrum plot: {figure}")
     print(f"TensorBoard:   tensorboard --logdir {args.out}   (then open http://localhost:6006)")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lightning_hessian.experiments import ReproduceConfig, reproduce
+from lightning_hessian.paper.experiments import ReproduceConfig, reproduce
 
 
 def main() -> None:

@@ -50,14 +50,14 @@ class SummedOperator:
         self.num_samples = 0
 
     def matmat(self, vectors: Tensor) -> Tensor:
-        """``[S, P] -> [S, P]``: one local product and one all-reduce.
+        """``[P, S] -> [P, S]`` (or ``[P] -> [P]``): one local product and one all-reduce.
 
         Raises:
             NonFiniteError: on every rank, when the product of any rank is not finite.
         """
-        matrix = vectors.reshape(-1, self.num_params).to(device=self.device, dtype=self.dtype)
-        total = self._summed(lambda op: op.matmat(matrix), matrix.shape)
-        self.num_matvecs += matrix.shape[0]
+        matrix = vectors.reshape(self.num_params, -1).to(device=self.device, dtype=self.dtype)
+        total = self._summed(lambda op: op.matmat(matrix), tuple(matrix.shape))
+        self.num_matvecs += matrix.shape[1]
         return total.reshape(vectors.shape)
 
     def gradient(self) -> Tensor:
@@ -86,4 +86,4 @@ class SummedOperator:
 
     def matvec(self, vector: Tensor) -> Tensor:
         """Multiply with one flat vector ``[P]``; returns ``[P]``."""
-        return self.matmat(vector.reshape(1, -1))[0]
+        return self.matmat(vector.reshape(-1))

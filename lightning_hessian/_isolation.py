@@ -1,7 +1,7 @@
 """Run a measurement inside a training run without leaving a trace.
 
 The engine's operators already work on detached copies of parameters and buffers; this context
-adds what a Lightning hook needs around them (PITFALLS.md, "Inside Lightning"): the global RNG
+adds what a Lightning hook needs around them: the global RNG
 streams, gradients switched on even under ``trainer.validate()``'s inference mode, the math kernel
 for attention (fused kernels have no double backward), cuDNN off for RNNs (same reason), the
 uncompiled forward of a ``torch.compile``d module, ``self.log`` made harmless for a loss computed

@@ -1,11 +1,11 @@
-"""One measurement of one curvature matrix: engine operators, engine solvers, a plain record.
+"""One measurement of one curvature matrix: engine operators and solvers in, a typed measurement out.
 
 Symbols: P parameters, k top eigenvalues, S SLQ probes, m Lanczos steps per probe.
 
-Everything numeric is the engine's (:class:`HessianOperator`, :class:`GGNOperator`,
-:func:`top_eigenvalues`, :func:`spectral_density`, :func:`summarize`); this module chooses the
-loss the module defines, wraps the operator for DDP and turns the results into plain Python values
-that checkpoints, JSON and loggers take as they are.
+Everything numeric is the engine's; this module chooses the loss the module defines (the
+protocols of :mod:`lightning_hessian.hooks`), wraps the operator for DDP, keeps the warm-start
+vectors between calls and packs the results into a
+:class:`~lightning_hessian.measurement.MatrixMeasurement`.
 """
 
 from __future__ import annotations
@@ -22,22 +22,39 @@ from lightning_hessian.engine import (
     EigenResult,
     GGNOperator,
     HessianOperator,
+    NonFiniteError,
     spectral_density,
     summarize,
     top_eigenvalues,
 )
 from lightning_hessian.engine.layers import Layout, gradient_overlap, layer_traces, mass_by_layer
-from lightning_hessian.engine.operators import select_parameters
+from lightning_hessian.engine.snapshot import select_parameters
+from lightning_hessian.measurement import LayerEigenvalue, LayerView, Matrix, MatrixMeasurement
 
 
-def _hessian_loss(module: nn.Module, batch: Any) -> Tensor:
+class MissingLoss(NonFiniteError):
+    """``training_step`` returned no loss (``None``, Lightning's way to skip a batch) during a measurement.
+
+    Handled like a non-finite loss: there is no spectrum at this call, and training goes on.
+    """
+
+
+def hessian_loss(module: nn.Module, batch: Any) -> Tensor:
+    """The loss of a module that defines ``hessian_loss(batch)``."""
     return module.hessian_loss(batch)
 
 
-def _training_step_loss(module: nn.Module, batch: Any) -> Tensor:
-    """The loss ``training_step`` returns (a tensor or a dict's ``"loss"``); ``self.log`` is muted meanwhile."""
-    output = module.training_step(batch, 0)
+def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
+    """The loss ``training_step`` returns (a tensor or a dict's ``"loss"``), for ``batch_idx=-1``.
+
+    Raises:
+        MissingLoss: if it returns ``None`` or a dict without ``"loss"``.
+        TypeError: if it returns anything else that is not a tensor.
+    """
+    output = module.training_step(batch, -1)
     loss = output.get("loss") if isinstance(output, Mapping) else output
+    if loss is None:
+        raise MissingLoss("training_step returned no loss (None) on a probe batch")
     if not isinstance(loss, Tensor):
         raise TypeError(
             f"training_step returned {type(output).__name__}, not a loss tensor or a dict with 'loss'; "
@@ -46,7 +63,8 @@ def _training_step_loss(module: nn.Module, batch: Any) -> Tensor:
     return loss
 
 
-def _hessian_outputs(module: nn.Module, batch: Any) -> Tensor:
+def hessian_outputs(module: nn.Module, batch: Any) -> Tensor:
+    """The outputs of a module that defines ``hessian_outputs(batch)``."""
     return module.hessian_outputs(batch)
 
 
@@ -59,7 +77,7 @@ def make_operator(
     trainer: Any,
     pl_module: nn.Module,
     batches: list[Any],
-    matrix: str,
+    matrix: Matrix,
     *,
     dtype: torch.dtype,
     mode: str,
@@ -75,10 +93,10 @@ def make_operator(
         common = {"params": params, "dtype": dtype, "mode": mode}
         if matrix == "hessian":
             if loss_fn is None:
-                loss_fn = _hessian_loss if callable(getattr(pl_module, "hessian_loss", None)) else _training_step_loss
+                loss_fn = hessian_loss if callable(getattr(pl_module, "hessian_loss", None)) else training_step_loss
             local = HessianOperator(pl_module, loss_fn, batches, **common)
         else:
-            local = GGNOperator(pl_module, _hessian_outputs, pl_module.hessian_output_loss, batches, **common)
+            local = GGNOperator(pl_module, hessian_outputs, pl_module.hessian_output_loss, batches, **common)
     if trainer.world_size == 1:
         return local
     selected = select_parameters(pl_module, params)
@@ -87,8 +105,8 @@ def make_operator(
 
 
 @dataclass(frozen=True)
-class Solver:
-    """What one call measures of a matrix (the callback's numeric settings, see its docstring)."""
+class MatrixSolver:
+    """How one call measures a matrix (the callback's numeric settings, documented on the callback)."""
 
     k: int
     tol: float
@@ -116,70 +134,50 @@ class Solver:
         return result
 
     def measure(
-        self,
-        make: Callable[..., Any],
-        key: str,
-        warm: dict[str, Tensor] | None,
-        *,
-        layout: Layout,
-    ) -> tuple[dict[str, Any], int]:
+        self, make: Callable[..., Any], matrix: Matrix, warm: dict[str, Tensor] | None, *, layout: Layout
+    ) -> MatrixMeasurement:
         """Measure one matrix.
 
         Args:
             make: ``make(params=...)`` builds the operator over all parameters (``None``) or those
                 a list of name patterns selects.
-            key: the matrix's name (``"hessian"``, ``"ggn"``), prefix of its warm-start keys.
+            matrix: ``"hessian"`` or ``"ggn"``, also the prefix of its warm-start keys.
             warm: warm-start vectors by key, updated in place; ``None`` for cold starts.
             layout: ``(name, numel)`` of the operator's parameters, for the layer views.
-
-        Returns:
-            The record fields (plain values: ``eigenvalues`` (k), ``residuals``, ``converged``,
-            ``num_params``, optionally ``eig_min``/``eig_min_residual``, ``trace``,
-            ``trace_stderr``, ``nodes``/``weights`` (S x (m + k), the top k placed exactly when they
-            converged, else S x m), then ``outliers``, ``gap_ratio``,
-            ``bulk_edge``, ``near_zero_fraction``, ``negative_mass``, ``layers``, ``layer_views``
-            (per module: ``trace``, ``trace_stderr``, ``eig_1_mass``) and ``grad_overlap``) and the
-            number of products used.
         """
         op = make(params=None)
-        top = self._solve(op, min(self.k, op.num_params), warm, key)
-        fields: dict[str, Any] = {
-            "eigenvalues": top.eigenvalues.tolist(), "residuals": top.residuals.tolist(),
-            "converged": top.converged.tolist(), "num_params": op.num_params,
-        }
+        top = self._solve(op, min(self.k, op.num_params), warm, matrix)
         count = top.num_matvecs
+        eig_min = eig_min_residual = None
         if self.smallest:
-            low = self._solve(op, 1, warm, f"{key}/min", which="smallest")
-            fields["eig_min"], fields["eig_min_residual"] = float(low.eigenvalues[0]), float(low.residuals[0])
+            low = self._solve(op, 1, warm, f"{matrix}/min", which="smallest")
+            eig_min, eig_min_residual = float(low.eigenvalues[0]), float(low.residuals[0])
             count += low.num_matvecs
-        esd = None
+        density = None
         if self.density:
             # The converged top-k are placed exactly and SLQ spends its steps on the rest (the bulk).
             exact = top if top.all_converged and top.eigenvalues.numel() < op.num_params else None
-            esd = spectral_density(op, num_probes=self.num_probes, num_steps=self.num_steps, seed=self.seed,
-                                   outliers=exact)
-            fields.update(trace=esd.trace, trace_stderr=esd.trace_stderr, nodes=esd.nodes.tolist(),
-                          weights=esd.weights.tolist())
-            count += esd.num_matvecs
-        summary = summarize(top.eigenvalues, esd)
-        fields.update(outliers=summary.outliers, gap_ratio=summary.gap_ratio, bulk_edge=summary.bulk_edge,
-                      near_zero_fraction=summary.near_zero_fraction, negative_mass=summary.negative_mass)
+            density = spectral_density(op, num_probes=self.num_probes, num_steps=self.num_steps, seed=self.seed,
+                                       deflate=exact)
+            count += density.num_matvecs
         layers = {}
         for pattern in self.layers:
-            block = self._solve(make(params=[pattern]), 1, warm, f"{key}/layer/{pattern}")
-            layers[layer_name(pattern)] = {"pattern": pattern, "eigenvalue": float(block.eigenvalues[0]),
-                                           "residual": float(block.residuals[0])}
+            block = self._solve(make(params=[pattern]), 1, warm, f"{matrix}/layer/{pattern}")
+            layers[layer_name(pattern)] = LayerEigenvalue(pattern, float(block.eigenvalues[0]),
+                                                          float(block.residuals[0]))
             count += block.num_matvecs
-        if layers:
-            fields["layers"] = layers
+        views = {}
         if self.layer_views:
             traces = layer_traces(op, layout, num_probes=self.num_probes, seed=self.seed)
             mass = mass_by_layer(layout, top.eigenvectors[:1])
-            fields["layer_views"] = {
-                name: {"trace": trace, "trace_stderr": stderr, "eig_1_mass": float(mass[name][0])}
-                for name, (trace, stderr) in traces.items()
-            }
+            views = {name: LayerView(trace, stderr, float(mass[name][0])) for name, (trace, stderr) in traces.items()}
             count += self.num_probes
-        if self.grad_overlap and key == "hessian":
-            fields["grad_overlap"] = gradient_overlap(op.gradient(), top.eigenvectors)
-        return fields, count
+        overlap = None
+        if self.grad_overlap and matrix == "hessian":
+            overlap = gradient_overlap(op.gradient(), top.eigenvectors)
+        return MatrixMeasurement(
+            matrix=matrix, num_params=op.num_params, eigenvalues=tuple(top.eigenvalues.tolist()),
+            residuals=tuple(top.residuals.tolist()), converged=tuple(top.converged.tolist()), num_matvecs=count,
+            summary=summarize(top.eigenvalues, density), density=density, eig_min=eig_min,
+            eig_min_residual=eig_min_residual, layers=layers, layer_views=views, grad_overlap=overlap,
+        )

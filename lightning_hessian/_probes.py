@@ -2,8 +2,8 @@
 
 Drawn once from a dataloader: the first ``num_samples`` samples it yields, with the global seed set
 to ``seed`` for the draw and every random stream (global and the loader's own generators) put back
-afterwards, so the training data order does not change (PITFALLS.md: an extra pass over a shuffled
-loader changes the next epoch's order unless isolated).
+afterwards, so the training data order does not change (an extra pass over a shuffled loader would
+otherwise change the next epoch's order).
 
 Under DDP, a loader with a ``DistributedSampler`` (Lightning adds one to the training loader) is
 already split by rank: each rank takes its share of ``num_samples`` from its own part. A loader
@@ -15,59 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy
 import torch
 from pytorch_lightning.utilities.seed import isolate_rng
-from torch import Tensor
 from torch.utils.data import DistributedSampler
 
-from lightning_hessian.engine.operators import count_samples
-
-
-def _map(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """Apply ``fn`` to every tensor of a (nested) batch, keeping its structure."""
-    if isinstance(batch, Tensor):
-        return fn(batch)
-    if isinstance(batch, Mapping):
-        return type(batch)({key: _map(value, fn) for key, value in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_map(value, fn) for value in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_map(value, fn) for value in batch)
-    return batch
-
-
-def _take(batch: Any, start: int, stop: int) -> Any:
-    """Samples ``start:stop`` of a batch (tensors sliced along dimension 0)."""
-    size = count_samples(batch)
-    return _map(batch, lambda t: t[start:stop] if t.dim() > 0 and t.shape[0] == size else t)
-
-
-def _concat(batches: list[Any]) -> Any:
-    """Join batches of the same structure along dimension 0."""
-    first = batches[0]
-    if isinstance(first, Tensor):
-        return torch.cat(batches)
-    if isinstance(first, Mapping):
-        return type(first)({key: _concat([b[key] for b in batches]) for key in first})
-    if isinstance(first, tuple) and hasattr(first, "_fields"):
-        return type(first)(*(_concat(list(parts)) for parts in zip(*batches, strict=True)))
-    if isinstance(first, (list, tuple)):
-        return type(first)(_concat(list(parts)) for parts in zip(*batches, strict=True))
-    raise TypeError(
-        f"cannot re-batch a {type(first).__name__} in the probe set; with batch_size=None the loader's "
-        "batches are kept as they are"
-    )
-
-
-def _rebatch(batches: list[Any], batch_size: int) -> list[Any]:
-    """The same samples in batches of ``batch_size`` (the last one may be smaller)."""
-    joined = _concat(batches)
-    total = count_samples(joined)
-    return [_take(joined, start, start + batch_size) for start in range(0, total, batch_size)]
+from lightning_hessian.engine.batches import concat_batches, count_samples, rebatch, take_samples
 
 
 def _generators(loader: Any) -> list[torch.Generator]:
@@ -103,7 +59,7 @@ def _first_samples(loader: Iterable[Any], num_samples: int | None) -> list[Any]:
     for batch in loader:
         size = count_samples(batch)
         if num_samples is not None and count + size >= num_samples:
-            batches.append(_take(batch, 0, num_samples - count))
+            batches.append(take_samples(batch, 0, num_samples - count))
             break
         batches.append(batch)
         count += size
@@ -115,7 +71,7 @@ def _joined(batches: list[Any]) -> list[Any]:
     if len(batches) < 2:
         return batches
     try:
-        return [_concat(batches)]
+        return [concat_batches(batches)]
     except (TypeError, ValueError, KeyError, RuntimeError):  # non-tensor parts, or shapes that differ
         return batches
 
@@ -157,4 +113,4 @@ def draw_probe_set(
         batches = batches[rank::world_size]
     if not batches:
         return batches
-    return _joined(batches) if batch_size is None else _rebatch(batches, batch_size)
+    return _joined(batches) if batch_size is None else rebatch(batches, batch_size)

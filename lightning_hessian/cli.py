@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 # Subcommands that are not LightningCLI's: name -> "module:function" taking argv (list of str).
 _EXPERIMENTS: dict[str, str] = {
-    "sb-lb": "lightning_hessian.sblb:main",
-    "reproduce": "lightning_hessian.experiments:main",
+    "sb-lb": "lightning_hessian.paper.sblb:main",
+    "reproduce": "lightning_hessian.paper.experiments:main",
 }
 
 
@@ -32,7 +32,7 @@ def lightning_cli(args: Sequence[str] | None = None) -> LightningCLI:
     """Run LightningCLI (``fit``, ``validate``, ``test``, ``predict``) on ``args``.
 
     Any LightningModule and LightningDataModule can be named by import path (subclass mode), e.g.
-    ``--model lightning_hessian.models.MLPClassifier --data lightning_hessian.data.DigitsDataModule``,
+    ``--model lightning_hessian.paper.models.MLPClassifier --data lightning_hessian.paper.data.DigitsDataModule``,
     or through a config file such as ``configs/digits.yaml``; the trainer's callbacks (for instance
     ``lightning_hessian.HessianSpectrumCallback``) come from ``trainer.callbacks``.
 

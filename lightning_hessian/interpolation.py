@@ -17,6 +17,10 @@ BatchNorm running statistics are interpolated like every other tensor (``bn="int
 with ``bn="recompute"``, re-estimated at each alpha by a no-grad pass in train mode over
 ``bn_loader`` with a cumulative average over batches, as :func:`torch.optim.swa_utils.update_bn`
 does. The result records which.
+
+The function only computes; the result writes itself (:meth:`InterpolationResult.to_csv`,
+:meth:`InterpolationResult.save_plot`) and :func:`lightning_hessian.loggers.log_interpolation`
+logs it to TensorBoard, W&B or any Lightning logger.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_hessian.engine.operators import BoundModule, count_samples, module_mode, move_batch
+from lightning_hessian.engine.batches import count_samples, move_batch
+from lightning_hessian.engine.snapshot import BoundModule, module_mode
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -353,40 +358,6 @@ def _alpha_grid(alphas: Sequence[float] | Tensor | None) -> tuple[float, ...]:
     return tuple(sorted({*values, 0.0, 1.0}))
 
 
-def _loggers_of(logger: Any, trainer: Any) -> list[Any]:
-    """The loggers to write to: ``trainer.loggers`` and/or the logger(s) given."""
-    loggers = list(trainer.loggers) if trainer is not None else []
-    if logger is not None:
-        loggers += list(logger) if isinstance(logger, (list, tuple)) else [logger]
-    return loggers
-
-
-def _log(result: InterpolationResult, loggers: Sequence[Any], step: int, name: str) -> None:
-    """Scalars to every logger; the figure and table to TensorBoard; table, line plot and image to W&B."""
-    from lightning_hessian._compat import TENSORBOARD_LOGGERS, WANDB_LOGGERS
-
-    scalars = {f"{name}/barrier_height/{s}": result.barrier_height(s) for s in result.splits}
-    scalars.update(
-        {f"{name}/distance": result.distance, f"{name}/norm_a": result.norm_a, f"{name}/norm_b": result.norm_b}
-    )
-    figure = result.figure()
-    for logger in loggers:
-        logger.log_metrics(scalars, step=step)
-        if isinstance(logger, TENSORBOARD_LOGGERS):
-            logger.experiment.add_figure(f"{name}/curve", figure, global_step=step, close=False)
-            logger.experiment.add_text(f"{name}/table", result.to_markdown(), global_step=step)
-        elif isinstance(logger, WANDB_LOGGERS):
-            import wandb
-
-            columns = ["alpha", "split", "loss", "accuracy"]
-            logger.log_table(key=f"{name}/table", columns=columns, data=[[r[c] for c in columns] for r in result.rows])
-            curves = [result.values(s) for s in result.splits]
-            plot = wandb.plot.line_series(
-                xs=list(result.alphas), ys=curves, keys=list(result.splits), title=f"{name}: loss", xname="alpha"
-            )
-            logger.log_metrics({f"{name}/loss_curve": plot, f"{name}/curve": wandb.Image(figure)}, step=step)
-
-
 def linear_interpolation(
     model_a: ModelLike,
     model_b: ModelLike,
@@ -398,13 +369,7 @@ def linear_interpolation(
     accuracy: bool = True,
     bn: BNMode = "interpolate",
     bn_loader: Iterable[Any] | None = None,
-    logger: Any = None,
-    trainer: Any = None,
-    step: int | None = None,
-    name: str = "interpolation",
     labels: tuple[str, str] = ("model_a", "model_b"),
-    csv_path: str | os.PathLike | None = None,
-    plot_path: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> InterpolationResult:
     """Evaluate the models on the line ``theta(alpha) = (1 - alpha) theta_a + alpha theta_b``.
@@ -429,13 +394,7 @@ def linear_interpolation(
         bn: ``"interpolate"`` (default) or ``"recompute"`` (reset and re-estimate BatchNorm running
             statistics at each alpha with a no-grad pass over ``bn_loader``).
         bn_loader: the data for ``bn="recompute"`` (default the ``"train"`` dataloader, else the first).
-        logger: a Lightning logger or a list of them to write to.
-        trainer: a Trainer whose loggers are written to (and whose ``global_step`` is the step).
-        step: the step to log at (default ``trainer.global_step``, else 0).
-        name: tag prefix for logging, e.g. ``"interpolation"`` -> ``interpolation/barrier_height/train``.
         labels: display names of the two endpoints in plots.
-        csv_path: where to write the rows as CSV (optional).
-        plot_path: where to write the plot as PNG (optional).
         progress: show a progress bar over alphas.
 
     Returns:
@@ -471,7 +430,7 @@ def linear_interpolation(
     statistics_loader = bn_loader if bn_loader is not None else loaders.get("train", next(iter(loaders.values())))
 
     rows = []
-    for alpha in tqdm(grid, desc=f"{name}: alphas", disable=not progress, leave=False):
+    for alpha in tqdm(grid, desc="linear interpolation: alphas", disable=not progress, leave=False):
         state = _interpolate(state_a, state_b, alpha)
         if recompute:
             _recompute_batchnorm(evaluator, state, statistics_loader)
@@ -494,11 +453,4 @@ def linear_interpolation(
         labels=labels,
         seconds=time.perf_counter() - started,
     )
-    if csv_path is not None:
-        result.to_csv(csv_path)
-    if plot_path is not None:
-        result.save_plot(plot_path)
-    loggers = _loggers_of(logger, trainer)
-    if loggers:
-        _log(result, loggers, step if step is not None else (trainer.global_step if trainer is not None else 0), name)
     return result

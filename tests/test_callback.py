@@ -146,7 +146,7 @@ def assert_eigenvalues(measured: list[float], expected: torch.Tensor, rtol: floa
 
 def test_zero_argument_construction():
     callback = HessianSpectrumCallback()
-    assert callback.k == 5 and callback.matrix == "hessian" and callback.history == []
+    assert callback.config.k == 5 and callback.config.matrix == "hessian" and callback.history == []
 
 
 @pytest.mark.parametrize(
@@ -256,7 +256,7 @@ def test_no_side_effects(tmp_path, seeded_loader, mode):
     plain, plain_logged, plain_rng = _noisy_run(tmp_path, "plain", None, seeded_loader)
     probed, probed_logged, probed_rng = _noisy_run(tmp_path, "probed", callback, seeded_loader)
     # 4 batches per epoch, 2 per step: steps 1..4, plus step 0, once per optimizer step
-    assert [r["step"] for r in callback.history] == list(range(5))
+    assert [r.step for r in callback.history] == list(range(5))
     assert probed.seen == plain.seen
     for (name, a), (_, b) in zip(plain.state_dict().items(), probed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
@@ -272,7 +272,7 @@ def test_logged_eigenvalues_equal_dense_hessian_at_the_last_step(tmp_path):
     callback = HessianSpectrumCallback(every_n_steps=2, k=k, num_samples=24, loss_fn=cross_entropy, tol=1e-6)
     run = trainer(max_steps=5, logger=CSVLogger(tmp_path), callbacks=[callback])
     run.fit(model, DataLoader(dataset(40, dtype=torch.float64), batch_size=8, shuffle=True))
-    assert [r["step"] for r in callback.history] == [0, 2, 4, 5]
+    assert [r.step for r in callback.history] == [0, 2, 4, 5]
     with open(f"{run.logger.log_dir}/metrics.csv") as handle:
         header, *rows = [line.split(",") for line in handle.read().splitlines()]
     last = dict(zip(header, rows[-1], strict=True))
@@ -280,15 +280,15 @@ def test_logged_eigenvalues_equal_dense_hessian_at_the_last_step(tmp_path):
     assert sum(int(b[0].shape[0]) for b in callback.probe_batches) == 24
     assert_eigenvalues([float(last[f"hessian/eig_{i}"]) for i in range(1, k + 1)],
                        top_dense(model, callback.probe_batches, k))
-    assert all(r <= 1e-6 for r in callback.history[-1]["residuals"])
+    assert all(r <= 1e-6 for r in callback.history[-1].hessian.residuals)
     # The density places the converged top-k exactly (1/P each) and estimates the rest below them.
-    last = callback.history[-1]
-    nodes, weights = torch.tensor(last["nodes"]), torch.tensor(last["weights"])
-    assert nodes.shape == weights.shape == (callback.num_probes, callback.num_steps + k)
-    for eigenvalue in last["eigenvalues"]:
+    last = callback.history[-1].hessian
+    nodes, weights = last.density.nodes, last.density.weights
+    assert nodes.shape == weights.shape == (callback.config.num_probes, callback.config.num_steps + k)
+    for eigenvalue in last.eigenvalues:
         exact = (nodes - eigenvalue).abs() <= 1e-12 * abs(eigenvalue)
         assert torch.all(exact.sum(dim=1) >= 1)
-        torch.testing.assert_close(weights[exact], torch.full_like(weights[exact], 1 / last["num_params"]))
+        torch.testing.assert_close(weights[exact], torch.full_like(weights[exact], 1 / last.num_params))
 
 
 def test_gauss_newton_and_layer_blocks_match_dense():
@@ -299,11 +299,11 @@ def test_gauss_newton_and_layer_blocks_match_dense():
     record = callback.history[-1]
     batches = callback.probe_batches
     ggn = dense_ggn(model, lambda m, b: m(b[0]), lambda f, b: F.cross_entropy(f, b[1]), batches)
-    assert_eigenvalues(record["ggn"]["eigenvalues"], torch.linalg.eigvalsh(ggn).flip(0)[:3])
+    assert_eigenvalues(record.ggn.eigenvalues, torch.linalg.eigvalsh(ggn).flip(0)[:3])
     hessian = torch.linalg.eigvalsh(dense_hessian(model, cross_entropy, batches))
-    assert record["eig_min"] == pytest.approx(float(hessian[0]), rel=1e-6)
+    assert record.hessian.eig_min == pytest.approx(float(hessian[0]), rel=1e-6)
     block = dense_hessian(model, cross_entropy, batches, params=["net.2.*"])
-    assert record["layers"]["net.2"]["eigenvalue"] == pytest.approx(float(torch.linalg.eigvalsh(block)[-1]), rel=1e-6)
+    assert record.hessian.layers["net.2"].eigenvalue == pytest.approx(float(torch.linalg.eigvalsh(block)[-1]), rel=1e-6)
     assert {"hessian/ggn/eig_1", "hessian/layer/net.2/eig_1", "hessian/eig_min",
             "hessian/ggn/layer/net.2/eig_1"} <= set(scalar_metrics(record))
 
@@ -317,15 +317,15 @@ def test_measure_after_fit_and_under_validate_and_test():
     fit = trainer(max_steps=3, callbacks=[callback])
     fit.fit(model, data)
     after = callback.measure(fit)
-    assert after["step"] == 3 and len(callback.history) == 2
-    assert after["eigenvalues"] == pytest.approx(callback.history[0]["eigenvalues"], rel=1e-9)
+    assert after.step == 3 and len(callback.history) == 2
+    assert after.hessian.eigenvalues == pytest.approx(callback.history[0].hessian.eigenvalues, rel=1e-9)
     expected = top_dense(model, callback.probe_batches, 2)
     for stage in ("validate", "test"):
         evaluating = HessianSpectrumCallback(dataloader=data, k=2, num_samples=16, density=False)
         run = trainer(callbacks=[evaluating])
         getattr(run, stage)(model, data)
-        assert [r["stage"] for r in evaluating.history] == [stage]
-        assert_eigenvalues(evaluating.history[0]["eigenvalues"], expected)
+        assert [r.stage for r in evaluating.history] == [stage]
+        assert_eigenvalues(evaluating.history[0].hessian.eigenvalues, expected)
         assert float(run.callback_metrics["hessian/eig_1"]) == pytest.approx(float(expected[0]), rel=1e-6)
     without_data = HessianSpectrumCallback()
     with pytest.warns(UserWarning, match=r"no probe data under trainer\.test\(\)"):
@@ -339,8 +339,8 @@ def test_nonfinite_loss_is_reported_and_training_continues():
     with pytest.warns(RuntimeWarning, match="no spectrum at step 4"):
         run.fit(PoisonedMLP(), DataLoader(dataset(), batch_size=8))
     assert run.global_step == 6
-    assert [r["step"] for r in callback.history] == [0, 2]
-    assert [(e["step"], e["reason"]) for e in callback.events] == [(4, "nonfinite"), (6, "nonfinite")]
+    assert [r.step for r in callback.history] == [0, 2]
+    assert [(e.step, e.reason) for e in callback.events] == [(4, "nonfinite"), (6, "nonfinite")]
     assert float(run.callback_metrics["hessian/nonfinite"]) == 1.0
 
 
@@ -348,15 +348,15 @@ def test_every_n_epochs_and_max_overhead():
     by_epoch = HessianSpectrumCallback(every_n_steps=None, every_n_epochs=1, at_start=False, at_end=False,
                                        k=2, num_samples=16, density=False)
     trainer(max_epochs=3, callbacks=[by_epoch]).fit(TinyMLP(), DataLoader(dataset(), batch_size=8))
-    assert [r["step"] for r in by_epoch.history] == [4, 8, 12]
-    assert [r["epoch"] for r in by_epoch.history] == [0, 1, 2]
+    assert [r.step for r in by_epoch.history] == [4, 8, 12]
+    assert [r.epoch for r in by_epoch.history] == [0, 1, 2]
     trainer(max_epochs=1, callbacks=[by_epoch]).fit(TinyMLP(), DataLoader(dataset(), batch_size=8))
-    assert [r["step"] for r in by_epoch.history] == [4, 8, 12, 4]  # a second run with the same callback
+    assert [r.step for r in by_epoch.history] == [4, 8, 12, 4]  # a second run with the same callback
     budget = HessianSpectrumCallback(every_n_steps=1, k=2, num_samples=16, density=False, max_overhead=1e-9)
     run = trainer(max_steps=4, callbacks=[budget])
     run.fit(TinyMLP(), DataLoader(dataset(), batch_size=8))
-    assert [r["step"] for r in budget.history] == [0]
-    assert [(e["step"], e["reason"]) for e in budget.events] == [(s, "max_overhead") for s in (1, 2, 3, 4)]
+    assert [r.step for r in budget.history] == [0]
+    assert [(e.step, e.reason) for e in budget.events] == [(s, "budget") for s in (1, 2, 3, 4)]
     assert float(run.callback_metrics["hessian/skipped"]) == 1.0
     assert 0 < float(run.callback_metrics["hessian/overhead"]) <= 1
 
@@ -370,14 +370,14 @@ def test_compiled_module_uses_the_original_forward():
     compiled_forward = compiled.forward
     callback = HessianSpectrumCallback(dataloader=data, k=2, density=False)
     record = callback.measure(trainer(), compiled)
-    assert_eigenvalues(record["eigenvalues"], top_dense(plain, list(data), 2))
+    assert_eigenvalues(record.hessian.eigenvalues, top_dense(plain, list(data), 2))
     assert compiled.forward is compiled_forward
 
 
 def test_attention_products_use_the_math_kernel():
     callback = HessianSpectrumCallback(every_n_steps=1, k=2, num_samples=16, num_steps=6, num_probes=2)
     trainer(max_steps=2, callbacks=[callback]).fit(AttentionNet(), DataLoader(dataset(), batch_size=8))
-    assert len(callback.history) == 3 and all(math.isfinite(r["eigenvalues"][0]) for r in callback.history)
+    assert len(callback.history) == 3 and all(math.isfinite(r.hessian.eigenvalues[0]) for r in callback.history)
 
 
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed", "bf16-true"])
@@ -385,8 +385,8 @@ def test_precisions_give_float32_products(precision):
     callback = HessianSpectrumCallback(every_n_steps=2, k=2, num_samples=16, num_steps=6, num_probes=2)
     trainer(max_steps=2, precision=precision, callbacks=[callback]).fit(ProtocolMLP(), DataLoader(dataset(),
                                                                                                    batch_size=8))
-    assert [r["dtype"] for r in callback.history] == ["float32", "float32"]
-    assert all(math.isfinite(v) for r in callback.history for v in r["eigenvalues"] + [r["trace"]])
+    assert [r.dtype for r in callback.history] == ["float32", "float32"]
+    assert all(math.isfinite(v) for r in callback.history for v in [*r.hessian.eigenvalues, r.hessian.density.trace])
 
 
 def test_lightning_pytorch_namespace(tmp_path):
@@ -408,14 +408,14 @@ def test_lightning_pytorch_namespace(tmp_path):
     run = lp.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                      enable_model_summary=False, enable_checkpointing=False, callbacks=[callback])
     run.fit(Unified(), DataLoader(dataset(), batch_size=8))
-    assert [r["step"] for r in callback.history] == [0, 1, 2]
+    assert [r.step for r in callback.history] == [0, 1, 2]
     assert "hessian/eig_1" in run.callback_metrics
     config = {"trainer": {"callbacks": [{"class_path": "lightning_hessian.HessianSpectrumCallback",
                                           "init_args": {"k": 3, "every_n_steps": 10}}]}}
     config["trainer"].update(logger=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
     cli = LightningCLI(Unified, run=False, args=config, save_config_callback=None, seed_everything_default=False)
     [configured] = [c for c in cli.trainer.callbacks if isinstance(c, HessianSpectrumCallback)]
-    assert (configured.k, configured.every_n_steps) == (3, 10)
+    assert (configured.config.k, configured.config.every_n_steps) == (3, 10)
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -441,7 +441,7 @@ def test_resume_continues_history_without_gaps_or_duplicates(tmp_path):
     assert [r["step"] for r in callback_state["history"]] == [0, 3, 6]
     assert callback_state["warm_start"]["hessian"].shape == (51,)
     resumed = _resumable_run(tmp_path / "resumed", None, ckpt_path=str(saved))
-    assert [r["step"] for r in resumed.history] == [r["step"] for r in whole.history] == [0, 3, 6, 9, 12]
+    assert [r.step for r in resumed.history] == [r.step for r in whole.history] == [0, 3, 6, 9, 12]
     for a, b in zip(whole.history, resumed.history, strict=True):
-        assert a["eigenvalues"] == pytest.approx(b["eigenvalues"], rel=1e-9)
-        assert a["matvecs"] == b["matvecs"]  # the same warm start after the resume
+        assert a.hessian.eigenvalues == pytest.approx(b.hessian.eigenvalues, rel=1e-9)
+        assert a.num_matvecs == b.num_matvecs  # the same warm start after the resume

@@ -83,9 +83,10 @@ def test_ddp_spawn_matches_one_process(tmp_path):
     assert [r["step"] for r in history] == [0, 2] and history[0]["num_samples"] == 24
     batches = list(probe)
     for record, weights in zip(history, (initial, model), strict=True):
-        assert_eigenvalues(record["eigenvalues"], top_dense(weights, batches, 3))
+        assert_eigenvalues(record["hessian"]["eigenvalues"], top_dense(weights, batches, 3))
     # callback_metrics hold float32 tensors (the Lightning convention)
-    assert float(run.callback_metrics["hessian/eig_1"]) == pytest.approx(history[-1]["eigenvalues"][0], rel=1e-6)
+    last = history[-1]["hessian"]["eigenvalues"][0]
+    assert float(run.callback_metrics["hessian/eig_1"]) == pytest.approx(last, rel=1e-6)
 
     with open(tmp_path / "sharded.json") as handle:
         [record] = json.load(handle)["history"]
@@ -93,8 +94,8 @@ def test_ddp_spawn_matches_one_process(tmp_path):
     shares = [list(DistributedSampler(train, num_replicas=2, rank=r, seed=SEED))[:6] for r in range(2)]
     batches = [tuple(t[share] for t in train.tensors) for share in shares]
     assert record["num_samples"] == 12
-    assert_eigenvalues(record["eigenvalues"], top_dense(initial, batches, 2))
+    assert_eigenvalues(record["hessian"]["eigenvalues"], top_dense(initial, batches, 2))
 
     with open(tmp_path / "lonely.json") as handle:
         [record] = json.load(handle)["history"]
-    assert_eigenvalues(record["eigenvalues"], top_dense(initial, list(single), 2))
+    assert_eigenvalues(record["hessian"]["eigenvalues"], top_dense(initial, list(single), 2))

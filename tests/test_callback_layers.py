@@ -30,12 +30,12 @@ def test_layer_views_match_dense_blocks(run):
     record = callback.history[-1]
     hessian = dense_hessian(model, cross_entropy, callback.probe_batches)
     top_vector = torch.linalg.eigh(hessian).eigenvectors[:, -1]
-    views = record["layer_views"]
+    views = record.hessian.layer_views
     assert set(views) == {"net.0", "net.2"}
     for name, cut in layer_slices(parameter_layout(model)).items():
         exact_trace = float(hessian[cut, cut].diagonal().sum())
-        assert abs(views[name]["trace"] - exact_trace) <= 4 * views[name]["trace_stderr"] + 1e-12, name
-        assert views[name]["eig_1_mass"] == pytest.approx(float(top_vector[cut].pow(2).sum()), abs=1e-6)
+        assert abs(views[name].trace - exact_trace) <= 4 * views[name].trace_stderr + 1e-12, name
+        assert views[name].eig_1_mass == pytest.approx(float(top_vector[cut].pow(2).sum()), abs=1e-6)
 
 
 def test_gradient_overlap_matches_dense_eigenspace(run):
@@ -46,7 +46,7 @@ def test_gradient_overlap_matches_dense_eigenspace(run):
     gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
     basis = torch.linalg.eigh(dense_hessian(model, cross_entropy, batches)).eigenvectors[:, -3:]
     exact = float((basis.T @ gradient).pow(2).sum() / gradient.pow(2).sum())
-    assert callback.history[-1]["grad_overlap"] == pytest.approx(exact, abs=1e-6)
+    assert callback.history[-1].hessian.grad_overlap == pytest.approx(exact, abs=1e-6)
     assert all(p.grad is None or not p.grad.isnan().any() for p in model.parameters())
 
 
@@ -54,6 +54,6 @@ def test_new_tags_reach_tensorboard(run):
     _, callback, log_dir = run
     events = EventAccumulator(log_dir, size_guidance={"scalars": 0})
     events.Reload()
-    steps = [r["step"] for r in callback.history]
+    steps = [r.step for r in callback.history]
     for tag in ("hessian/grad_overlap", "hessian/layer/net.0/trace", "hessian/layer/net.2/eig_1_mass"):
         assert [e.step for e in events.Scalars(tag)] == steps, tag

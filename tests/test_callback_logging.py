@@ -16,7 +16,6 @@ from test_callback import ProtocolMLP, dataset, trainer
 from torch.utils.data import DataLoader
 
 from lightning_hessian import HessianSpectrumCallback
-from lightning_hessian.callback import HISTORY_FILE
 
 STEPS = [0, 2, 4]
 SCALARS = [
@@ -54,13 +53,14 @@ def test_tensorboard_events_hold_scalars_histograms_and_figures(logged_run):
     for tag in SCALARS:
         assert [e.step for e in events.Scalars(tag)] == STEPS, tag
     history = logged_run["callback"].history
-    assert [e.value for e in events.Scalars("hessian/eig_1")] == pytest.approx([r["eigenvalues"][0] for r in history])
+    logged = [e.value for e in events.Scalars("hessian/eig_1")]
+    assert logged == pytest.approx([r.hessian.eigenvalues[0] for r in history])
     histograms = events.Histograms("hessian/density")
     assert [h.step for h in histograms] == STEPS
     first = histograms[0].histogram_value
     assert len(first.bucket) == 200 and min(first.bucket) >= 0
-    assert first.num == pytest.approx(history[0]["num_params"], rel=0.05)  # counts eigenvalues
-    assert first.bucket_limit[0] <= history[0]["eigenvalues"][0] <= first.bucket_limit[-1]
+    assert first.num == pytest.approx(history[0].hessian.num_params, rel=0.05)  # counts eigenvalues
+    assert first.bucket_limit[0] <= history[0].hessian.eigenvalues[0] <= first.bucket_limit[-1]
     images = events.Images("hessian/spectrum")
     assert [i.step for i in images] == STEPS and images[0].width > 100
 
@@ -70,7 +70,7 @@ def test_wandb_offline_run_receives_scalars_histogram_and_image(logged_run):
     assert summary["trainer/global_step"] == STEPS[-1]
     for tag in SCALARS:
         assert tag in summary, tag
-    assert summary["hessian/eig_1"] == pytest.approx(last["eigenvalues"][0])
+    assert summary["hessian/eig_1"] == pytest.approx(last.hessian.eigenvalues[0])
     histogram = dict(summary["hessian/density"])
     assert histogram["_type"] == "histogram" and len(histogram["values"]) == 200
     assert len(histogram["bins"]) == 201
@@ -90,14 +90,14 @@ def test_csv_has_the_scalars_and_settings(logged_run):
 
 
 def test_history_file_is_strict_json(logged_run):
-    with open(f"{logged_run['tb']}/{HISTORY_FILE}") as handle:
+    with open(f"{logged_run['tb']}/hessian_history.json") as handle:
         saved = json.load(handle)
     assert [r["step"] for r in saved["history"]] == STEPS
     assert saved["settings"]["hessian/k"] == 3
-    first = saved["history"][0]
-    assert len(first["nodes"]) == len(first["weights"]) == 2
-    assert len(first["nodes"][0]) == 8 + 3 * all(first["converged"])  # 8 SLQ nodes, the top 3 placed exactly
-    assert first["eigenvalues"] == pytest.approx(logged_run["callback"].history[0]["eigenvalues"])
+    first = saved["history"][0]["hessian"]
+    assert len(first["density"]["nodes"]) == len(first["density"]["weights"]) == 2
+    assert len(first["density"]["nodes"][0]) == 8 + 3 * all(first["converged"])  # 8 SLQ nodes, the top 3 placed exactly
+    assert first["eigenvalues"] == pytest.approx(logged_run["callback"].history[0].hessian.eigenvalues)
 
 
 @pytest.mark.parametrize("logger", ["none", "csv"])
@@ -114,4 +114,4 @@ def test_no_figure_or_histogram_without_a_logger_that_shows_them(tmp_path, monke
     callback = HessianSpectrumCallback(every_n_steps=2, k=2, num_samples=16, num_steps=4, num_probes=2)
     attached = CSVLogger(tmp_path, name="csv") if logger == "csv" else False
     trainer(max_steps=2, logger=attached, callbacks=[callback]).fit(ProtocolMLP(), DataLoader(dataset(), batch_size=8))
-    assert [r["step"] for r in callback.history] == [0, 2]
+    assert [r.step for r in callback.history] == [0, 2]

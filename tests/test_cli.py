@@ -50,15 +50,15 @@ def test_print_config(capsys):
         main(["fit", "--config", str(digits), "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"] == "lightning_hessian.models.MLPClassifier"
+    assert printed["model"]["class_path"] == "lightning_hessian.paper.models.MLPClassifier"
     assert printed["model"]["init_args"]["hidden_sizes"] == [20, 20]
     assert printed["data"]["init_args"]["scaling"] == "unit"
     assert printed["trainer"]["callbacks"][0]["class_path"] == "lightning_hessian.HessianSpectrumCallback"
 
 
 def test_classes_by_import_path_without_a_config(tmp_path):
-    args = ["fit", "--model", "lightning_hessian.models.MLPClassifier", "--model.hidden_sizes=[8]",
-            "--data", "lightning_hessian.data.DigitsDataModule", "--data.classes=3", "--data.num_train=100",
+    args = ["fit", "--model", "lightning_hessian.paper.models.MLPClassifier", "--model.hidden_sizes=[8]",
+            "--data", "lightning_hessian.paper.data.DigitsDataModule", "--data.classes=3", "--data.num_train=100",
             "--model.num_classes=3", "--trainer.max_steps=2", "--trainer.logger=false",
             "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}", *QUIET]
     assert main(args) == 0

@@ -11,9 +11,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian import InterpolationResult, linear_interpolation
-from lightning_hessian.data import digits_tensors
 from lightning_hessian.interpolation import DEFAULT_ALPHAS, evaluate
-from lightning_hessian.models import MLPClassifier
+from lightning_hessian.loggers import log_interpolation
+from lightning_hessian.paper.data import digits_tensors
+from lightning_hessian.paper.models import MLPClassifier
 
 
 @pytest.fixture(scope="module")
@@ -238,11 +239,12 @@ def test_csv_plot_progress_and_tensorboard(loaders, tmp_path, capsys):
 
     logger = TensorBoardLogger(tmp_path, name="tb", version="")
     trainer = pl.Trainer(logger=logger, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False)
-    result = linear_interpolation(
-        _mlp(0), _mlp(1), loaders, trainer=trainer, csv_path=tmp_path / "line.csv", plot_path=tmp_path / "line.png"
-    )
+    result = linear_interpolation(_mlp(0), _mlp(1), loaders)
+    result.to_csv(tmp_path / "line.csv")
+    result.save_plot(tmp_path / "line.png")
+    log_interpolation(result, trainer.loggers, step=trainer.global_step)
     logger.experiment.flush()
-    assert "interpolation: alphas" in capsys.readouterr().err
+    assert "linear interpolation: alphas" in capsys.readouterr().err
     with open(tmp_path / "line.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(float(r["alpha"]), r["split"], float(r["loss"])) for r in rows] == [
@@ -272,7 +274,8 @@ def test_wandb_gets_a_table_a_line_plot_and_the_figure(loaders, tmp_path, monkey
     monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy)
     logger = WandbLogger(save_dir=tmp_path, mode="offline")
     try:
-        linear_interpolation(_mlp(0), _mlp(1), loaders["test"], [0.5], logger=logger, step=7, progress=False)
+        result = linear_interpolation(_mlp(0), _mlp(1), loaders["test"], [0.5], progress=False)
+        log_interpolation(result, [logger], step=7)
     finally:
         wandb.finish()
     values = {key: value for data in logged for key, value in data.items()}

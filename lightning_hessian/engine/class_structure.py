@@ -32,7 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_hessian.engine.operators import CurvatureOperator, Mode, OutputFn
+from lightning_hessian.engine.checks import check_count
+from lightning_hessian.engine.operators import OutputFn
+from lightning_hessian.engine.snapshot import Mode, ModelSnapshot
 
 
 @dataclass(frozen=True)
@@ -94,28 +96,27 @@ def class_structure(
     Raises:
         ValueError: if the logits are not ``[n, num_classes]`` or a class has no sample.
     """
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2")
-    holder = CurvatureOperator(model, batches, params=params, dtype=dtype, mode=mode, keep_graph=False)
+    num_classes = check_count("num_classes", num_classes, minimum=2)
+    snapshot = ModelSnapshot(model, batches, params=params, dtype=dtype, mode=mode)
     labels_of = labels_fn or (lambda batch: batch[1])
-    eye = torch.eye(num_classes, dtype=holder.dtype, device=holder.device)
-    sums = torch.zeros(num_classes, num_classes, holder.num_params, dtype=holder.dtype, device=holder.device)
-    counts = torch.zeros(num_classes, dtype=holder.dtype, device=holder.device)
-    for batch in holder._batches:
-        logits = holder.call(output_fn, batch)
+    eye = torch.eye(num_classes, dtype=snapshot.dtype, device=snapshot.device)
+    sums = torch.zeros(num_classes, num_classes, snapshot.num_params, dtype=snapshot.dtype, device=snapshot.device)
+    counts = torch.zeros(num_classes, dtype=snapshot.dtype, device=snapshot.device)
+    for batch in snapshot.batches:
+        logits = snapshot.call(output_fn, batch)
         if logits.dim() != 2 or logits.shape[1] != num_classes:
             raise ValueError(
                 f"output_fn must return logits of shape [n, num_classes={num_classes}], got {tuple(logits.shape)}"
             )
-        labels = labels_of(batch).to(holder.device).long()
+        labels = labels_of(batch).to(snapshot.device).long()
         probs = torch.softmax(logits.detach(), dim=1)
         one_hot = eye[labels]  # [n, C]
         # cotangent[c, c2, i] = 1{y_i = c} sqrt(p_{i,c2}) (e_c2 - p_i), shape [C, C, n, C]
         residual = eye[None, :, :] - probs[:, None, :]  # [n, C2, C]
         per_sample = probs.sqrt()[:, :, None] * residual
         cotangents = one_hot.T[:, None, :, None] * per_sample.permute(1, 0, 2)[None]
-        parts = holder._vjp([logits], [cotangents.reshape(-1, *logits.shape)], holder._leaves, retain=False)
-        sums += holder._flatten(parts).reshape(num_classes, num_classes, -1)
+        parts = snapshot.vjp([logits], [cotangents.reshape(-1, *logits.shape)], snapshot.leaves, retain=False)
+        sums += snapshot.flatten(parts).T.reshape(num_classes, num_classes, -1)
         counts += one_hot.sum(dim=0)
     if bool((counts == 0).any()):
         missing = [int(c) for c in torch.nonzero(counts == 0).flatten()]

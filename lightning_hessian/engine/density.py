@@ -14,7 +14,7 @@ The trace is the Hutchinson estimate ``z^T H z = ||z||^2 T[0, 0]`` per Rademache
 exact in expectation for any m; its standard error is the sample standard deviation over probes /
 sqrt(S).
 
-Outliers known exactly (``outliers=``, e.g. the result of ``top_eigenvalues``) are deflated: the
+Eigenpairs known exactly (``deflate=``, e.g. the result of ``top_eigenvalues``) are deflated: the
 probes and the operator are projected onto their orthogonal complement, SLQ estimates the remaining
 ``P - k`` eigenvalues, and the k outliers enter as point masses of ``1/P`` at their eigenvalues (and
 exactly in the trace). The outliers are where most of a trained network's spectral range and most of
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,9 +47,9 @@ class SpectralDensity:
 
     Attributes:
         nodes: ``(S, m + k)`` float64 Ritz values per probe, ascending, with the k deflated
-            outliers' eigenvalues among them (k = 0 without ``outliers``).
+            deflated eigenvalues among them (k = 0 without ``deflate``).
         weights: ``(S, m + k)`` float64 quadrature weights per probe, each row summing to 1 (with
-            outliers: each outlier weighs ``1/P`` and the rest of a row ``(P - k)/P`` times the
+            ``deflate``: each deflated eigenvalue weighs ``1/P`` and the rest of a row ``(P - k)/P`` times the
             probe's share ``||(I - V V^T) z||^2 / mean``, so the rows average to 1).
         trace: Hutchinson estimate of ``tr(H)``.
         trace_stderr: its standard error (0 with one probe).
@@ -116,6 +117,7 @@ def spectral_density(
     probes_per_pass: int | None = None,
     basis_dtype: torch.dtype = torch.float64,
     basis_device: torch.device | str | None = None,
+    deflate: EigenResult | None = None,
     outliers: EigenResult | None = None,
 ) -> SpectralDensity:
     """Estimate the spectral density and trace of ``op`` by stochastic Lanczos quadrature.
@@ -129,19 +131,24 @@ def spectral_density(
             lower it when S bases of ``m * P`` numbers do not fit in memory.
         basis_dtype: dtype of the Lanczos bases (float64 by default; T is always float64).
         basis_device: device of the bases (default the operator's).
-        outliers: converged eigenpairs of ``op`` to place exactly instead of estimating them,
+        deflate: converged eigenpairs of ``op`` to place exactly instead of estimating them,
             typically ``top_eigenvalues(op, k)`` (see the module docstring); their products are
             not counted in ``num_matvecs``.
+        outliers: deprecated name of ``deflate``.
 
     Returns:
         A :class:`SpectralDensity`.
 
     Raises:
-        ValueError: if ``num_probes`` or ``num_steps`` is below 1, or ``outliers`` does not fit
+        ValueError: if ``num_probes`` or ``num_steps`` is below 1, or ``deflate`` does not fit
             ``op`` or has unconverged pairs.
         NonFiniteError: if a product is not finite.
     """
     started = time.perf_counter()
+    if outliers is not None:
+        warnings.warn("spectral_density(outliers=...) is deprecated; pass the eigenpairs as deflate=...",
+                      DeprecationWarning, stacklevel=2)
+        deflate = outliers if deflate is None else deflate
     for name, value in (("num_probes", num_probes), ("num_steps", num_steps)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -151,16 +158,17 @@ def spectral_density(
     num_params = op.num_params
     generator = torch.Generator().manual_seed(seed)
     probes = rademacher((num_probes, num_params), generator, basis_dtype)
-    exact, deflate = torch.zeros(0, dtype=torch.float64), None
+    exact = torch.zeros(0, dtype=torch.float64)
     # ||z||^2 per probe, of the part that deflation leaves: ||z||^2 - ||V z||^2 (all P without it). A
     # probe's measure counts in proportion (the ratio estimator: a probe almost inside the deflated
     # space carries almost nothing), and its Hutchinson term is z^T (I - V V^T) H (I - V V^T) z =
     # ||.||^2 T[0, 0].
     squared = probes.double().pow(2).sum(dim=1)
-    if outliers is not None:
-        exact = _check_outliers(outliers, num_params)
-        deflate = outliers.eigenvectors.to(basis_dtype)
-        squared = (squared - (probes.double() @ outliers.eigenvectors.double().cpu().T).pow(2).sum(dim=1)).clamp_min(0)
+    vectors = None
+    if deflate is not None:
+        exact = _check_deflated(deflate, num_params)
+        vectors = deflate.eigenvectors.to(basis_dtype)
+        squared = (squared - (probes.double() @ deflate.eigenvectors.double().cpu().T).pow(2).sum(dim=1)).clamp_min(0)
     shares = squared / squared.mean()
     steps = min(num_steps, num_params - exact.numel())
     # Quadrature is as accurate as the products once the bases are orthogonal to the square root of
@@ -169,7 +177,7 @@ def spectral_density(
     nodes, weights, diagonals = [], [], []
     for group in probes.split(per_pass):
         lanczos = Lanczos(op, group, generator=generator, basis_dtype=basis_dtype, basis_device=basis_device,
-                          capacity=steps, semi_orthogonality=semi_orthogonality, deflate=deflate)
+                          capacity=steps, semi_orthogonality=semi_orthogonality, deflate=vectors)
         for _ in range(steps):
             lanczos.step()
         group_nodes, group_weights = tridiagonal_quadrature(lanczos)
@@ -191,16 +199,16 @@ def spectral_density(
     )
 
 
-def _check_outliers(outliers: EigenResult, num_params: int) -> Tensor:
-    """The outliers' eigenvalues ``(k,)`` float64, after checking that they fit and converged."""
-    shape = tuple(outliers.eigenvectors.shape)
+def _check_deflated(deflate: EigenResult, num_params: int) -> Tensor:
+    """The deflated eigenvalues ``(k,)`` float64, after checking that they fit and converged."""
+    shape = tuple(deflate.eigenvectors.shape)
     if len(shape) != 2 or shape[1] != num_params or not 1 <= shape[0] < num_params:
-        raise ValueError(f"outliers has eigenvectors of shape {shape}; they must be (k, {num_params}) with "
+        raise ValueError(f"deflate has eigenvectors of shape {shape}; they must be (k, {num_params}) with "
                          f"1 <= k < {num_params}, e.g. top_eigenvalues(op, k) of the same operator")
-    if not outliers.all_converged:
-        raise ValueError("outliers has unconverged eigenpairs; deflating them would distort the density: "
+    if not deflate.all_converged:
+        raise ValueError("deflate has unconverged eigenpairs; deflating them would distort the density: "
                          "raise max_matvecs in top_eigenvalues or pass only converged pairs")
-    return outliers.eigenvalues.to(torch.float64).cpu()
+    return deflate.eigenvalues.to(torch.float64).cpu()
 
 
 def _with_outliers(nodes: Tensor, weights: Tensor, exact: Tensor, num_params: int) -> tuple[Tensor, Tensor]:

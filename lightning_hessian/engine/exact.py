@@ -1,39 +1,33 @@
-"""Dense curvature matrices for small models (P up to a few thousand): the oracle, and a feature.
+"""Dense curvature matrices for small models (P up to a few thousand): the tests' oracle, and a feature.
 
-Symbols: P parameters, C model outputs per sample.
+Symbols: P selected parameters, C model outputs per sample.
 
-These take a different route from the operators' double backward: forward-over-reverse
-:mod:`torch.func` (``jvp`` of ``grad``) for the Hessian and ``jacrev`` for the Gauss-Newton
-Jacobians, so a test that compares the two checks the operators' batching, weighting and
-flattening, not only their arithmetic. Memory: the matrix takes ``8 P^2`` bytes in float64
-(200 MB at P = 5,000) and :func:`torch.linalg.eigvalsh` costs O(P^3).
+These take a different route from the operators' kept-graph double backward: the Hessian is
+``jacrev(grad)`` of the loss as a function of the flat parameter vector (reverse over reverse,
+vectorized with :func:`torch.func.vmap`), which is defined for every loss in
+:mod:`torch.nn.functional` with a second derivative; forward-over-reverse fails on some of them
+(``mse_loss`` and ``huber_loss`` have no forward-mode derivative of their backward). The
+Gauss-Newton matrix is built from ``jacrev`` Jacobians and the output Hessian (reverse over reverse
+too). A test that compares the two routes checks the operators' batching, weighting and
+flattening, not only their arithmetic. Memory: the matrix takes ``8 P^2`` bytes in float64 (200 MB at P = 5,000) and
+:func:`torch.linalg.eigvalsh` costs O(P^3).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import jacrev, jvp, vmap
+from torch.func import grad, jacrev
 
 from lightning_hessian.engine.errors import NonFiniteError
-from lightning_hessian.engine.operators import CurvatureOperator, LossFn, Mode, OutputFn, OutputLossFn, scalar_loss
+from lightning_hessian.engine.operators import LossFn, OutputFn, OutputLossFn, scalar_loss
+from lightning_hessian.engine.snapshot import Mode, ModelSnapshot
 
-# Hessian rows computed per vectorized pass: bounds the memory of the forward-mode tangents.
+# Hessian rows computed per vectorized pass: bounds the memory of the batched backward passes.
 _ROWS_PER_PASS = 256
-
-
-class _Flat(CurvatureOperator):
-    """Holds the batches, selected parameters and frozen tensors; evaluates a function of a flat vector."""
-
-    def flat(self) -> Tensor:
-        return torch.cat([leaf.detach().reshape(-1) for leaf in self._leaves])
-
-    def evaluate(self, fn: Callable[..., Tensor], flat: Tensor, batch: Any) -> Tensor:
-        parts = [c.reshape(s) for c, s in zip(flat.split(self._numels), self._shapes, strict=True)]
-        return self.call(fn, batch, leaves=parts)
 
 
 def dense_hessian(
@@ -53,8 +47,7 @@ def dense_hessian(
         batches: a re-iterable of batches; weighted by their sample counts.
         params: name patterns selecting parameters (default all with ``requires_grad``).
         dtype: dtype of the computation and result (default float64).
-        mode: ``"eval"`` (default) or ``"train"`` (batch statistics, dropout off), as in the
-            operators.
+        mode: ``"eval"`` (default) or ``"train"`` (batch statistics, dropout off), as in the operators.
 
     Returns:
         ``(P, P)`` symmetric matrix, parameters in ``named_parameters()`` order.
@@ -62,22 +55,23 @@ def dense_hessian(
     Raises:
         ValueError: if ``loss_fn`` does not return a scalar, or the selection or batches are empty.
         NonFiniteError: if the matrix holds NaN or infinite entries.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> mse = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
+        >>> dense_hessian(model, mse, [(torch.eye(2), torch.zeros(2, 1))])  # 2 x^T x / n = I
+        tensor([[1., 0.],
+                [0., 1.]], dtype=torch.float64)
     """
-    holder = _Flat(model, batches, params=params, dtype=dtype, mode=mode, keep_graph=False)
-    flat = holder.flat()
-    identity = torch.eye(holder.num_params, dtype=dtype, device=flat.device)
-    hessian = torch.zeros(holder.num_params, holder.num_params, dtype=dtype, device=flat.device)
-    for batch, size in zip(holder._batches, holder._sizes, strict=True):
+    snapshot = ModelSnapshot(model, batches, params=params, dtype=dtype, mode=mode)
+    flat = snapshot.flat_parameters()
+    hessian = torch.zeros(snapshot.num_params, snapshot.num_params, dtype=dtype, device=flat.device)
+    for batch, size in zip(snapshot.batches, snapshot.batch_sizes, strict=True):
 
-        def gradient(theta: Tensor, batch: Any = batch) -> Tensor:
-            return torch.func.grad(lambda t: scalar_loss(holder.evaluate(loss_fn, t, batch), "loss_fn"))(theta)
+        def loss(theta: Tensor, batch: Any = batch) -> Tensor:
+            return scalar_loss(snapshot.call(loss_fn, batch, leaves=snapshot.parameters_of(theta)), "loss_fn")
 
-        def row(direction: Tensor, gradient: Callable[[Tensor], Tensor] = gradient) -> Tensor:
-            return jvp(gradient, (flat,), (direction,))[1]
-
-        for start in range(0, holder.num_params, _ROWS_PER_PASS):
-            rows = identity[start : start + _ROWS_PER_PASS]
-            hessian[start : start + rows.shape[0]] += vmap(row)(rows) * (size / holder.num_samples)
+        hessian += jacrev(grad(loss), chunk_size=_ROWS_PER_PASS)(flat) * (size / snapshot.num_samples)
     return _finite((hessian + hessian.T) / 2, "Hessian")
 
 
@@ -105,18 +99,28 @@ def dense_ggn(
     Raises:
         ValueError: if ``output_loss_fn`` does not return a scalar, or the selection or batches are empty.
         NonFiniteError: if the matrix holds NaN or infinite entries.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> half_squares = lambda f, b: 0.5 * f.pow(2).sum(1).mean()
+        >>> dense_ggn(model, lambda m, b: m(b), half_squares, [torch.eye(2)])  # x^T x / n = I / 2
+        tensor([[0.5000, 0.0000],
+                [0.0000, 0.5000]], dtype=torch.float64)
     """
-    holder = _Flat(model, batches, params=params, dtype=dtype, mode=mode, keep_graph=False)
-    flat = holder.flat()
-    ggn = torch.zeros(holder.num_params, holder.num_params, dtype=dtype, device=flat.device)
-    for batch, size in zip(holder._batches, holder._sizes, strict=True):
-        outputs = holder.evaluate(output_fn, flat, batch).detach()
-        jacobian = jacrev(lambda t, b=batch: holder.evaluate(output_fn, t, b))(flat)
-        jacobian = jacobian.reshape(-1, holder.num_params)
-        output_hessian = torch.func.hessian(
+    snapshot = ModelSnapshot(model, batches, params=params, dtype=dtype, mode=mode)
+    flat = snapshot.flat_parameters()
+    ggn = torch.zeros(snapshot.num_params, snapshot.num_params, dtype=dtype, device=flat.device)
+    for batch, size in zip(snapshot.batches, snapshot.batch_sizes, strict=True):
+
+        def outputs_of(theta: Tensor, batch: Any = batch) -> Tensor:
+            return snapshot.call(output_fn, batch, leaves=snapshot.parameters_of(theta))
+
+        outputs = outputs_of(flat).detach()
+        jacobian = jacrev(outputs_of)(flat).reshape(-1, snapshot.num_params)
+        output_hessian = jacrev(grad(
             lambda f, b=batch, shape=outputs.shape: scalar_loss(output_loss_fn(f.reshape(shape), b), "output_loss_fn")
-        )(outputs.reshape(-1))
-        ggn += jacobian.T @ output_hessian @ jacobian * (size / holder.num_samples)
+        ))(outputs.reshape(-1))
+        ggn += jacobian.T @ output_hessian @ jacobian * (size / snapshot.num_samples)
     return _finite((ggn + ggn.T) / 2, "Gauss-Newton matrix")
 
 

@@ -4,7 +4,7 @@ Symbols: P parameters (``op.num_params``), k wanted eigenpairs, m Lanczos steps,
 side by side (one product with S vectors per step).
 
 Plain Lanczos loses orthogonality as soon as a Ritz pair converges and then returns spurious
-copies of it (PITFALLS.md: 5 copies of lambda_1 among the top 10 after 80 steps). Orthogonalizing
+copies of it (on a trained MLP, 5 copies of lambda_1 among the top 10 after 80 steps). Orthogonalizing
 every new vector against the whole basis prevents that, but costs two reads of the basis per step,
 which dominated the solver's own time on large models. Partial reorthogonalization (Simon, Math.
 Comp. 42, 1984) gets the same accuracy for less: a recurrence estimates the inner products of the
@@ -65,7 +65,7 @@ class LinearOperator(Protocol):
     device: torch.device
 
     def matmat(self, vectors: Tensor) -> Tensor:
-        """``[S, P] -> [S, P]``."""
+        """``[P, S] -> [P, S]``: the products with S vectors, one per column."""
         ...
 
 
@@ -207,7 +207,7 @@ class Lanczos:
         if j + 1 >= self._basis.shape[1] and j + 1 < self.op.num_params:
             self._grow()
         current = self._basis[:, j]
-        product = self.op.matmat(current.to(device=self.op.device, dtype=self.op.dtype))
+        product = self.op.matmat(current.to(device=self.op.device, dtype=self.op.dtype).T).T
         w = product.to(device=self.basis_device, dtype=self.basis_dtype)
         alpha = torch.linalg.vecdot(current, w)
         w = torch.addcmul(w, alpha[:, None], current, value=-1)
@@ -409,7 +409,7 @@ def top_eigenvalues(
         >>> from lightning_hessian.engine.lanczos import top_eigenvalues
         >>> class Diagonal:
         ...     num_params, dtype, device = 4, torch.float64, torch.device("cpu")
-        ...     def matmat(self, v): return v * torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+        ...     def matmat(self, v): return v * torch.tensor([[4.0], [3.0], [2.0], [1.0]], dtype=torch.float64)
         >>> result = top_eigenvalues(Diagonal(), k=2)
         >>> result.eigenvalues.round(decimals=8), result.all_converged
         (tensor([4., 3.], dtype=torch.float64), True)

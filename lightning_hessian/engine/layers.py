@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_hessian.engine.lanczos import LinearOperator, rademacher
-from lightning_hessian.engine.operators import select_parameters
+from lightning_hessian.engine.snapshot import select_parameters
 
 Layout = Sequence[tuple[str, int]]
 """``(parameter name, number of entries)`` in flat-vector order."""
@@ -80,7 +80,7 @@ def layer_traces(
         raise ValueError(f"num_probes={num_probes!r} must be a positive integer")
     generator = torch.Generator().manual_seed(seed)
     probes = rademacher((num_probes, op.num_params), generator, torch.float64)
-    products = op.matmat(probes).double().cpu()
+    products = op.matmat(probes.T).T.double().cpu()
     per_entry = probes * products
     out = {}
     for layer, cut in layer_slices(layout).items():

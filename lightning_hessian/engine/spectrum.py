@@ -8,10 +8,10 @@ softmax cross-entropy on C classes there are about C of them. We count them by t
 is the i of the largest ``r_i``, provided that ratio reaches ``min_gap_ratio`` (default 1.5);
 otherwise the top of the spectrum has no clean gap and the count is 0. Because the class term of
 the Gauss-Newton matrix has rank C - 1 after the softmax's null direction, the clean gap is
-usually after C - 1 outliers and sometimes after C (PAPER.md section 6: both occur; a 2-class
+usually after C - 1 outliers and sometimes after C (both occur in ``reports/REPORT.md``; a 2-class
 softmax gives exactly 1). The gap can only be seen when k exceeds the number of outliers: ask
 for at least C + 1 eigenvalues. At random initialization the top ratios measured 1.03 to 1.6
-(PAPER.md T2); trained digits MLPs give 1.8 to 9.
+(``reports/REPORT.md``, section 2); trained digits MLPs give 1.8 to 9.
 
 Mass fractions. With ``t = near_zero_tol * lambda_1``, the near-zero fraction is the spectral mass
 in ``(-t, t)`` and the negative mass is the mass below ``-t``: the three bands partition the

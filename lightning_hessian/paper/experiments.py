@@ -2,18 +2,18 @@
 
 Symbols: C classes, h hidden width, M parameters, k top eigenvalues.
 
-Sections (PAPER.md sections 6 and 7):
+Sections:
 
 1. the spectrum at initialization and after training (bulk at zero, outliers appear);
 2. outliers against the number of classes: digits restricted to classes ``0..C-1``, and Gaussian
    mixtures with C clusters;
 3. a width sweep at fixed data (the bulk grows, the outliers stay);
 4. the Hessian against its Gauss-Newton part G (top eigenvalues match, ``||H - G||_2`` small);
-5. small batch against large batch (:mod:`lightning_hessian.sblb`);
+5. small batch against large batch (:mod:`lightning_hessian.paper.sblb`);
 6. beyond the paper: the class and cross-class parts of G (Papyan 2019, 2020) against the top
    eigenvalues of G and H (:func:`lightning_hessian.class_structure`).
 
-Protocol (the pilot's, PAPER.md T1-T4): float64; ReLU MLPs with PyTorch's default initialization;
+Protocol (that of the pilot runs behind this reproduction): float64; ReLU MLPs with PyTorch's default initialization;
 digits scaled to [0, 1], the first 5,565 per mille of the kept images train (1,000 of 1,797 for all
 ten classes); plain SGD, lr 0.1, batch 32, 30 epochs; mixtures of 2,000 points in 10 dimensions
 (half train) fitted by full-batch gradient descent. Every Hessian is that of the mean loss over the
@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -39,13 +37,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_hessian._spectra import TrainedNet, _loss, _output_loss, _outputs, compare_ggn, measure, train_net
-from lightning_hessian.data import digits_tensors, gaussian_mixture_tensors
+from lightning_hessian import loggers
 from lightning_hessian.engine import GGNOperator, HessianOperator, top_eigenvalues
 from lightning_hessian.engine.class_structure import class_structure
 from lightning_hessian.engine.spectrum import outlier_gap
+from lightning_hessian.paper import report
+from lightning_hessian.paper.data import digits_tensors, gaussian_mixture_tensors
+from lightning_hessian.paper.report import check
+from lightning_hessian.paper.spectra import (
+    TrainedNet,
+    compare_ggn,
+    cross_entropy,
+    cross_entropy_of_logits,
+    logits,
+    measure,
+    train_net,
+)
 
-# 1,000 of the 1,797 digits train when all ten classes are kept (PAPER.md T1); the same fraction of
+# 1,000 of the 1,797 digits train when all ten classes are kept (as in the paper); the same fraction of
 # the kept images for fewer classes.
 TRAIN_FRACTION = 0.5565
 MIXTURE_DIM = 10
@@ -95,10 +104,6 @@ class ReproduceConfig:
                    sections=tuple(sections))
 
 
-def _check(passed: bool, criterion: str) -> dict[str, Any]:
-    return {"passed": bool(passed), "criterion": criterion}
-
-
 def _slq(config: ReproduceConfig) -> dict[str, int]:
     return {"num_probes": config.num_probes, "num_steps": config.num_steps}
 
@@ -123,12 +128,12 @@ def section_init_vs_trained(config: ReproduceConfig, net: TrainedNet) -> dict[st
     init, trained = rows["init"], rows["trained"]
     near_zero = trained["near_zero_fraction"] if config.exact else trained["slq_near_zero_fraction"]
     checks = {
-        "no gap at init": _check(init["outliers"] == 0, "largest ratio among the top 22 below 1.5"),
-        "gap after training": _check(trained["outliers"] in (9, 10), "largest gap at C-1 = 9 or C = 10"),
-        "bulk at zero": _check(near_zero > 0.5, "near-zero fraction > 0.5 after training"),
+        "no gap at init": check(init["outliers"] == 0, "largest ratio among the top 22 below 1.5"),
+        "gap after training": check(trained["outliers"] in (9, 10), "largest gap at C-1 = 9 or C = 10"),
+        "bulk at zero": check(near_zero > 0.5, "near-zero fraction > 0.5 after training"),
     }
     if config.exact:
-        checks["small negatives"] = _check(
+        checks["small negatives"] = check(
             -trained["lambda_min"] < 0.1 * trained["top"][0], "abs(lambda_min) < 0.1 lambda_1 after training"
         )
     return {"net": _net_row(net), "spectra": rows, "checks": checks}
@@ -159,17 +164,17 @@ def section_classes(config: ReproduceConfig, base: TrainedNet) -> dict[str, Any]
     first = [r for r in digits if r["seed"] == config.seeds[0]]
     top = [r["trained"]["top"][0] for r in first]
     checks = {
-        "gap at C-1 or C": _check(3 * sum(hits) >= 2 * len(hits), "largest gap at C-1 or C in at least 2/3 of "
+        "gap at C-1 or C": check(3 * sum(hits) >= 2 * len(hits), "largest gap at C-1 or C in at least 2/3 of "
                                   f"the digits runs ({sum(hits)}/{len(hits)})"),
-        "outliers grow with C": _check(all(a < b for a, b in itertools.pairwise(medians)),
+        "outliers grow with C": check(all(a < b for a, b in itertools.pairwise(medians)),
                                        f"median outlier count over seeds increases with C ({medians})"),
-        "lambda_1 grows with C": _check(top[-1] > top[0], "lambda_1 at the largest C exceeds lambda_1 at C = 2"),
+        "lambda_1 grows with C": check(top[-1] > top[0], "lambda_1 at the largest C exceeds lambda_1 at C = 2"),
     }
     for classes in config.mixture_classes:
         by_std = {r["cluster_std"]: r["trained"]["top"][0] for r in mixtures if r["classes"] == classes}
         if len(by_std) > 1:
             ordered = [by_std[s] for s in sorted(by_std)]
-            checks[f"mixtures, C = {classes}: spread moves the outliers"] = _check(
+            checks[f"mixtures, C = {classes}: spread moves the outliers"] = check(
                 all(a < b for a, b in itertools.pairwise(ordered)),
                 "lambda_1 grows as the clusters overlap more (larger cluster std)",
             )
@@ -195,8 +200,8 @@ def section_width(config: ReproduceConfig, base: TrainedNet) -> dict[str, Any]:
     narrow = rows[0]["trained"]["top"][:10]
     change = max(max(a / b, b / a) for row in rows[1:] for a, b in zip(narrow, row["trained"]["top"][:10], strict=True))
     checks = {
-        "bulk grows": _check(grows, f"{count.replace('_', ' ')} grows with every increase of the width"),
-        "outliers stay": _check(change < 2, f"top-10 eigenvalues change by less than 2x from the narrowest net "
+        "bulk grows": check(grows, f"{count.replace('_', ' ')} grows with every increase of the width"),
+        "outliers stay": check(change < 2, f"top-10 eigenvalues change by less than 2x from the narrowest net "
                                 f"(max ratio {change:.2f})"),
     }
     return {"rows": rows, "checks": checks, "nets": nets}
@@ -209,11 +214,11 @@ def section_ggn(config: ReproduceConfig, base: TrainedNet, wide: dict[int, Train
         rows.append({"width": width, **compare_ggn(net, net.model, "trained", exact=config.exact)})
     trained = [r for r in rows if r["point"] == "trained"]
     checks = {
-        "top eigenvalues match": _check(all(r["relative_gap"] < 0.05 for r in trained),
+        "top eigenvalues match": check(all(r["relative_gap"] < 0.05 for r in trained),
                                         "top-10 of G within 5% of those of H after training"),
-        "H - G small near a minimum": _check(all(r["residual_norm"] < 0.1 * r["lambda_1"] for r in trained),
+        "H - G small near a minimum": check(all(r["residual_norm"] < 0.1 * r["lambda_1"] for r in trained),
                                              "‖H - G‖₂ < 0.1 lambda_1 after training"),
-        "H - G larger far from it": _check(rows[0]["residual_norm"] / rows[0]["lambda_1"]
+        "H - G larger far from it": check(rows[0]["residual_norm"] / rows[0]["lambda_1"]
                                            > trained[0]["residual_norm"] / trained[0]["lambda_1"],
                                            "‖H - G‖₂ / lambda_1 larger at initialization than after training"),
     }
@@ -226,17 +231,17 @@ def section_class_structure(net: TrainedNet, k: int = 12) -> dict[str, Any]:
     matrices; ``G0 + G1 + G2`` is the between-class part of G, so its top eigenvalue cannot exceed G's."""
     batches = [(net.x, net.y)]
     num_classes = int(net.y.max()) + 1
-    parts = class_structure(net.model, _outputs, batches, num_classes)
-    top_h = top_eigenvalues(HessianOperator(net.model, _loss, batches), k).eigenvalues
-    top_g = top_eigenvalues(GGNOperator(net.model, _outputs, _output_loss, batches), k).eigenvalues
+    parts = class_structure(net.model, logits, batches, num_classes)
+    top_h = top_eigenvalues(HessianOperator(net.model, cross_entropy, batches), k).eigenvalues
+    top_g = top_eigenvalues(GGNOperator(net.model, logits, cross_entropy_of_logits, batches), k).eigenvalues
     rows = {"H": top_h.tolist(), "G": top_g.tolist(), "G0 + G1 + G2": parts.between[:k].tolist(),
             "G1 (class)": parts.g1.tolist(), "G2 (cross-class)": parts.g2[:k].tolist(), "G0": parts.g0.tolist()}
     between_count, _ = outlier_gap(parts.between[:k])
     hessian_count, _ = outlier_gap(top_h)
     checks = {
-        "same outlier count": _check(between_count == hessian_count > 0,
+        "same outlier count": check(between_count == hessian_count > 0,
                                      "the largest gap of G0 + G1 + G2 sits where that of H does"),
-        "between-class part inside G": _check(parts.between[0] <= top_g[0] * (1 + 1e-9),
+        "between-class part inside G": check(parts.between[0] <= top_g[0] * (1 + 1e-9),
                                               "lambda_1(G0 + G1 + G2) <= lambda_1(G), as G minus it is PSD"),
     }
     return {"rows": rows, "num_classes": num_classes, "train_loss": net.train_loss,
@@ -245,10 +250,10 @@ def section_class_structure(net: TrainedNet, k: int = 12) -> dict[str, Any]:
 
 def section_sblb(quick: bool, out: Path) -> dict[str, Any]:
     """Section 5: :func:`lightning_hessian.sblb.run_sb_lb` with ``configs/sb_vs_lb.yaml``'s defaults."""
-    from lightning_hessian.sblb import SBLBConfig, run_sb_lb
+    from lightning_hessian.paper.sblb import SBLBConfig, run_sb_lb
 
     summary = run_sb_lb(SBLBConfig(), out, quick=quick)
-    checks = {name: _check(c["passed"], c["criterion"]) for name, c in summary["checks"].items()}
+    checks = {name: check(c["passed"], c["criterion"]) for name, c in summary["checks"].items()}
     return {"summary": summary, "checks": checks}
 
 
@@ -279,8 +284,6 @@ def reproduce(out_dir: str | Path = "reports", config: ReproduceConfig | None = 
 
 
 def _run(config: ReproduceConfig, out: Path, work: Path) -> dict[str, Any]:
-    from lightning_hessian import _report
-
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results: dict[str, Any] = {"config": asdict(config), "seconds": {}}
@@ -308,20 +311,17 @@ def _run(config: ReproduceConfig, out: Path, work: Path) -> dict[str, Any]:
     if 5 in config.sections:
         results["sblb"] = timed("section 5", lambda: section_sblb(config.sblb_quick, work / "sb_lb"))
     results["seconds"]["total"] = time.perf_counter() - started
-    (out / "results.json").write_text(json.dumps(_compact(results), indent=1))
-    _report.write(results, out, sblb_dir=work / "sb_lb")
+    loggers.write_json(out / "results.json", _without_exact_spectra(results), significant_digits=6)
+    report.write(results, out, sblb_dir=work / "sb_lb")
     return results
 
 
-def _compact(value: Any) -> Any:
-    """``value`` for ``results.json``: floats to 6 significant digits, NaN (not measured) as null, full
-    exact spectra left out (thousands of numbers each; the figures show them)."""
-    if isinstance(value, float):
-        return None if math.isnan(value) else float(f"{value:.6g}")
+def _without_exact_spectra(value: Any) -> Any:
+    """``value`` without the full exact spectra (thousands of numbers each; the figures show them)."""
     if isinstance(value, dict):
-        return {k: _compact(v) for k, v in value.items() if k != "exact"}
+        return {k: _without_exact_spectra(v) for k, v in value.items() if k != "exact"}
     if isinstance(value, (list, tuple)):
-        return [_compact(v) for v in value]
+        return [_without_exact_spectra(v) for v in value]
     return value
 
 
@@ -339,9 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     preset = ReproduceConfig.quick if args.quick else ReproduceConfig.full
     results = reproduce(args.out, preset(args.sections), work_dir=args.work)
-    checks = [(section, name, check) for section, value in results.items() if isinstance(value, dict)
-              for name, check in value.get("checks", {}).items()]
-    for section, name, check in checks:
-        print(f"{'PASS' if check['passed'] else 'FAIL'}  {section}: {name} ({check['criterion']})")
+    outcomes = [(section, name, outcome) for section, value in results.items() if isinstance(value, dict)
+                for name, outcome in value.get("checks", {}).items()]
+    for section, name, outcome in outcomes:
+        print(f"{'PASS' if outcome['passed'] else 'FAIL'}  {section}: {name} ({outcome['criterion']})")
     print(f"report: {args.out / 'REPORT.md'} ({results['seconds']['total']:.0f} s)")
-    return 0 if all(check["passed"] for _, _, check in checks) else 1
+    return 0 if all(outcome["passed"] for _, _, outcome in outcomes) else 1

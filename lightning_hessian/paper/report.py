@@ -1,11 +1,12 @@
 """The report of ``lightning-hessian reproduce``: ``REPORT.md`` and its PNG figures.
 
-Reads only the plain results dict of :func:`lightning_hessian.experiments.reproduce`. Figures are
+Reads only the plain results dict of :func:`lightning_hessian.paper.experiments.reproduce`. Figures are
 drawn with matplotlib's Agg backend at a size that keeps each PNG under ~100 KB.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -19,7 +20,7 @@ import torch
 _FIGSIZE = (10, 3.6)
 _DPI = 90
 
-# Figures of section 5 written by lightning_hessian.sblb, copied into the report folder.
+# Figures of section 5 written by lightning_hessian.paper.sblb, copied into the report folder.
 _SBLB_FIGURES = {
     "sb_continuation_loss.png": "fig5_continuation.png",
     "interpolation_lb_to_lbsb.png": "fig5_interpolation.png",
@@ -61,6 +62,48 @@ _CLAIMS = {
         "from w_LB to where it lands has no barrier (same basin), and w_LB is the sharper point.",
     ),
 }
+
+
+def check(passed: bool, criterion: str, **values: float) -> dict[str, Any]:
+    """One check of a claim, as plain values: whether it passed, its criterion in words, the numbers compared.
+
+    Example:
+        >>> check(2.0 > 1.0, "lambda_1 grows", before=1.0, after=2.0)
+        {'passed': True, 'criterion': 'lambda_1 grows', 'before': 1.0, 'after': 2.0}
+    """
+    return {"passed": bool(passed), "criterion": criterion, **values}
+
+
+def sblb_markdown(summary: dict[str, Any]) -> str:
+    """The small-batch vs large-batch summary (``summary.md``): points, lines and checks as Markdown tables."""
+    points = summary["points"]
+    lines = [
+        "# Small batch vs large batch (digits)",
+        "",
+        f"{summary['seconds']:.1f} s; config: `{json.dumps(summary['config'])}`",
+        "",
+        "| point | train loss | train acc | test acc | lambda_1 | top eigenvalues | trace |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, p in points.items():
+        top = ", ".join(f"{v:.3g}" for v in p["top_eigenvalues"])
+        lines.append(
+            f"| {name} | {p['train_loss']:.4g} | {p['train_accuracy']:.3f} | {p['test_accuracy']:.3f} | "
+            f"{p['top_eigenvalues'][0]:.4g} | {top} | {p['trace']:.4g} |"
+        )
+    lines += ["", "| line | barrier (train) | barrier (test) | distance | loss at alpha=-1 | loss at alpha=2 |"]
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for name, line in summary["interpolation"].items():
+        lines.append(
+            f"| {name} | {line['barrier_height']['train']:.3g} | {line['barrier_height']['test']:.3g} | "
+            f"{line['distance']:.3g} | {line['loss_at_ends'][0]:.4g} | {line['loss_at_ends'][1]:.4g} |"
+        )
+    lines += ["", "| check | passed | criterion | values |", "| --- | --- | --- | --- |"]
+    for name, result in summary["checks"].items():
+        values = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if k not in ("passed", "criterion"))
+        lines.append(f"| {name} | {result['passed']} | {result['criterion']} | {values} |")
+    return "\n".join(lines) + "\n"
+
 
 
 def _plt() -> Any:
@@ -200,8 +243,9 @@ def _section_class_structure(section: dict[str, Any], figure: str) -> list[str]:
     ]
     lines += [f"| {name} | {_fmt(values[:12])} |" for name, values in section["rows"].items()]
     lines += ["", f"The between-class part reaches {section['magnitude_ratio']:.0%} of lambda_1(H): after 30 "
-              "epochs the within-class variation still carries most of the outliers' size (PAPER.md T7), while "
-              "the position of the gap already comes from the class means."]
+              "epochs the within-class variation still carries most of the outliers' size (the class means dominate "
+              "only for nets trained to zero error, as Papyan's are), while the position of the gap already comes "
+              "from the class means."]
     return [*lines, "", f"![class structure]({figure})"]
 
 
@@ -319,9 +363,7 @@ def _section_ggn(section: dict[str, Any], figure: str) -> list[str]:
 
 
 def _section_sblb(section: dict[str, Any], out: Path, sblb_dir: Path) -> list[str]:
-    from lightning_hessian.sblb import _markdown
-
-    lines = _markdown(section["summary"]).splitlines()[2:]
+    lines = sblb_markdown(section["summary"]).splitlines()[2:]
     lines = lines[: next((i for i, line in enumerate(lines) if line.startswith("| check |")), len(lines))]
     for source, target in _SBLB_FIGURES.items():
         if (sblb_dir / source).exists():

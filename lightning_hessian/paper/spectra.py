@@ -30,12 +30,14 @@ from lightning_hessian.engine import (
     summarize,
     top_eigenvalues,
 )
-from lightning_hessian.models import MLPClassifier
+from lightning_hessian.interpolation import evaluate
+from lightning_hessian.paper.models import MLPClassifier
+from lightning_hessian.paper.training import train_sgd
 
 LR = 0.1
 BATCH_SIZE = 32
 EPOCHS = 30
-# |lambda| below this fraction of lambda_1 counts as zero in an exact spectrum (PAPER.md section 6.3);
+# |lambda| below this fraction of lambda_1 counts as zero in an exact spectrum (the pilot runs' threshold);
 # SLQ estimates use the engine's coarser default (1e-2: an 80-step quadrature cannot resolve finer).
 NEAR_ZERO_TOL = 1e-3
 SLQ_NEAR_ZERO_TOL = 1e-2
@@ -99,45 +101,25 @@ class TrainedNet:
     dense: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+def cross_entropy(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """Mean cross-entropy of a batch ``(x, y)``: the loss of every experiment."""
     return model.hessian_loss(batch)
 
 
-def _outputs(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+def logits(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """The logits ``[n, C]`` of a batch ``(x, y)``."""
     return model.hessian_outputs(batch)
 
 
-def _output_loss(outputs: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+def cross_entropy_of_logits(outputs: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """Mean cross-entropy of given logits against the batch's labels."""
     return F.cross_entropy(outputs, batch[1])
 
 
-def train_sgd(
-    model: nn.Module, x: Tensor, y: Tensor, *, epochs: int = 0, steps: int = 0, batch_size: int | None, seed: int
-) -> int:
-    """Plain SGD (lr 0.1, no momentum) on the mean cross-entropy: ``epochs`` shuffled epochs, or
-    ``steps`` full-batch steps when ``batch_size`` is ``None``. Returns the number of steps taken."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    generator = torch.Generator().manual_seed(seed)
-    batches = (
-        [(x, y)] * steps
-        if batch_size is None
-        else [
-            (x[idx], y[idx])
-            for _ in range(epochs)
-            for idx in torch.randperm(len(y), generator=generator).split(batch_size)
-        ]
-    )
-    for batch in batches:
-        optimizer.zero_grad(set_to_none=True)
-        _loss(model, batch).backward()
-        optimizer.step()
-    return len(batches)
-
-
 def _score(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
-    with torch.no_grad():
-        logits = model(x)
-        return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).double().mean())
+    """Mean cross-entropy and accuracy over ``(x, y)``."""
+    loss, accuracy = evaluate(model, [(x, y)])
+    return loss, float(accuracy)
 
 
 def train_net(
@@ -153,10 +135,13 @@ def train_net(
     model = MLPClassifier(x.shape[1], (hidden, hidden), int(y.max()) + 1, lr=LR).double()
     init = copy.deepcopy(model)
     started = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
     if mixture_steps is None:
-        steps = train_sgd(model, x, y, epochs=EPOCHS, batch_size=BATCH_SIZE, seed=seed)
+        train_sgd(model, x, y, lr=LR, epochs=EPOCHS, batch_size=BATCH_SIZE, generator=generator)
+        steps = EPOCHS * -(-len(y) // BATCH_SIZE)
     else:
-        steps = train_sgd(model, x, y, steps=mixture_steps, batch_size=None, seed=seed)
+        train_sgd(model, x, y, lr=LR, steps=mixture_steps, generator=generator)
+        steps = mixture_steps
     seconds = time.perf_counter() - started
     loss, acc = _score(model, x, y)
     return TrainedNet(model, init, x, y, loss, acc, _score(model, x_test, y_test)[1], steps, seconds)
@@ -188,7 +173,7 @@ def measure(
         The :class:`Spectrum` and the dense Hessian ``(M, M)`` (``None`` without ``exact``).
     """
     started = time.perf_counter()
-    op = HessianOperator(model, _loss, [(x, y)], dtype=torch.float64)
+    op = HessianOperator(model, cross_entropy, [(x, y)], dtype=torch.float64)
     top = top_eigenvalues(op, k, tol=TOL, max_matvecs=min(op.num_params, 20 * k + 200))
     values = top.eigenvalues
     count, ratio = outlier_gap(values)
@@ -200,7 +185,7 @@ def measure(
     spectrum = Spectrum(op.num_params, values.tolist(), top.residuals.tolist(), count, ratio,
                         (values[:-1] / values[1:]).tolist(), near_zero, trace)
     if exact:
-        hessian = dense_hessian(model, _loss, [(x, y)]) if hessian is None else hessian
+        hessian = dense_hessian(model, cross_entropy, [(x, y)]) if hessian is None else hessian
         full = torch.linalg.eigvalsh(hessian).flip(0)
         scale = float(full[0])
         spectrum.exact = full.tolist()
@@ -227,8 +212,8 @@ class _Difference:
 def compare_ggn(net: TrainedNet, model: nn.Module, name: str, *, exact: bool, k: int = 10) -> dict[str, Any]:
     """Top-k of H and G, and ``||H - G||_2``, by Lanczos and (with ``exact``) from dense matrices."""
     batch = [(net.x, net.y)]
-    hessian = HessianOperator(model, _loss, batch, dtype=torch.float64)
-    ggn = GGNOperator(model, _outputs, _output_loss, batch, dtype=torch.float64)
+    hessian = HessianOperator(model, cross_entropy, batch, dtype=torch.float64)
+    ggn = GGNOperator(model, logits, cross_entropy_of_logits, batch, dtype=torch.float64)
     top_h = top_eigenvalues(hessian, k, tol=TOL).eigenvalues
     top_g = top_eigenvalues(ggn, k, tol=TOL).eigenvalues
     difference = _Difference(hessian, ggn)
@@ -240,9 +225,9 @@ def compare_ggn(net: TrainedNet, model: nn.Module, name: str, *, exact: bool, k:
     if exact:
         dense_h = net.dense.get(name)
         if dense_h is None:
-            dense_h = dense_hessian(model, _loss, batch)
+            dense_h = dense_hessian(model, cross_entropy, batch)
         chunks = list(zip(net.x.split(GGN_BATCH), net.y.split(GGN_BATCH), strict=True))
-        dense_g = dense_ggn(model, _outputs, _output_loss, chunks)
+        dense_g = dense_ggn(model, logits, cross_entropy_of_logits, chunks)
         eig_g = torch.linalg.eigvalsh(dense_g).flip(0)
         row["exact_top_g"] = eig_g[:k].tolist()
         row["exact_residual_norm"] = float(torch.linalg.matrix_norm(dense_h - dense_g, ord=2))

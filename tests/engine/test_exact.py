@@ -1,15 +1,11 @@
 """The dense oracles themselves: `dense_hessian` and `dense_ggn` against independent routes."""
 
-import doctest
-import importlib
-import pkgutil
 
 import cases
 import pytest
 import torch
 from torch import nn
 
-import lightning_hessian.engine
 from lightning_hessian import dense_ggn, dense_hessian
 
 
@@ -100,14 +96,3 @@ def test_dense_ggn_equals_dense_hessian_for_a_linear_model_with_squared_error():
     hessian = dense_hessian(model, cases.squared_error, batches)
     ggn = dense_ggn(model, cases.outputs_of, cases.squared_error_on_outputs, batches)
     torch.testing.assert_close(ggn, hessian, rtol=0, atol=1e-13)
-
-
-def test_engine_doctests_pass():
-    package = lightning_hessian.engine
-    failed = attempted = 0
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
-        failed, attempted = failed + result.failed, attempted + result.attempted
-    assert failed == 0
-    assert attempted >= 3  # the examples of HessianOperator, top_eigenvalues and outlier_gap

@@ -1,4 +1,4 @@
-"""The paper's small-batch vs large-batch experiment (PAPER.md section 4, target T5).
+"""The paper's small-batch vs large-batch experiment (Sagun et al. 2017, section 4).
 
 1. From one initialization w0, full-batch gradient descent to w_LB.
 2. From w_LB, small-batch SGD (same learning rate) to w_LB->SB, recording the full training loss:
@@ -25,20 +25,24 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_hessian.data import digits_tensors
+from lightning_hessian import loggers
 from lightning_hessian.engine import HessianOperator, spectral_density, top_eigenvalues
 from lightning_hessian.interpolation import InterpolationResult, evaluate, linear_interpolation
+from lightning_hessian.paper.data import DigitsScaling, digits_tensors
+from lightning_hessian.paper.models import MLPClassifier
+from lightning_hessian.paper.report import check, sblb_markdown
+from lightning_hessian.paper.training import train_sgd
 
 RISE_FACTOR = 2.0
 FALL_FACTOR = 10.0
@@ -55,8 +59,9 @@ class SBLBConfig:
         seed: seeds the initialization and the small-batch shuffles.
         num_threads: torch intra-op threads during the run (1 is fastest for this size).
         num_train: the first ``num_train`` digits train, the rest test.
-        inputs: ``"unit"`` (pixels / 16, in [0, 1], as the pilot) or ``"standardized"``
-            (:func:`lightning_hessian.data.digits_tensors`).
+        scaling: ``"unit"`` (pixels / 16, in [0, 1], as the pilot runs) or ``"standardize"``
+            (see :func:`lightning_hessian.paper.data.digits_tensors`); ``inputs`` is its deprecated name,
+            with ``"standardized"`` for ``"standardize"``.
         hidden_sizes, activation: the :class:`~lightning_hessian.models.MLPClassifier`.
         lr: SGD learning rate of every phase.
         large_batch_size: batch of the large-batch run (``None``: full batch).
@@ -73,7 +78,7 @@ class SBLBConfig:
     seed: int = 0
     num_threads: int = 1
     num_train: int = 1000
-    inputs: Literal["unit", "standardized"] = "unit"
+    scaling: DigitsScaling = "unit"
     hidden_sizes: tuple[int, ...] = (20, 20)
     activation: str = "relu"
     lr: float = 0.1
@@ -95,8 +100,8 @@ class SBLBConfig:
         for name in (*counts, "record_every", "k", "num_probes", "num_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
-        if self.inputs not in ("unit", "standardized"):
-            raise ValueError(f"inputs={self.inputs!r} must be 'unit' or 'standardized'")
+        if self.scaling not in ("unit", "standardize"):
+            raise ValueError(f"scaling={self.scaling!r} must be 'unit' or 'standardize'")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be positive")
         if len(self.alphas) != 3 or int(self.alphas[2]) < 2 or not self.alphas[0] < self.alphas[1]:
@@ -117,6 +122,11 @@ class SBLBConfig:
         flat: dict[str, Any] = {}
         for key, value in mapping.items():
             flat.update(value if key in _SECTIONS and isinstance(value, Mapping) else {key: value})
+        if "inputs" in flat:
+            warnings.warn("the sb-lb setting `inputs` is deprecated; use `scaling` ('unit' or 'standardize')",
+                          DeprecationWarning, stacklevel=2)
+            inputs = flat.pop("inputs")
+            flat.setdefault("scaling", "standardize" if inputs == "standardized" else inputs)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(flat) - known)
         if unknown:
@@ -139,50 +149,9 @@ class SBLBConfig:
 
 
 def _digits(config: SBLBConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Train and test digits in float64, scaled as ``config.inputs`` says."""
-    scaling = "standardize" if config.inputs == "standardized" else "unit"
-    x, y, x_test, y_test = digits_tensors(num_train=config.num_train, scaling=scaling)
+    """Train and test digits in float64, scaled as ``config.scaling`` says."""
+    x, y, x_test, y_test = digits_tensors(num_train=config.num_train, scaling=config.scaling)
     return x.double(), y, x_test.double(), y_test
-
-
-def _full_loss(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Mean cross-entropy over all of ``(x, y)``."""
-    with torch.no_grad():
-        return float(F.cross_entropy(model(x), y))
-
-
-def _train(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    batch_size: int | None,
-    steps: int,
-    lr: float,
-    generator: torch.Generator,
-    record_every: int,
-) -> list[tuple[int, float]]:
-    """Plain SGD for ``steps`` steps; returns ``(step, full training loss)`` from step 0, every ``record_every``.
-
-    Minibatches walk through a fresh permutation each epoch (``batch_size=None``: the full batch).
-    """
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    size = len(y) if batch_size is None else batch_size
-    curve = [(0, _full_loss(model, x, y))]
-    step = 0
-    while step < steps:
-        order = torch.arange(len(y)) if size >= len(y) else torch.randperm(len(y), generator=generator)
-        for start in range(0, len(y), size):
-            index = order[start : start + size]
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[index]), y[index]).backward()
-            optimizer.step()
-            step += 1
-            if step % record_every == 0 or step == steps:
-                curve.append((step, _full_loss(model, x, y)))
-            if step == steps:
-                break
-    return curve
 
 
 def _spectrum(model: nn.Module, x: Tensor, y: Tensor, config: SBLBConfig) -> dict[str, Any]:
@@ -193,11 +162,6 @@ def _spectrum(model: nn.Module, x: Tensor, y: Tensor, config: SBLBConfig) -> dic
     return {"top": top, "density": density}
 
 
-def _check(passed: bool, criterion: str, **values: float) -> dict[str, Any]:
-    """One check as a JSON-ready dict: passed, the criterion in words, the numbers it compared."""
-    return {"passed": bool(passed), "criterion": criterion, **values}
-
-
 def _checks(curve: list[tuple[int, float]], line: InterpolationResult, sharp: float, flat: float) -> dict[str, Any]:
     """The three checks of the module docstring, from the continuation curve, the line and both lambda_1."""
     losses = [loss for _, loss in curve]
@@ -205,7 +169,7 @@ def _checks(curve: list[tuple[int, float]], line: InterpolationResult, sharp: fl
     start, end = line.values("train")[line.alphas.index(0.0)], line.values("train")[line.alphas.index(1.0)]
     barrier, threshold = line.barrier_height("train"), BARRIER_FRACTION * max(start, end)
     return {
-        "rise_then_fall": _check(
+        "rise_then_fall": check(
             peak >= RISE_FACTOR * losses[0] and losses[-1] <= peak / FALL_FACTOR,
             f"peak >= {RISE_FACTOR:g} * start and final <= peak / {FALL_FACTOR:g} (full training loss along the "
             "small-batch continuation)",
@@ -214,13 +178,13 @@ def _checks(curve: list[tuple[int, float]], line: InterpolationResult, sharp: fl
             peak_step=curve[losses.index(peak)][0],
             final=losses[-1],
         ),
-        "no_barrier": _check(
+        "no_barrier": check(
             barrier <= threshold,
             f"barrier_height(train) <= {BARRIER_FRACTION:g} * max(loss(0), loss(1)) on the w_LB -> w_LB->SB line",
             barrier_height=barrier,
             threshold=threshold,
         ),
-        "lb_sharper": _check(
+        "lb_sharper": check(
             sharp > flat, "lambda_1(w_LB) > lambda_1(w_LB->SB)", lambda_1_lb=sharp, lambda_1_lb_to_sb=flat
         ),
     }
@@ -264,52 +228,19 @@ def _plot_spectra(spectra: Mapping[str, dict[str, Any]], path: Path) -> Any:
     return fig
 
 
-def _markdown(summary: dict[str, Any]) -> str:
-    """``summary.md``: points, lines and checks as Markdown tables."""
-    points = summary["points"]
-    lines = [
-        "# Small batch vs large batch (digits)",
-        "",
-        f"{summary['seconds']:.1f} s; config: `{json.dumps(summary['config'])}`",
-        "",
-        "| point | train loss | train acc | test acc | lambda_1 | top eigenvalues | trace |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, p in points.items():
-        top = ", ".join(f"{v:.3g}" for v in p["top_eigenvalues"])
-        lines.append(
-            f"| {name} | {p['train_loss']:.4g} | {p['train_accuracy']:.3f} | {p['test_accuracy']:.3f} | "
-            f"{p['top_eigenvalues'][0]:.4g} | {top} | {p['trace']:.4g} |"
-        )
-    lines += ["", "| line | barrier (train) | barrier (test) | distance | loss at alpha=-1 | loss at alpha=2 |"]
-    lines.append("| --- | --- | --- | --- | --- | --- |")
-    for name, line in summary["interpolation"].items():
-        lines.append(
-            f"| {name} | {line['barrier_height']['train']:.3g} | {line['barrier_height']['test']:.3g} | "
-            f"{line['distance']:.3g} | {line['loss_at_ends'][0]:.4g} | {line['loss_at_ends'][1]:.4g} |"
-        )
-    lines += ["", "| check | passed | criterion | values |", "| --- | --- | --- | --- |"]
-    for name, check in summary["checks"].items():
-        values = ", ".join(f"{k}={v:.4g}" for k, v in check.items() if k not in ("passed", "criterion"))
-        lines.append(f"| {name} | {check['passed']} | {check['criterion']} | {values} |")
-    return "\n".join(lines) + "\n"
-
-
 def _train_all(config: SBLBConfig, x: Tensor, y: Tensor) -> tuple[dict[str, nn.Module], dict[str, list]]:
     """Train w_LB, w_LB->SB and w_SB from one seeded w0; return the models and their loss curves."""
-    from lightning_hessian.models import MLPClassifier
-
     torch.manual_seed(config.seed)
     w0 = MLPClassifier(x.shape[1], config.hidden_sizes, int(y.max()) + 1, config.activation, lr=config.lr).double()
     train = {"lr": config.lr, "generator": torch.Generator().manual_seed(config.seed)}
     large = {"batch_size": config.large_batch_size, "steps": config.large_batch_steps, "record_every": 1}
     small = dict(batch_size=config.small_batch_size, steps=config.small_batch_steps, record_every=config.record_every)
     models = {"w_LB": copy.deepcopy(w0)}
-    curves = {"lb": _train(models["w_LB"], x, y, **large, **train)}
+    curves = {"lb": train_sgd(models["w_LB"], x, y, **large, **train)}
     models["w_LB->SB"] = copy.deepcopy(models["w_LB"])
-    curves["lb_to_sb"] = _train(models["w_LB->SB"], x, y, **small, **train)
+    curves["lb_to_sb"] = train_sgd(models["w_LB->SB"], x, y, **small, **train)
     models["w_SB"] = copy.deepcopy(w0)
-    curves["sb"] = _train(models["w_SB"], x, y, **small, **train)
+    curves["sb"] = train_sgd(models["w_SB"], x, y, **small, **train)
     return models, curves
 
 
@@ -378,7 +309,7 @@ def run_sb_lb(config: SBLBConfig | Mapping[str, Any] | str | Path, out_dir: str 
         logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version="")
         for tag, curve in curves.items():
             for step, loss in curve:
-                logger.log_metrics({f"{tag}/train_loss": loss}, step=step)
+                loggers.log_metrics([logger], {f"{tag}/train_loss": loss}, step)
 
         loaders = {"train": [(x, y)], "test": [(x_test, y_test)]}
         first, last, num = config.alphas
@@ -388,24 +319,18 @@ def run_sb_lb(config: SBLBConfig | Mapping[str, Any] | str | Path, out_dir: str 
             ("w_LB -> w_LB->SB", ("w_LB", "w_LB->SB"), "lb_to_lbsb"),
             ("w_SB -> w_LB (Keskar)", ("w_SB", "w_LB"), "keskar"),
         ):
-            lines[name] = linear_interpolation(
-                models[a],
-                models[b],
-                loaders,
-                alphas,
-                logger=logger,
-                name=f"interpolation/{tag}",
-                labels=(a, b),
-                csv_path=out / f"interpolation_{tag}.csv",
-                plot_path=out / f"interpolation_{tag}.png",
-                progress=False,
-            )
+            line = linear_interpolation(models[a], models[b], loaders, alphas, labels=(a, b), progress=False)
+            line.to_csv(out / f"interpolation_{tag}.csv")
+            line.save_plot(out / f"interpolation_{tag}.png")
+            loggers.log_interpolation(line, [logger], name=f"interpolation/{tag}")
+            lines[name] = line
 
         spectra = {name: _spectrum(model, x, y, config) for name, model in models.items()}
         points = {name: _point(model, loaders, spectra[name]) for name, model in models.items()}
         for name, point in points.items():
             key = name.replace("->", "_to_").removeprefix("w_")
-            logger.log_metrics({f"spectrum/{key}/eig_{i + 1}": v for i, v in enumerate(point["top_eigenvalues"])})
+            loggers.log_metrics([logger], {f"spectrum/{key}/eig_{i + 1}": v
+                                           for i, v in enumerate(point["top_eigenvalues"])}, 0)
         figures = {
             "sb_lb/continuation_loss": _plot_curves(
                 {"continuation from w_LB": curves["lb_to_sb"], "from w0": curves["sb"]},
@@ -414,7 +339,7 @@ def run_sb_lb(config: SBLBConfig | Mapping[str, Any] | str | Path, out_dir: str 
             "sb_lb/spectra": _plot_spectra(spectra, out / "spectra.png"),
         }
         for tag, fig in figures.items():
-            logger.experiment.add_figure(tag, fig, global_step=0)
+            loggers.log_figure([logger], tag, fig)
 
         checks = _checks(
             curves["lb_to_sb"],
@@ -434,12 +359,12 @@ def run_sb_lb(config: SBLBConfig | Mapping[str, Any] | str | Path, out_dir: str 
             "passed": all(c["passed"] for c in checks.values()),
             "seconds": time.perf_counter() - started,
         }
-        logger.experiment.add_text("sb_lb/summary", _markdown(summary))
+        loggers.log_text([logger], "sb_lb/summary", sblb_markdown(summary))
         logger.finalize("success")
     finally:
         torch.set_num_threads(threads)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.md").write_text(_markdown(summary))
+    loggers.write_json(out / "summary.json", summary)
+    (out / "summary.md").write_text(sblb_markdown(summary))
     return summary
 
 

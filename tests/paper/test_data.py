@@ -4,7 +4,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from lightning_hessian.data import (
+from lightning_hessian.paper.data import (
     DigitsDataModule,
     GaussianMixtureDataModule,
     digits_tensors,

@@ -160,8 +160,9 @@ class MatrixOperator:
         self.num_matvecs = 0
 
     def matmat(self, vectors: Tensor) -> Tensor:
-        self.num_matvecs += vectors.shape[0]
-        return vectors @ self.matrix
+        """``[P, S] -> [P, S]``, one vector per column."""
+        self.num_matvecs += vectors.shape[1]
+        return self.matrix @ vectors
 
 
 def matrix_with_spectrum(eigenvalues: Sequence[float], seed: int = 0) -> Tensor:

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from lightning_hessian import GGNOperator, HessianOperator, dense_ggn
-from lightning_hessian.data import DigitsDataModule
-from lightning_hessian.models import MLPClassifier, SmallCNN
+from lightning_hessian.paper.data import DigitsDataModule
+from lightning_hessian.paper.models import MLPClassifier, SmallCNN
 
 
 def _batch(n=24, d=64, classes=10, seed=0):

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from lightning_hessian._spectra import compare_ggn, measure, train_net
 from lightning_hessian.cli import main
-from lightning_hessian.data import gaussian_mixture_tensors
+from lightning_hessian.paper.data import gaussian_mixture_tensors
+from lightning_hessian.paper.spectra import compare_ggn, measure, train_net
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ def test_hessian_products_equal_dense_hessian_times_vectors(case):
     op = HessianOperator(model, case.loss_fn, batches, params=case.params, dtype=F64, mode=case.mode, **case.kwargs)
     hessian = dense_hessian(model, case.loss_fn, batches, params=case.params, mode=case.mode)
     vectors = _random_vectors(op.num_params)
-    _assert_same_operator(op.matmat(vectors), vectors @ hessian)
+    _assert_same_operator(op.matmat(vectors.T).T, vectors @ hessian)
     _assert_same_operator(op.matvec(vectors[0]), hessian @ vectors[0])
     _assert_same_operator(op @ vectors.T, hessian @ vectors.T)
     assert op.num_matvecs == 2 * vectors.shape[0] + 1
@@ -53,7 +53,7 @@ def test_products_are_the_same_whatever_the_batching():
     x, y = (torch.cat(parts) for parts in zip(*problem.batches, strict=True))
     vectors = _random_vectors(problem.hessian.shape[0], num_vectors=4)
     products = {
-        name: HessianOperator(model, cases.cross_entropy, cases.split(x, y, sizes), dtype=F64).matmat(vectors)
+        name: HessianOperator(model, cases.cross_entropy, cases.split(x, y, sizes), dtype=F64).matmat(vectors.T).T
         for name, sizes in {"1x512": [512], "8x64": [64] * 8, "uneven": [100, 3, 200, 128, 81]}.items()
     }
     for name in ("8x64", "uneven"):
@@ -72,7 +72,7 @@ def test_keep_graph_and_vectorize_do_not_change_the_products():
         for keep_graph in (True, False):
             for vectorize in (True, False):
                 op = operator(model, *args, batches, dtype=F64, keep_graph=keep_graph, vectorize=vectorize)
-                products += [op.matmat(vectors), op.matmat(vectors)]  # the second product reuses kept graphs
+                products += [op.matmat(vectors.T).T, op.matmat(vectors.T).T]  # the second product reuses kept graphs
         for product in products[1:]:
             _assert_same_operator(product, products[0], rtol=1e-12)
 
@@ -91,7 +91,7 @@ def test_params_patterns_select_the_sub_block():
         assert op.param_names == names
         index = torch.cat([offsets[n] for n in names])
         vectors = _random_vectors(index.numel())
-        _assert_same_operator(op.matmat(vectors), vectors @ full[index][:, index])
+        _assert_same_operator(op.matmat(vectors.T).T, vectors @ full[index][:, index])
 
 
 def test_unused_parameter_gives_zero_rows():
@@ -100,7 +100,7 @@ def test_unused_parameter_gives_zero_rows():
     op = HessianOperator(model, cases.cross_entropy, batches, dtype=F64)
     assert op.param_names[0] == "unused"  # a module's own parameters come before its children's
     unused = slice(0, 5)
-    products = op.matmat(_random_vectors(op.num_params))
+    products = op.matmat(_random_vectors(op.num_params).T).T
     assert products[:, unused.stop :].abs().max() > 1e-3
     assert torch.all(products[:, unused] == 0)
     only_unused = torch.zeros(op.num_params, dtype=F64)
@@ -116,13 +116,13 @@ def test_tuple_list_and_dict_batches_give_the_same_operator():
     lists = [list(b) for b in tuples]
     dicts = [{"x": x, "y": y} for x, y in tuples]
     vectors = _random_vectors(sum(p.numel() for p in model.parameters()))
-    expected = HessianOperator(model, cases.cross_entropy, tuples, dtype=F64).matmat(vectors)
-    _assert_same_operator(HessianOperator(model, cases.cross_entropy, lists, dtype=F64).matmat(vectors), expected,
+    expected = HessianOperator(model, cases.cross_entropy, tuples, dtype=F64).matmat(vectors.T).T
+    _assert_same_operator(HessianOperator(model, cases.cross_entropy, lists, dtype=F64).matmat(vectors.T).T, expected,
                           rtol=1e-14)
-    _assert_same_operator(HessianOperator(model, cases.dict_cross_entropy, dicts, dtype=F64).matmat(vectors), expected,
-                          rtol=1e-14)
+    by_dict = HessianOperator(model, cases.dict_cross_entropy, dicts, dtype=F64).matmat(vectors.T).T
+    _assert_same_operator(by_dict, expected, rtol=1e-14)
     ggn = GGNOperator(model, cases.outputs_of, cases.cross_entropy_on_outputs, dicts, dtype=F64)
-    _assert_same_operator(ggn.matmat(vectors),
+    _assert_same_operator(ggn.matmat(vectors.T).T,
                           vectors @ dense_ggn(model, cases.outputs_of, cases.cross_entropy_on_outputs, tuples))
 
 
@@ -133,7 +133,7 @@ def test_train_mode_uses_batch_statistics_and_eval_mode_running_statistics():
     products = {}
     for mode in ("eval", "train"):
         oracle = cases.autograd_hessian(model, cases.cross_entropy, batches, mode=mode)
-        products[mode] = HessianOperator(model, cases.cross_entropy, batches, dtype=F64, mode=mode).matmat(vectors)
+        products[mode] = HessianOperator(model, cases.cross_entropy, batches, dtype=F64, mode=mode).matmat(vectors.T).T
         _assert_same_operator(products[mode], vectors @ oracle)
     assert (products["train"] - products["eval"]).abs().max() > 0.1 * products["eval"].abs().max()
 
@@ -143,11 +143,11 @@ def test_the_operator_is_a_snapshot_of_the_model_at_construction():
     batches = cases.split(*cases.gaussian_mixture(40, 4, 10), [40])
     op = HessianOperator(model, cases.cross_entropy, batches)
     vectors = torch.randn(2, op.num_params)
-    before = op.matmat(vectors)
+    before = op.matmat(vectors.T).T
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0)
-    torch.testing.assert_close(op.matmat(vectors), before, rtol=0, atol=0)
+    torch.testing.assert_close(op.matmat(vectors.T).T, before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("context", [
@@ -156,11 +156,12 @@ def test_products_work_with_gradients_disabled(context):
     model = cases.mlp((10, 12, 4))
     data = cases.gaussian_mixture(40, 4, 10)
     vectors = _random_vectors(sum(p.numel() for p in model.parameters()))
-    expected = HessianOperator(model, cases.cross_entropy, [data], dtype=F64).matmat(vectors)
+    expected = HessianOperator(model, cases.cross_entropy, [data], dtype=F64).matmat(vectors.T).T
     with context():
         batches = [tuple(t.clone() for t in data)]  # under inference_mode these are inference tensors
-        product = HessianOperator(model, cases.cross_entropy, batches, dtype=F64).matmat(vectors)
-        ggn = GGNOperator(model, cases.outputs_of, cases.cross_entropy_on_outputs, batches, dtype=F64).matmat(vectors)
+        product = HessianOperator(model, cases.cross_entropy, batches, dtype=F64).matmat(vectors.T).T
+        ggn = GGNOperator(model, cases.outputs_of, cases.cross_entropy_on_outputs, batches, dtype=F64)
+        ggn = ggn.matmat(vectors.T).T
     _assert_same_operator(product, expected, rtol=1e-14)
     _assert_same_operator(ggn, vectors @ dense_ggn(model, cases.outputs_of, cases.cross_entropy_on_outputs, [data]))
 
@@ -181,7 +182,7 @@ def test_ggn_products_equal_dense_ggn_times_vectors(build, output_loss, sizes):
     op = GGNOperator(model, cases.outputs_of, output_loss, batches, dtype=F64)
     ggn = dense_ggn(model, cases.outputs_of, output_loss, batches)
     vectors = _random_vectors(op.num_params)
-    _assert_same_operator(op.matmat(vectors), vectors @ ggn)
+    _assert_same_operator(op.matmat(vectors.T).T, vectors @ ggn)
     hessian = dense_hessian(model, lambda m, b: output_loss(cases.outputs_of(m, b), b), batches)
     assert (ggn - hessian).abs().max() > 1e-6  # a nonlinear net: G differs from H
 
@@ -264,7 +265,7 @@ def test_products_and_solvers_leave_model_and_rng_untouched(mode):
     assert before["modes"]["bn"] and before["modes"]["drop"] and not before["modes"]["fc2"]
 
     hessian = HessianOperator(model, cases.cross_entropy, batches, mode=mode)
-    hessian.matmat(torch.randn(3, hessian.num_params, generator=torch.Generator().manual_seed(0)))
+    hessian.matmat(torch.randn(hessian.num_params, 3, generator=torch.Generator().manual_seed(0)))
     top_eigenvalues(hessian, 3, max_matvecs=20)
     spectral_density(hessian, num_probes=3, num_steps=10)
     ggn = GGNOperator(model, cases.outputs_of, cases.cross_entropy_on_outputs, batches, mode=mode, keep_graph=False)

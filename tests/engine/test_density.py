@@ -140,7 +140,7 @@ def test_deflating_the_outliers_halves_the_error_and_the_trace_uncertainty(seed)
     exact = problem.eigenvalues
     op = HessianOperator(problem.model(), cases.cross_entropy, problem.batches, dtype=F64)
     top = top_eigenvalues(op, 10, seed=seed)
-    deflated = spectral_density(op, num_probes=10, num_steps=80, seed=seed, outliers=top)
+    deflated = spectral_density(op, num_probes=10, num_steps=80, seed=seed, deflate=top)
     plain = cases.digits_density(seed)
     assert deflated.nodes.shape == deflated.weights.shape == (10, 90) and deflated.num_matvecs == 800
     assert _w1(deflated, exact) < 0.6 * _w1(plain, exact)
@@ -152,7 +152,7 @@ def test_deflated_outliers_are_point_masses_and_the_rest_lies_below_them():
     spectrum = torch.cat([torch.tensor([9.0, 7.0, 5.0], dtype=F64), torch.linspace(-0.5, 1.0, 97, dtype=F64)])
     op = cases.MatrixOperator(cases.matrix_with_spectrum(spectrum, seed=2))
     top = top_eigenvalues(op, 3, tol=1e-10)
-    density = spectral_density(op, num_probes=3, num_steps=30, outliers=top)
+    density = spectral_density(op, num_probes=3, num_steps=30, deflate=top)
     # Each probe counts by the share of it that deflation leaves; the rows average to 1.
     assert float(density.weights.sum(dim=1).mean()) == pytest.approx(1.0, abs=1e-12)
     assert torch.all(density.nodes[:, 1:] >= density.nodes[:, :-1])
@@ -165,11 +165,11 @@ def test_deflated_outliers_are_point_masses_and_the_rest_lies_below_them():
 def test_outliers_that_do_not_fit_or_did_not_converge_are_rejected():
     op = cases.MatrixOperator(cases.matrix_with_spectrum(torch.linspace(0, 1, 40, dtype=F64)))
     other = top_eigenvalues(cases.MatrixOperator(torch.eye(30, dtype=F64)), 2)
-    with pytest.raises(ValueError, match=r"outliers has eigenvectors of shape \(2, 30\)"):
-        spectral_density(op, outliers=other)
+    with pytest.raises(ValueError, match=r"deflate has eigenvectors of shape \(2, 30\)"):
+        spectral_density(op, deflate=other)
     unconverged = top_eigenvalues(op, 3, max_matvecs=3)
     with pytest.raises(ValueError, match="unconverged"):
-        spectral_density(op, outliers=unconverged)
+        spectral_density(op, deflate=unconverged)
     assert op.num_matvecs == 3
 
 
@@ -194,7 +194,7 @@ def test_deflated_bases_stay_off_the_outliers_for_hundreds_of_steps(dtype):
     spectrum = torch.cat([torch.tensor([100.0, 60.0, 40.0, 30.0, 20.0], dtype=F64),
                           1 + torch.rand(395, generator=generator, dtype=F64)])
     op = cases.MatrixOperator(cases.matrix_with_spectrum(spectrum, seed=2).to(dtype))
-    density = spectral_density(op, num_probes=4, num_steps=300, outliers=top_eigenvalues(op, 5, tol=1e-5))
+    density = spectral_density(op, num_probes=4, num_steps=300, deflate=top_eigenvalues(op, 5, tol=1e-5))
     low, high = density.range
     assert low >= 1 - 1e-5 and high <= 100 * (1 + 1e-5)
 
@@ -204,7 +204,7 @@ def test_a_probe_inside_the_deflated_space_counts_for_nothing():
     left; the others carry the remaining eigenvalue 1 with its full mass 1/2."""
     op = cases.MatrixOperator(torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=F64))
     top = top_eigenvalues(op, 1, tol=1e-10, seed=1)
-    density = spectral_density(op, num_probes=4, num_steps=5, outliers=top, seed=0)
+    density = spectral_density(op, num_probes=4, num_steps=5, deflate=top, seed=0)
     assert density.mass(-0.5, 0.5) == pytest.approx(0.0, abs=1e-12)
     assert density.mass(0.5, 1.5) == pytest.approx(0.5, abs=1e-12)
     assert density.mass(2.5, 3.5) == pytest.approx(0.5, abs=1e-12)

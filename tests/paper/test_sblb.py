@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lightning_hessian import cli
-from lightning_hessian.data import digits_tensors
-from lightning_hessian.sblb import (
+from lightning_hessian.paper.data import digits_tensors
+from lightning_hessian.paper.sblb import (
     BARRIER_FRACTION,
     FALL_FACTOR,
     RISE_FACTOR,
@@ -16,7 +16,7 @@ from lightning_hessian.sblb import (
     _digits,
 )
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sb_vs_lb.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sb_vs_lb.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_yaml_config_is_the_default_and_not_a_fit_config():
     ("settings", "match"),
     [
         pytest.param({"optimization": {"learning_rate": 0.1}}, "unknown settings", id="unknown"),
-        pytest.param({"data": {"inputs": "raw"}}, "inputs='raw'", id="inputs"),
+        pytest.param({"data": {"scaling": "raw"}}, "scaling='raw'", id="scaling"),
         pytest.param({"small_batch_steps": 0}, "small_batch_steps=0", id="steps"),
         pytest.param({"quick": {"epochs": 1}}, "quick has unknown keys", id="quick"),
         pytest.param({"interpolation": {"alphas": [-1, 2, 1]}}, r"alphas=\[-1, 2, 1\]", id="alphas"),
@@ -104,11 +104,13 @@ def test_bad_settings_are_named(settings, match):
         SBLBConfig.from_mapping(settings)
 
 
-def test_inputs_unit_and_standardized():
+def test_scaling_unit_and_standardize():
     x, y, x_test, y_test = _digits(SBLBConfig())
     assert x.dtype == torch.float64 and x.shape == (1000, 64) and x_test.shape == (797, 64)
     assert float(x.min()) == 0.0 and float(x.max()) == 1.0
-    standardized = _digits(SBLBConfig(inputs="standardized"))
+    standardized = _digits(SBLBConfig(scaling="standardize"))
+    with pytest.warns(DeprecationWarning, match="inputs"):
+        assert SBLBConfig.from_mapping({"data": {"inputs": "standardized"}}).scaling == "standardize"
     reference = digits_tensors(num_train=1000)
     assert torch.equal(standardized[0], reference[0].double()) and torch.equal(standardized[1], y)
     assert torch.equal(reference[3], y_test)

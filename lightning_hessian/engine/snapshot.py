@@ -1,0 +1,293 @@
+"""A functional snapshot of a model over a fixed list of batches: what every curvature computation reads.
+
+Symbols: P selected parameters (flat length), S vectors handled together, N samples.
+
+The snapshot copies the selected parameters into fresh leaf tensors, the other parameters and the
+buffers into detached copies, and the batches onto the parameters' device in the computation dtype;
+:meth:`ModelSnapshot.call` evaluates a function of the model with those tensors swapped in through
+:func:`torch.func.functional_call`. The model itself is never written: its parameters, buffers,
+``.grad`` and ``requires_grad`` are unchanged, and module modes are restored after each call.
+
+Flat vectors follow one convention throughout the engine: a vector is ``[P]`` in the order of
+``model.named_parameters()`` restricted to the selection, and a block of S vectors is ``[P, S]``,
+one vector per column, as in SciPy's ``LinearOperator.matmat``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_hessian.engine.batches import count_samples, materialize, move_batch
+
+Mode = Literal["eval", "train"]
+
+
+class BoundModule(nn.Module):
+    """``fn(model, *args)`` as a module, so that :func:`functional_call` can swap the model's tensors.
+
+    Example:
+        >>> bound = BoundModule(torch.nn.Linear(2, 1), lambda m, x: m(x).sum())
+        >>> bound(torch.zeros(3, 2)).shape
+        torch.Size([])
+    """
+
+    def __init__(self, model: nn.Module, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(self.model, *args)
+
+
+def select_parameters(model: nn.Module, params: Sequence[str] | None = None) -> list[tuple[str, nn.Parameter]]:
+    """The ``(name, parameter)`` pairs a curvature computation works on.
+
+    Args:
+        model: the network.
+        params: ``None`` for every parameter with ``requires_grad``, or name patterns
+            (:mod:`fnmatch` style, e.g. ``["0.*", "*.bias"]``) matched against
+            ``model.named_parameters()``; a parameter is selected when any pattern matches.
+
+    Returns:
+        The selected pairs, in ``named_parameters()`` order (a tied parameter once).
+
+    Raises:
+        TypeError: if ``params`` is a single string or holds something other than names.
+        ValueError: if nothing is selected.
+
+    Example:
+        >>> [name for name, _ in select_parameters(torch.nn.Linear(2, 1), ["*.bias", "bias"])]
+        ['bias']
+    """
+    named = list(model.named_parameters())
+    if params is None:
+        selected = [(n, p) for n, p in named if p.requires_grad]
+        if not selected:
+            raise ValueError(
+                "the model has no parameter with requires_grad=True; unfreeze some parameters or pass `params=` "
+                "name patterns"
+            )
+        return selected
+    if isinstance(params, str) or not all(isinstance(p, str) for p in params):
+        raise TypeError(
+            f"params must be a list of name patterns such as ['fc1.*'], got {params!r}; "
+            "see dict(model.named_parameters()) for the names"
+        )
+    selected = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, pat) for pat in params)]
+    if not selected:
+        names = ", ".join(n for n, _ in named[:8])
+        raise ValueError(f"params={list(params)!r} matches no parameter; the model has: {names}, ...")
+    return selected
+
+
+@contextlib.contextmanager
+def module_mode(model: nn.Module, mode: Mode, *, freeze_statistics: bool = False) -> Iterator[None]:
+    """Put ``model`` in ``mode`` for the duration of the block, then restore every submodule's mode.
+
+    ``"train"`` keeps dropout off (its modules stay in eval mode), so the computation is
+    deterministic; batch normalization then uses batch statistics.
+
+    Args:
+        model: the network.
+        mode: ``"eval"`` or ``"train"``.
+        freeze_statistics: in ``"train"`` mode, also keep batch normalization from updating its
+            running statistics (it still normalizes with batch statistics), so that no buffer is
+            written in place, which :mod:`torch.func` transforms require.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Dropout(0.5))
+        >>> with module_mode(net, "train"):
+        ...     net[0].training
+        False
+    """
+    saved = [(m, m.training) for m in model.modules()]
+    norms = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    try:
+        model.train(mode == "train")
+        if mode == "train":
+            for m in model.modules():
+                if isinstance(m, nn.modules.dropout._DropoutNd):
+                    m.eval()
+            if freeze_statistics:
+                for m, _ in norms:
+                    m.track_running_stats = False
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+        for m, tracking in norms:
+            m.track_running_stats = tracking
+
+
+def autograd_enabled() -> contextlib.AbstractContextManager[Any]:
+    """Gradients on and inference mode off, so that products work under ``no_grad`` and ``inference_mode``."""
+    if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
+def _copy(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    return tensor.detach().to(dtype, copy=True) if tensor.is_floating_point() else tensor.detach().clone()
+
+
+class ModelSnapshot:
+    """The selected parameters, other tensors and batches of a model, frozen for curvature work.
+
+    Args:
+        model: the network; never modified.
+        batches: a re-iterable of batches (a list, a DataLoader); each batch is a tensor, tuple,
+            list or dict whose first tensor has the samples along dimension 0. Read once, without
+            moving any global random stream.
+        params: name patterns selecting parameters (see :func:`select_parameters`); default all
+            with ``requires_grad``.
+        dtype: floating dtype of the computation; default the parameters' dtype, promoted to
+            float32 for 16-bit models.
+        mode: ``"eval"`` (running statistics, dropout off) or ``"train"`` (batch statistics, running
+            statistics not updated, dropout still off).
+        vectorize: multiply several vectors per backward pass with ``is_grads_batched`` (falls back
+            to a loop where an operation has no batching rule); ``None``: on CUDA devices only, as on
+            a CPU the batched pass cost more per vector than a loop (``benchmarks/RESULTS.md``).
+
+    Attributes:
+        model, mode, dtype, device: as given or resolved.
+        param_names: names of the selected parameters, in flat order.
+        num_params: P.
+        batches: the batches on ``device``, floating tensors in ``dtype``.
+        batch_sizes: samples per batch; ``num_samples``: N, their sum.
+        leaves: one leaf tensor per selected parameter (``requires_grad=True``), detached copies.
+
+    Example:
+        >>> snapshot = ModelSnapshot(torch.nn.Linear(3, 2), [torch.ones(4, 3)])
+        >>> snapshot.num_params, snapshot.num_samples, snapshot.flat_parameters().shape
+        (8, 4, torch.Size([8]))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        *,
+        params: Sequence[str] | None = None,
+        dtype: torch.dtype | None = None,
+        mode: Mode = "eval",
+        vectorize: bool | None = None,
+    ) -> None:
+        if mode not in ("eval", "train"):
+            raise ValueError(f"mode={mode!r} must be 'eval' or 'train'")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"dtype={dtype} must be a floating dtype such as torch.float64")
+        self.model = model
+        self.mode: Mode = mode
+        selected = select_parameters(model, params)
+        self.param_names = [n for n, _ in selected]
+        self.shapes = [p.shape for _, p in selected]
+        self.numels = [p.numel() for _, p in selected]
+        self.num_params = sum(self.numels)
+        self.device = selected[0][1].device
+        self.vectorize = self.device.type == "cuda" if vectorize is None else vectorize
+        natural = selected[0][1].dtype
+        self.dtype = dtype or (torch.float32 if natural in (torch.float16, torch.bfloat16) else natural)
+        with autograd_enabled():
+            self.batches = [move_batch(b, self.device, self.dtype) for b in materialize(batches)]
+            if not self.batches:
+                raise ValueError("batches is empty; pass at least one batch of samples")
+            self.batch_sizes = [count_samples(b) for b in self.batches]
+            self.leaves = [p.detach().to(self.dtype, copy=True).requires_grad_(True) for _, p in selected]
+            chosen = set(self.param_names)
+            self._others = {n: _copy(p, self.dtype) for n, p in model.named_parameters() if n not in chosen}
+            self._others.update({n: _copy(b, self.dtype) for n, b in model.named_buffers()})
+        self.num_samples = sum(self.batch_sizes)
+
+    def call(self, fn: Callable[..., Any], *args: Any, leaves: Sequence[Tensor] | None = None) -> Any:
+        """Evaluate ``fn(model, *args)`` with the snapshot's tensors in place of the model's.
+
+        Runs in the snapshot's mode, outside autocast. ``leaves`` replaces the selected parameters
+        (one tensor per parameter, in flat order).
+        """
+        state = dict(zip(self.param_names, self.leaves if leaves is None else leaves, strict=True))
+        state.update(self._others)
+        state = {"model." + name: tensor for name, tensor in state.items()}
+        with module_mode(self.model, self.mode, freeze_statistics=True), torch.autocast(self.device.type,
+                                                                                        enabled=False):
+            return functional_call(BoundModule(self.model, fn), state, args, strict=False)
+
+    def flat_parameters(self) -> Tensor:
+        """The selected parameters as one ``[P]`` vector (detached)."""
+        return torch.cat([leaf.detach().reshape(-1) for leaf in self.leaves])
+
+    def unflatten(self, matrix: Tensor) -> list[Tensor]:
+        """``[P, S]`` -> one ``[S, *shape]`` tensor per selected parameter."""
+        columns = matrix.shape[1]
+        return [c.T.reshape(columns, *s) for c, s in zip(matrix.split(self.numels), self.shapes, strict=True)]
+
+    def flatten(self, parts: Sequence[Tensor]) -> Tensor:
+        """One ``[S, *shape]`` tensor per selected parameter -> ``[P, S]``."""
+        return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1).T
+
+    def parameters_of(self, flat: Tensor) -> list[Tensor]:
+        """A ``[P]`` vector as one tensor per selected parameter (views)."""
+        return [chunk.reshape(shape) for chunk, shape in zip(flat.split(self.numels), self.shapes, strict=True)]
+
+    def vjp(
+        self, outputs: Sequence[Tensor], cotangents: Sequence[Tensor], inputs: Sequence[Tensor], *, retain: bool
+    ) -> list[Tensor]:
+        """Vector-Jacobian products of ``outputs`` with respect to ``inputs`` for S stacked cotangents.
+
+        Args:
+            outputs: tensors of the graph.
+            cotangents: ``cotangents[j]`` of shape ``[S, *outputs[j].shape]``.
+            inputs: the tensors to differentiate with respect to.
+            retain: keep the graph for later passes.
+
+        Returns:
+            One ``[S, *inputs[i].shape]`` tensor per input. Outputs that do not depend on the inputs
+            contribute zero; inputs that do not influence the outputs get zero rows.
+        """
+        num_vectors = cotangents[0].shape[0]
+        pairs = [(o, c) for o, c in zip(outputs, cotangents, strict=True) if o.requires_grad]
+        if not pairs:
+            return zeros_like_stacked(inputs, num_vectors)
+        outs, cots = zip(*pairs, strict=True)
+
+        def one_pass(cot: Sequence[Tensor], batched: bool, keep: bool) -> tuple[Tensor | None, ...]:
+            return torch.autograd.grad(outs, inputs, cot, retain_graph=keep, allow_unused=True,
+                                       is_grads_batched=batched)
+
+        if self.vectorize and num_vectors > 1:
+            try:
+                return stacked(one_pass(cots, True, True), inputs, num_vectors)
+            except RuntimeError as err:  # an operation without a batching rule: loop instead
+                warnings.warn(f"batched products unavailable ({err}); multiplying one vector at a time",
+                              RuntimeWarning, stacklevel=3)
+                self.vectorize = False
+        rows = [
+            stacked(one_pass([c[s] for c in cots], False, retain or s < num_vectors - 1), inputs, 1)
+            for s in range(num_vectors)
+        ]
+        return rows[0] if num_vectors == 1 else [torch.cat(parts) for parts in zip(*rows, strict=True)]
+
+
+def zeros_like_stacked(inputs: Sequence[Tensor], num_vectors: int) -> list[Tensor]:
+    """One ``[S, *input.shape]`` zero tensor per input."""
+    return [torch.zeros(num_vectors, *t.shape, dtype=t.dtype, device=t.device) for t in inputs]
+
+
+def stacked(grads: Sequence[Tensor | None], inputs: Sequence[Tensor], num_vectors: int) -> list[Tensor]:
+    """Gradients as ``[S, *input.shape]``, with zeros for inputs the outputs do not use."""
+    return [
+        g.reshape(num_vectors, *t.shape) if g is not None
+        else torch.zeros(num_vectors, *t.shape, dtype=t.dtype, device=t.device)
+        for g, t in zip(grads, inputs, strict=True)
+    ]

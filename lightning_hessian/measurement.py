@@ -1,0 +1,220 @@
+"""What one call of the callback measured: frozen dataclasses from the engine's results to the loggers.
+
+A :class:`Measurement` holds the call's context and cost and one :class:`MatrixMeasurement` per
+matrix (the Hessian, and the Gauss-Newton matrix when asked). They stay typed in the callback's
+``history`` and in :mod:`lightning_hessian.loggers`; :meth:`Measurement.to_dict` and
+:meth:`Measurement.from_dict` convert them to plain Python values (lists, floats, strings) and back,
+which is what checkpoints (loaded with ``weights_only=True``) and the JSON history file hold.
+
+Symbols: P parameters, k top eigenvalues, S SLQ probes, m nodes per probe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from lightning_hessian.engine import SpectralDensity, SpectrumSummary
+
+Matrix = Literal["hessian", "ggn"]
+
+
+@dataclass(frozen=True)
+class LayerEigenvalue:
+    """The top eigenvalue of one block of parameters (a ``layers=`` pattern).
+
+    Attributes:
+        pattern: the parameter name pattern, e.g. ``"net.0.*"``.
+        eigenvalue: the block's largest eigenvalue.
+        residual: its relative residual.
+    """
+
+    pattern: str
+    eigenvalue: float
+    residual: float
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """One module's share of the curvature.
+
+    Attributes:
+        trace: Hutchinson estimate of the trace of the module's diagonal block.
+        trace_stderr: its standard error.
+        eig_1_mass: fraction of the top eigenvector's squared norm inside the module, in [0, 1].
+    """
+
+    trace: float
+    trace_stderr: float
+    eig_1_mass: float
+
+
+@dataclass(frozen=True)
+class MatrixMeasurement:
+    """One matrix (Hessian or Gauss-Newton) at one call.
+
+    Attributes:
+        matrix: ``"hessian"`` or ``"ggn"``.
+        num_params: P.
+        eigenvalues: the k largest eigenvalues, largest first.
+        residuals: their relative residuals ``||H v - theta v|| / ||H||``.
+        converged: whether each met the tolerance.
+        num_matvecs: products spent on this matrix.
+        summary: outliers, bulk edge, near-zero fraction, negative mass.
+        density: the SLQ estimate (``None`` when the density is off).
+        eig_min: the smallest eigenvalue, with ``eig_min_residual`` (``None`` unless asked).
+        layers: the top eigenvalue of each ``layers=`` block, by tag name.
+        layer_views: traces and eigenvector mass per module (empty unless asked).
+        grad_overlap: fraction of the gradient inside the top-k eigenspace (``None`` unless asked).
+    """
+
+    matrix: Matrix
+    num_params: int
+    eigenvalues: tuple[float, ...]
+    residuals: tuple[float, ...]
+    converged: tuple[bool, ...]
+    num_matvecs: int
+    summary: SpectrumSummary
+    density: SpectralDensity | None = None
+    eig_min: float | None = None
+    eig_min_residual: float | None = None
+    layers: Mapping[str, LayerEigenvalue] = field(default_factory=dict)
+    layer_views: Mapping[str, LayerView] = field(default_factory=dict)
+    grad_overlap: float | None = None
+
+    @property
+    def max_residual(self) -> float:
+        """The largest residual of every eigenvalue reported (top-k, smallest, layer blocks)."""
+        residuals = [*self.residuals, *(layer.residual for layer in self.layers.values())]
+        if self.eig_min_residual is not None:
+            residuals.append(self.eig_min_residual)
+        return max(residuals)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values (the density as lists of nodes and weights)."""
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        plain.update(
+            eigenvalues=list(self.eigenvalues), residuals=list(self.residuals), converged=list(self.converged),
+            summary=dataclasses.asdict(self.summary), density=_density_to_dict(self.density),
+            layers={name: dataclasses.asdict(layer) for name, layer in self.layers.items()},
+            layer_views={name: dataclasses.asdict(view) for name, view in self.layer_views.items()},
+        )
+        return plain
+
+    @classmethod
+    def from_dict(cls, plain: Mapping[str, Any]) -> MatrixMeasurement:
+        """The inverse of :meth:`to_dict`."""
+        values = dict(plain)
+        values.update(
+            eigenvalues=tuple(values["eigenvalues"]), residuals=tuple(values["residuals"]),
+            converged=tuple(values["converged"]), summary=SpectrumSummary(**values["summary"]),
+            density=_density_from_dict(values.get("density")),
+            layers={name: LayerEigenvalue(**layer) for name, layer in values.get("layers", {}).items()},
+            layer_views={name: LayerView(**view) for name, view in values.get("layer_views", {}).items()},
+        )
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One call of the callback: where and how it measured, what it cost, and each matrix.
+
+    Attributes:
+        step: ``trainer.global_step`` at the call.
+        epoch: ``trainer.current_epoch``.
+        stage: ``"fit"``, ``"validate"``, ``"test"`` or ``"measure"`` (on demand).
+        mode: ``"eval"`` or ``"train"``.
+        dtype: the products' dtype, e.g. ``"float32"``.
+        num_samples: probe samples over all ranks.
+        lr: the first optimizer's learning rate (``None`` without an optimizer).
+        seconds: wall time of the numerics.
+        num_matvecs: products over all matrices.
+        overhead: fraction of training wall time spent in the callback so far (NaN outside ``fit``).
+        hessian: the Hessian's measurement (``None`` for ``matrix="ggn"``).
+        ggn: the Gauss-Newton matrix's (``None`` unless asked).
+    """
+
+    step: int
+    epoch: int
+    stage: str
+    mode: str
+    dtype: str
+    num_samples: int
+    lr: float | None
+    seconds: float
+    num_matvecs: int
+    overhead: float = math.nan
+    hessian: MatrixMeasurement | None = None
+    ggn: MatrixMeasurement | None = None
+
+    @property
+    def matrices(self) -> dict[str, MatrixMeasurement]:
+        """The matrices measured, by name (``"hessian"``, ``"ggn"``)."""
+        return {name: m for name, m in (("hessian", self.hessian), ("ggn", self.ggn)) if m is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values, for checkpoints and JSON.
+
+        Example:
+            >>> from lightning_hessian.engine import SpectrumSummary
+            >>> summary = SpectrumSummary(0, 1.0, 2.0, float("nan"), float("nan"))
+            >>> hessian = MatrixMeasurement("hessian", 3, (2.0,), (1e-9,), (True,), 10, summary)
+            >>> call = Measurement(0, 0, "fit", "eval", "float32", 16, 0.1, 0.5, 10, hessian=hessian)
+            >>> Measurement.from_dict(call.to_dict()).hessian.eigenvalues
+            (2.0,)
+        """
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        plain.update({name: None if m is None else m.to_dict() for name, m in (("hessian", self.hessian),
+                                                                              ("ggn", self.ggn))})
+        return plain
+
+    @classmethod
+    def from_dict(cls, plain: Mapping[str, Any]) -> Measurement:
+        """The inverse of :meth:`to_dict`."""
+        values = dict(plain)
+        for name in ("hessian", "ggn"):
+            if values.get(name) is not None:
+                values[name] = MatrixMeasurement.from_dict(values[name])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A scheduled call that produced no spectrum.
+
+    Attributes:
+        step: ``trainer.global_step``.
+        stage: as in :class:`Measurement`.
+        reason: ``"nonfinite"`` (the loss or a product was NaN or infinite), ``"no_loss"``
+            (``training_step`` returned ``None``) or ``"budget"`` (skipped to stay within the budget).
+    """
+
+    step: int
+    stage: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values."""
+        return dataclasses.asdict(self)
+
+
+def _density_to_dict(density: SpectralDensity | None) -> dict[str, Any] | None:
+    if density is None:
+        return None
+    plain = dataclasses.asdict(density)
+    plain.update(nodes=density.nodes.tolist(), weights=density.weights.tolist())
+    return plain
+
+
+def _density_from_dict(plain: Mapping[str, Any] | None) -> SpectralDensity | None:
+    if plain is None:
+        return None
+    values = dict(plain)
+    values.update(nodes=torch.tensor(values["nodes"], dtype=torch.float64),
+                  weights=torch.tensor(values["weights"], dtype=torch.float64))
+    return SpectralDensity(**values)

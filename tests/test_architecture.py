@@ -1,0 +1,93 @@
+"""The three wings stay apart: the engine loads no Lightning, no module reaches into another's privates,
+nothing but the deprecated shims imports the paper, and every public name of the engine and the face has
+an example that runs."""
+
+from __future__ import annotations
+
+import ast
+import doctest
+import importlib
+import inspect
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lightning_hessian
+
+PACKAGE = Path(lightning_hessian.__file__).parent
+# Old module paths kept for one release; they forward to the paper wing on attribute access.
+DEPRECATED_SHIMS = {"lightning_hessian.models", "lightning_hessian.data"}
+
+
+def _modules() -> list[str]:
+    return [info.name for info in pkgutil.walk_packages([str(PACKAGE)], prefix="lightning_hessian.")]
+
+
+def _imports(module: str) -> list[tuple[str, str]]:
+    """``(imported module, imported name)`` of every ``from ... import ...`` in a module, relative ones resolved."""
+    path = PACKAGE.joinpath(*module.split(".")[1:])
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            found += [(node.module or "", alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, "") for alias in node.names]
+    return found
+
+
+def test_the_engine_imports_no_lightning_module():
+    code = ("import sys, lightning_hessian.engine; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', "
+            "'lightning_fabric', 'torchmetrics')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
+
+
+def test_the_engine_imports_nothing_of_the_rest_of_the_package():
+    for module in _modules():
+        if module.startswith("lightning_hessian.engine"):
+            outside = [m for m, _ in _imports(module)
+                       if m.startswith("lightning_hessian") and not m.startswith("lightning_hessian.engine")]
+            assert not outside, (module, outside)
+
+
+def test_no_module_imports_a_private_name_of_another():
+    for module in _modules():
+        private = [(m, name) for m, name in _imports(module) if m != "__future__" and name.startswith("_")]
+        assert not private, (module, private)
+
+
+def test_nothing_imports_the_paper_wing():
+    for module in _modules():
+        if module.startswith("lightning_hessian.paper") or module in DEPRECATED_SHIMS:
+            continue
+        paper = [m for m, _ in _imports(module) if m.startswith("lightning_hessian.paper")]
+        assert not paper, (module, paper)
+
+
+def _public_api() -> list[tuple[str, object]]:
+    """Every public class and function defined in the engine and the face (not the paper)."""
+    found = []
+    for module_name in _modules():
+        if module_name.startswith("lightning_hessian.paper") or module_name in DEPRECATED_SHIMS:
+            continue
+        if any(part.startswith("_") for part in module_name.split(".")):
+            continue
+        module = importlib.import_module(module_name)
+        for name, value in vars(module).items():
+            if name.startswith("_") or not (inspect.isclass(value) or inspect.isfunction(value)):
+                continue
+            if getattr(value, "__module__", None) == module_name:
+                found.append((f"{module_name}.{name}", value))
+    return found
+
+
+@pytest.mark.parametrize(("name", "value"), _public_api(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_public_class_and_function_has_an_example(name, value):
+    finder = doctest.DocTestFinder(recurse=inspect.isclass(value))
+    examples = [test for test in finder.find(value, name) if test.examples]
+    assert examples, f"{name} has no docstring example"
