@@ -8,7 +8,7 @@ PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip install --disable-pip-version-check
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test lint bench reproduce clean
+.PHONY: demo test docs lint bench reproduce clean
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(VENV)/.installed-cli
 
 test: $(VENV)/.installed-test
 	$(PYTHON) -m pytest -q
+
+# The manual and the API reference (from the docstrings), built offline into build/docs; any warning fails.
+docs: $(VENV)/.installed-docs
+	$(VENV)/bin/mkdocs build --strict
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check lightning_hessian tests benchmarks examples

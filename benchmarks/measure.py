@@ -148,6 +148,45 @@ def relative_errors(estimate: Tensor, reference: Tensor, ks: tuple[int, ...] = (
     return errors
 
 
+def certificate_check(estimate: Tensor, residuals: Tensor, reference: Tensor, k: int, *, scale: float,
+                      rounding: float = 0.0) -> dict[str, float]:
+    """Whether each of the top-k values lies within its certificate of the reference.
+
+    A Ritz value ``theta_i`` whose unit vector has residual ``r_i * scale`` with the operator's products
+    lies within ``(r_i + rounding) * scale`` of an eigenvalue of the exact matrix, when the products
+    are off by at most ``rounding * scale`` on that vector (Weyl; ``rounding`` 0 for exact products).
+    The values are sorted descending (with their residuals) and compared with the sorted reference in
+    order, which assumes no eigenvalue among the top k was missed.
+
+    Args:
+        estimate: ``(k',)`` values, any order, ``k' >= k``.
+        residuals: ``(k',)`` relative residuals in the order of ``estimate``.
+        reference: ``(>= k,)`` reference eigenvalues.
+        k: how many of the largest to compare.
+        scale: ``||H||`` (the residuals and ``rounding`` are relative to it).
+        rounding: relative error of the products on the eigenvectors.
+
+    Returns:
+        ``ratio``: the largest ``|theta_i - lambda_i| / bound_i`` (<= 1: every value within its
+        certificate); ``bound``: the largest ``bound_i / |lambda_i|`` (the guaranteed relative
+        error); ``residual``: the largest ``r_i``. NaN for all three if there are fewer than k values.
+
+    Example:
+        >>> certificate_check(torch.tensor([1.0, 2.0]), torch.tensor([1e-3, 1e-6]), torch.tensor([2.0, 0.999]), 2,
+        ...                   scale=2.0)["ratio"] <= 1
+        True
+    """
+    est = estimate.detach().double().cpu().flatten()
+    res = residuals.detach().double().cpu().flatten()
+    ref = torch.sort(reference.detach().double().cpu().flatten(), descending=True).values
+    if est.numel() < k or ref.numel() < k:
+        return {"ratio": float("nan"), "bound": float("nan"), "residual": float("nan")}
+    order = torch.argsort(est, descending=True)[:k]
+    bound = (res[order] + rounding) * scale
+    return {"ratio": float(((est[order] - ref[:k]).abs() / bound).max()),
+            "bound": float((bound / ref[:k].abs()).max()), "residual": float(res[order].max())}
+
+
 def wasserstein1(nodes: Tensor, weights: Tensor, eigenvalues: Tensor) -> float:
     """Wasserstein-1 distance between a discrete measure and the exact spectrum, over its range.
 

@@ -42,10 +42,12 @@ class PeerFailure(RuntimeError):
 
 @dataclass(frozen=True)
 class EigOutput:
-    """Top eigenvalues (any order) and the products spent."""
+    """Top eigenvalues (any order) and the products spent; ``residuals`` ``(k,)``, in the order of
+    ``eigenvalues``, where the solver certifies its pairs (``||H v - theta v|| / ||H||``), else None."""
 
     eigenvalues: Tensor
     products: int
+    residuals: Tensor | None = None
 
 
 @dataclass(frozen=True)

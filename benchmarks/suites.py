@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from benchmarks import peers
-from benchmarks.measure import measure, relative_errors, wasserstein1, wasserstein1_grid
+from benchmarks.measure import certificate_check, measure, relative_errors, wasserstein1, wasserstein1_grid
 from benchmarks.peers import DensityOutput, EigOutput, TraceOutput
 from benchmarks.workloads import Workload
 from lightning_hessian import spectral_density, top_eigenvalues
@@ -93,7 +93,7 @@ def _execute_all(cases: list[Case], runs: int, device: torch.device, *, single_a
 
 def _ours_top_k(workload: Workload, k: int, seed: int, **kwargs: Any) -> EigOutput:
     result = top_eigenvalues(workload.operator(), k, seed=seed, **kwargs)
-    return EigOutput(result.eigenvalues, result.num_matvecs)
+    return EigOutput(result.eigenvalues, result.num_matvecs, result.residuals)
 
 
 def _eigsh_on_ours(workload: Workload, k: int, tol: float) -> EigOutput:
@@ -156,13 +156,22 @@ def eigen_cases(workload: Workload, k: int, available: dict[str, str | None]) ->
 
 def eigen_table(workload: Workload, k: int, available: dict[str, str | None], runs: int, *,
                 deadline: float | None = None, peers_first: bool = False) -> list[dict[str, Any]]:
-    """Rows: products, seconds, peak memory and top-1/5/k relative errors (worst over the calls) per setting."""
+    """Rows: products, seconds, peak memory and top-1/5/k relative errors (worst over the calls) per setting.
+
+    Rows of a solver that certifies its pairs (ours) also get ``certificate``: the worst over the calls
+    of :func:`~benchmarks.measure.certificate_check` with the workload's ``product_rounding``.
+    """
     rows = _execute_all(eigen_cases(workload, k, available), runs, workload.device,
                         single_above=SINGLE_RUN_SECONDS, deadline=deadline, peers_first=peers_first)
     for row in rows:
         if "outputs" in row:
-            errors = [relative_errors(o.eigenvalues, workload.reference, (1, 5, k)) for o in row.pop("outputs")]
+            outputs = row.pop("outputs")
+            errors = [relative_errors(o.eigenvalues, workload.reference, (1, 5, k)) for o in outputs]
             row["errors"] = {j: max(e[j] for e in errors) for j in (1, 5, k)}
+            if all(o.residuals is not None for o in outputs):
+                checks = [certificate_check(o.eigenvalues, o.residuals, workload.reference, k, scale=workload.norm,
+                                            rounding=workload.product_rounding or 0.0) for o in outputs]
+                row["certificate"] = {key: max(c[key] for c in checks) for key in ("ratio", "bound", "residual")}
     return rows
 
 

@@ -18,15 +18,20 @@ import torch
 from torch import Tensor, nn
 
 from lightning_hessian._distributed import SummedOperator
+from lightning_hessian._isolation import plain_state_kept
+from lightning_hessian._progress import ProgressOperator
 from lightning_hessian.engine import (
     EigenResult,
     GGNOperator,
     HessianOperator,
     NonFiniteError,
+    SpectralDensity,
     spectral_density,
     summarize,
     top_eigenvalues,
 )
+from lightning_hessian.engine.checks import check_count
+from lightning_hessian.engine.eigen import lean_max_basis
 from lightning_hessian.engine.layers import Layout, gradient_overlap, layer_traces, mass_by_layer
 from lightning_hessian.engine.snapshot import select_parameters
 from lightning_hessian.measurement import LayerEigenvalue, LayerView, Matrix, MatrixMeasurement
@@ -40,18 +45,25 @@ class MissingLoss(NonFiniteError):
 
 
 def hessian_loss(module: nn.Module, batch: Any) -> Tensor:
-    """The loss of a module that defines ``hessian_loss(batch)``."""
-    return module.hessian_loss(batch)
+    """The loss of a module that defines ``hessian_loss(batch)``, its plain state put back afterwards."""
+    with plain_state_kept(module):
+        return module.hessian_loss(batch)
 
 
 def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
     """The loss ``training_step`` returns (a tensor or a dict's ``"loss"``), for ``batch_idx=-1``.
 
+    The batch index is one that training never passes, so work done on ``batch_idx == 0`` does not
+    run again; the module's plain state is put back afterwards (see
+    :func:`~lightning_hessian._isolation.plain_state_kept`), so every probe batch sees the state
+    training left.
+
     Raises:
         MissingLoss: if it returns ``None`` or a dict without ``"loss"``.
         TypeError: if it returns anything else that is not a tensor.
     """
-    output = module.training_step(batch, -1)
+    with plain_state_kept(module):
+        output = module.training_step(batch, -1)
     loss = output.get("loss") if isinstance(output, Mapping) else output
     if loss is None:
         raise MissingLoss("training_step returned no loss (None) on a probe batch")
@@ -64,8 +76,9 @@ def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
 
 
 def hessian_outputs(module: nn.Module, batch: Any) -> Tensor:
-    """The outputs of a module that defines ``hessian_outputs(batch)``."""
-    return module.hessian_outputs(batch)
+    """The outputs of a module that defines ``hessian_outputs(batch)``, its plain state put back afterwards."""
+    with plain_state_kept(module):
+        return module.hessian_outputs(batch)
 
 
 def layer_name(pattern: str) -> str:
@@ -83,6 +96,7 @@ def make_operator(
     mode: str,
     loss_fn: Callable[[Any, Any], Tensor] | None,
     params: list[str] | None = None,
+    keep_graph: bool | str = True,
 ) -> Any:
     """The ``"hessian"`` or ``"ggn"`` operator over this rank's batches, summed across ranks under DDP.
 
@@ -90,7 +104,7 @@ def make_operator(
     """
     local = None
     if batches:
-        common = {"params": params, "dtype": dtype, "mode": mode}
+        common = {"params": params, "dtype": dtype, "mode": mode, "keep_graph": keep_graph}
         if matrix == "hessian":
             if loss_fn is None:
                 loss_fn = hessian_loss if callable(getattr(pl_module, "hessian_loss", None)) else training_step_loss
@@ -106,35 +120,63 @@ def make_operator(
 
 @dataclass(frozen=True)
 class MatrixSolver:
-    """How one call measures a matrix (the callback's numeric settings, documented on the callback)."""
+    """How one call measures a matrix (the callback's numeric settings, documented on the callback).
+
+    Example:
+        >>> from lightning_hessian.engine.eigen import DiagonalOperator
+        >>> solver = MatrixSolver(k=2, tol=1e-6, density=False, num_steps=8)
+        >>> measured = solver.measure(lambda params=None: DiagonalOperator([3.0, 2.0, 1.0]), "hessian", None,
+        ...                           layout=[("w", 3)])
+        >>> [round(v, 6) for v in measured.eigenvalues]
+        [3.0, 2.0]
+    """
 
     k: int
     tol: float
-    max_matvecs: int | None
-    smallest: bool
-    density: bool
-    num_probes: int
-    num_steps: int
-    layers: tuple[str, ...]
-    layer_views: bool
-    grad_overlap: bool
-    seed: int
+    max_matvecs: int | None = None
+    top_k_matvecs: int | None = None
+    smallest: bool = False
+    density: bool = True
+    num_probes: int | None = None
+    num_steps: int = 32
+    layers: tuple[str, ...] = ()
+    layer_views: bool = False
+    grad_overlap: bool = False
+    seed: int = 0
+    basis_dtype: torch.dtype | None = None
+    basis_device: str | None = None
+    max_basis: int | None = None
+    reorthogonalize: bool = False
 
-    def _solve(self, op: Any, k: int, warm: dict[str, Tensor] | None, key: str, which: str = "largest") -> EigenResult:
-        """``top_eigenvalues``, warm-started from ``warm[key]`` and leaving this call's vectors there."""
-        v0 = warm.get(key) if warm is not None else None
+    def _solve(self, op: Any, k: int, warm: dict[str, Tensor] | None, key: str, which: str = "largest",
+               *, checked: bool = False, max_matvecs: int | None = None) -> EigenResult:
+        """``top_eigenvalues``, warm-started from ``warm[key]`` and leaving this call's vectors there.
+
+        A warm start continues without the engine's invariance guard when the caller checks the result
+        (``checked``: the density's Lanczos run, whose probes are random, would reveal a missed pair).
+        """
+        v0 = warm.pop(key, None) if warm is not None else None
         if v0 is not None and v0.numel() != op.num_params:
             v0 = None
-        result = top_eigenvalues(op, k, tol=self.tol, which=which, v0=v0, max_matvecs=self.max_matvecs,
-                                 seed=self.seed)
+        cap = self.max_matvecs if self.max_matvecs is not None else max_matvecs
+        result = top_eigenvalues(op, k, tol=self.tol, which=which, v0=v0, max_matvecs=cap,
+                                 seed=self.seed, basis_dtype=self.basis_dtype, basis_device=self.basis_device,
+                                 max_basis=self.max_basis if self.max_basis is not None else lean_max_basis(k),
+                                 guard_invariant=v0 is None or not checked)
         if warm is not None:
-            # The engine starts from the sum of a block's unit rows: keeping only that sum, ``(P,)``,
-            # keeps checkpoints small.
+            # One vector, the sum of the unit eigenvectors: it restarts Lanczos in the fewest products
+            # (benchmarks/RESULTS.md) and keeps checkpoints small.
             warm[key] = result.eigenvectors.sum(dim=0).to(device="cpu", dtype=torch.float32)
         return result
 
     def measure(
-        self, make: Callable[..., Any], matrix: Matrix, warm: dict[str, Tensor] | None, *, layout: Layout
+        self,
+        make: Callable[..., Any],
+        matrix: Matrix,
+        warm: dict[str, Tensor] | None,
+        *,
+        layout: Layout,
+        bar: Any = None,
     ) -> MatrixMeasurement:
         """Measure one matrix.
 
@@ -144,34 +186,51 @@ class MatrixSolver:
             matrix: ``"hessian"`` or ``"ggn"``, also the prefix of its warm-start keys.
             warm: warm-start vectors by key, updated in place; ``None`` for cold starts.
             layout: ``(name, numel)`` of the operator's parameters, for the layer views.
+            bar: a progress line to count products on (``None`` for none).
         """
-        op = make(params=None)
-        top = self._solve(op, min(self.k, op.num_params), warm, matrix)
+        op = ProgressOperator(make(params=None), bar)
+        k = check_count("k", self.k)
+        if k > op.num_params:
+            raise ValueError(f"k={k} exceeds the number of parameters measured ({op.num_params}); lower k")
+        _describe(bar, f"{matrix}: top-{k} eigenvalues")
+        warmed = warm is not None and matrix in warm
+        top = self._solve(op, k, warm, matrix, checked=self.density, max_matvecs=self.top_k_matvecs)
         count = top.num_matvecs
         eig_min = eig_min_residual = None
         if self.smallest:
+            _describe(bar, f"{matrix}: smallest eigenvalue")
             low = self._solve(op, 1, warm, f"{matrix}/min", which="smallest")
             eig_min, eig_min_residual = float(low.eigenvalues[0]), float(low.residuals[0])
             count += low.num_matvecs
         density = None
         if self.density:
-            # The converged top-k are placed exactly and SLQ spends its steps on the rest (the bulk).
-            exact = top if top.all_converged and top.eigenvalues.numel() < op.num_params else None
+            _describe(bar, f"{matrix}: spectral density")
+            # The converged top eigenpairs are placed exactly and SLQ spends its steps on the rest (the bulk).
+            exact = top.converged_part() if k < op.num_params else None
             density = spectral_density(op, num_probes=self.num_probes, num_steps=self.num_steps, seed=self.seed,
-                                       deflate=exact)
+                                       deflate=exact, reorthogonalize=self.reorthogonalize,
+                                       basis_dtype=self.basis_dtype, basis_device=self.basis_device)
             count += density.num_matvecs
+            if warmed and top.all_converged and _beyond(density, top, self.tol):
+                # The density's Lanczos run found an eigenvalue above the warm-started top k: the warm
+                # start missed a direction. The density stays valid (it deflated genuine eigenpairs).
+                _describe(bar, f"{matrix}: top-{k} eigenvalues, cold")
+                top = self._solve(op, k, warm, matrix, max_matvecs=self.top_k_matvecs)
+                count += top.num_matvecs
         layers = {}
         for pattern in self.layers:
-            block = self._solve(make(params=[pattern]), 1, warm, f"{matrix}/layer/{pattern}")
+            _describe(bar, f"{matrix}: layer {pattern}")
+            block = self._solve(ProgressOperator(make(params=[pattern]), bar), 1, warm, f"{matrix}/layer/{pattern}")
             layers[layer_name(pattern)] = LayerEigenvalue(pattern, float(block.eigenvalues[0]),
                                                           float(block.residuals[0]))
             count += block.num_matvecs
         views = {}
         if self.layer_views:
-            traces = layer_traces(op, layout, num_probes=self.num_probes, seed=self.seed)
+            _describe(bar, f"{matrix}: layer traces")
+            traces = layer_traces(op, layout, num_probes=self.num_probes or 1, seed=self.seed)
             mass = mass_by_layer(layout, top.eigenvectors[:1])
             views = {name: LayerView(trace, stderr, float(mass[name][0])) for name, (trace, stderr) in traces.items()}
-            count += self.num_probes
+            count += self.num_probes or 1
         overlap = None
         if self.grad_overlap and matrix == "hessian":
             overlap = gradient_overlap(op.gradient(), top.eigenvectors)
@@ -180,4 +239,22 @@ class MatrixSolver:
             residuals=tuple(top.residuals.tolist()), converged=tuple(top.converged.tolist()), num_matvecs=count,
             summary=summarize(top.eigenvalues, density), density=density, eig_min=eig_min,
             eig_min_residual=eig_min_residual, layers=layers, layer_views=views, grad_overlap=overlap,
+            error_bounds=tuple(top.error_bounds.tolist()),
         )
+
+
+def _describe(bar: Any, text: str) -> None:
+    if bar is not None:
+        bar.set_description(text, refresh=False)
+
+
+def _beyond(density: SpectralDensity, top: EigenResult, tol: float) -> bool:
+    """Whether the density's quadrature has a node above the smallest of the deflated top eigenvalues,
+    other than those eigenvalues themselves: a larger eigenvalue that the top-k solve missed."""
+    values = top.eigenvalues.double()
+    scale = float(values.abs().max())
+    nodes = density.nodes.flatten()
+    placed = (nodes[:, None] - values[None, :]).abs().min(dim=1).values <= 1e-9 * max(scale, 1e-300)
+    estimated = nodes[~placed]
+    threshold = float(values.min()) + tol * scale
+    return bool(estimated.numel()) and float(estimated.max()) > threshold

@@ -1,14 +1,17 @@
 """The probe set: a fixed list of batches on which every measurement is taken.
 
-Drawn once from a dataloader: the first ``num_samples`` samples it yields, with the global seed set
-to ``seed`` for the draw and every random stream (global and the loader's own generators) put back
-afterwards, so the training data order does not change (an extra pass over a shuffled loader would
-otherwise change the next epoch's order).
+Drawn once from a dataloader: whole batches from its start until they hold ``num_samples`` samples
+(a batch is never cut, so per-sample fields such as raw texts stay aligned and a stateful module
+sees batches of the size training uses), with the global seed set to ``seed`` for the draw and every
+random stream (global and the loader's own generators) put back afterwards, so the training data
+order does not change (an extra pass over a shuffled loader would otherwise change the next epoch's
+order). A DataLoader with workers is read in this process instead, through a copy with the same
+dataset, sampler and collation, so no worker is created or advanced for the draw.
 
 Under DDP, a loader with a ``DistributedSampler`` (Lightning adds one to the training loader) is
 already split by rank: each rank takes its share of ``num_samples`` from its own part. A loader
-without one yields the same batches on every rank: the first ``num_samples`` samples are taken and
-batch ``i`` goes to rank ``i % world_size``, so the probe set is the same as in one process.
+without one yields the same batches on every rank: the batches are taken once and batch ``i`` goes
+to rank ``i % world_size``, so the probe set is the same as in one process.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from typing import Any
 import numpy
 import torch
 from pytorch_lightning.utilities.seed import isolate_rng
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
-from lightning_hessian.engine.batches import concat_batches, count_samples, rebatch, take_samples
+from lightning_hessian.engine.batches import count_samples, rebatch
 
 
 def _generators(loader: Any) -> list[torch.Generator]:
@@ -53,27 +56,26 @@ def _untouched_rng(loader: Any, seed: int) -> Iterator[None]:
                 generator.set_state(state)
 
 
-def _first_samples(loader: Iterable[Any], num_samples: int | None) -> list[Any]:
-    """The first ``num_samples`` samples of ``loader`` (all when ``None``), as its batches."""
+def _without_workers(loader: Iterable[Any]) -> Iterable[Any]:
+    """A DataLoader over the same dataset, sampler and collation that loads in this process."""
+    if not isinstance(loader, DataLoader) or loader.num_workers == 0:
+        return loader
+    if isinstance(loader.dataset, IterableDataset):
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last,
+                          collate_fn=loader.collate_fn)
+    return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
+
+
+def _first_batches(loader: Iterable[Any], num_samples: int | None) -> list[Any]:
+    """Whole batches from the start of ``loader`` until they hold at least ``num_samples`` samples (all
+    of them when ``None``)."""
     batches, count = [], 0
     for batch in loader:
-        size = count_samples(batch)
-        if num_samples is not None and count + size >= num_samples:
-            batches.append(take_samples(batch, 0, num_samples - count))
-            break
         batches.append(batch)
-        count += size
+        count += count_samples(batch)
+        if num_samples is not None and count >= num_samples:
+            break
     return batches
-
-
-def _joined(batches: list[Any]) -> list[Any]:
-    """The batches as one batch when their structure allows (tensors of matching shapes), else as they are."""
-    if len(batches) < 2:
-        return batches
-    try:
-        return [concat_batches(batches)]
-    except (TypeError, ValueError, KeyError, RuntimeError):  # non-tensor parts, or shapes that differ
-        return batches
 
 
 def draw_probe_set(
@@ -88,10 +90,10 @@ def draw_probe_set(
     """This rank's share of the probe set, as batches straight from the loader (not yet on device).
 
     Args:
-        loader: a DataLoader or any re-iterable of batches.
-        num_samples: probe samples over all ranks (``None``: the whole loader).
-        batch_size: re-batch this rank's samples to this size; ``None`` joins them into one batch
-            when the batch structure allows (tensors only) and keeps the loader's batches otherwise.
+        loader: a DataLoader or any re-iterable of batches (a list of batches too).
+        num_samples: probe samples over all ranks (``None``: the whole loader), rounded up to whole batches.
+        batch_size: re-batch this rank's samples to this size (tensors and per-sample lists are cut);
+            ``None`` keeps the loader's batches.
         seed: global seed during the draw.
         rank, world_size: this process and the number of processes.
 
@@ -100,17 +102,23 @@ def draw_probe_set(
 
     Raises:
         ValueError: if the loader yields no samples.
+
+    Example:
+        >>> batches = [(torch.arange(4.0) + 4 * i, torch.arange(4) + 4 * i) for i in range(3)]
+        >>> [b[1].tolist() for b in draw_probe_set(batches, num_samples=6, batch_size=None, seed=0, rank=0,
+        ...                                        world_size=1)]
+        [[0, 1, 2, 3], [4, 5, 6, 7]]
     """
     sharded = isinstance(getattr(loader, "sampler", None), DistributedSampler)
     share = num_samples
     if sharded and num_samples is not None:
         share = num_samples // world_size + (rank < num_samples % world_size)
     with _untouched_rng(loader, seed):
-        batches = _first_samples(loader, share) if share != 0 else []
+        batches = _first_batches(_without_workers(loader), share) if share != 0 else []
     if not batches and not sharded:
         raise ValueError("the probe dataloader yielded no samples; pass a non-empty `dataloader=`")
     if not sharded:
         batches = batches[rank::world_size]
-    if not batches:
+    if not batches or batch_size is None:
         return batches
-    return _joined(batches) if batch_size is None else rebatch(batches, batch_size)
+    return rebatch(batches, batch_size)

@@ -1,8 +1,9 @@
 """``HessianSpectrumCallback``: watch the loss Hessian's spectrum while a Lightning model trains.
 
-The callback schedules measurements, fixes the probe set, isolates side effects, reduces products
-across DDP ranks and hands each :class:`~lightning_hessian.measurement.Measurement` to
-:mod:`lightning_hessian.loggers`; the numbers come from the engine.
+The callback schedules measurements (by default within a budget of the run's wall time), fixes the
+probe set, isolates side effects, reduces products across DDP ranks and hands each
+:class:`~lightning_hessian.measurement.Measurement` to :mod:`lightning_hessian.loggers`; the numbers
+come from the engine.
 
 Symbols: P parameters, k top eigenvalues, S SLQ probes, m Lanczos steps per probe.
 """
@@ -11,69 +12,111 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor
+from torch.utils.data import IterableDataset
 
 from lightning_hessian import loggers
 from lightning_hessian._compat import CALLBACK_BASES, SHARDED_STRATEGIES
-from lightning_hessian._isolation import isolated
+from lightning_hessian._deprecation import renamed_argument
+from lightning_hessian._isolation import isolated, loggers_muted
 from lightning_hessian._measure import MatrixSolver, MissingLoss, make_operator
 from lightning_hessian._probes import draw_probe_set
-from lightning_hessian.config import HISTORY_FILE, CallbackConfig, MatrixChoice, Mode
+from lightning_hessian._progress import progress_line
+from lightning_hessian._schedule import Budget, crossed_multiple
+from lightning_hessian.config import HISTORY_FILE, BasisDtype, CallbackConfig, MatrixChoice, Mode
 from lightning_hessian.engine import NonFiniteError
 from lightning_hessian.engine.batches import count_samples
+from lightning_hessian.engine.density import default_num_probes
 from lightning_hessian.engine.layers import parameter_layout
 from lightning_hessian.engine.snapshot import select_parameters
 from lightning_hessian.measurement import Event, Measurement
+
+
+def top_k_matvecs(k: int, tol: float) -> int | None:
+    """The default cap on the products of a call's top-k solve: ``4 k + 8`` at ``tol >= 1e-3``, else the
+    engine's (``None``: ``20 k + 100``), since tighter tolerances need more products.
+
+    Measured on the scale suite's networks (``benchmarks/RESULTS-scale.md``), the top 5 reach a
+    relative residual of 1e-3 in 10 to 25 products warm and 17 to 25 cold once training has started;
+    at random initialization, where the top eigenvalues cluster, they can take 80 and more, and the
+    cap keeps such a call within 60 products with its residuals reported.
+
+    Example:
+        >>> top_k_matvecs(5, 1e-3), top_k_matvecs(5, 1e-6)
+        (28, None)
+    """
+    return 4 * k + 8 if tol >= CHEAP_TOL else None
+
+
+# The default tolerance; at it and above, the top-k solve is capped by top_k_matvecs.
+CHEAP_TOL = 1e-3
+# Under ``fast_dev_run`` the one measurement after the last step is this cheap: at most this many
+# top eigenvalues, products for them, and a density from one probe of this many steps.
+_SMOKE_K, _SMOKE_MATVECS, _SMOKE_STEPS = 2, 12, 8
 
 
 class HessianSpectrumCallback(*CALLBACK_BASES):
     """Measure the top eigenvalues and the spectral density of the loss Hessian during ``fit``.
 
     **What is measured.** The Hessian of the *mean* loss over a fixed probe set (the first
-    ``num_samples`` samples of the training dataloader, or ``dataloader``) at the current
-    parameters, over all trainable parameters. Batches are weighted by their sample counts, so the
-    result does not depend on the batching. ``mode="eval"`` uses BatchNorm running statistics with
-    dropout off; ``mode="train"`` uses batch statistics (dropout still off). Products run in
+    ``num_samples`` samples of the training dataloader, in whole batches, or ``dataloader``) at the
+    current parameters, over all trainable parameters. Batches are weighted by their sample counts,
+    so the result does not depend on the batching. ``mode="eval"`` uses BatchNorm running statistics
+    with dropout off; ``mode="train"`` uses batch statistics (dropout still off). Products run in
     float32 (float64 for a float64 model), outside autocast, whatever the training precision.
 
-    **When.** At step 0 (``at_start``: the spectrum at initialization), after every
-    ``every_n_steps``-th optimizer step (with ``log_spaced`` only at ``every_n_steps * 2**j``), at
-    the end of every ``every_n_epochs``-th epoch, and after the last step (``at_end``); never twice
-    at the same step. With ``at_evaluate`` also once at the end of ``trainer.validate()`` /
-    ``trainer.test()``; :meth:`measure` measures on demand (after ``fit``, in a notebook).
+    **When.** By default within a *budget*: the callback measures at step 0, times its own calls and
+    the training steps, and spaces the following calls so that the whole run spends about
+    ``budget`` (5%) of its wall time in it, log-spaced early and evenly later, plus the call after the
+    last step; it says its plan once, on rank zero, and logs ``<name>/overhead``. An explicit
+    schedule means exactly what it says instead: after every ``every_n_steps``-th optimizer step
+    (``log_spaced``: only at ``every_n_steps * 2**j``) and at the end of every ``every_n_epochs``-th
+    epoch, with ``budget`` then only a cap if given as a number. Never twice at the same step. With
+    ``at_evaluate`` also once at the end of ``trainer.validate()`` / ``trainer.test()``;
+    :meth:`measure` measures on demand. Under ``fast_dev_run`` one cheap measurement after the last
+    step (top 2, 12 products, a 1-probe, 8-step density) runs the whole path and nothing else.
 
     **Loss.** ``loss_fn(pl_module, batch)`` if given, else ``pl_module.hessian_loss(batch)`` if the
     module defines it (:class:`~lightning_hessian.hooks.HessianLossModule`), else the loss
-    ``training_step(batch, -1)`` returns (its ``self.log`` calls are muted). The Gauss-Newton matrix
-    needs ``hessian_outputs`` and ``hessian_output_loss`` (:class:`~lightning_hessian.hooks.GaussNewtonModule`).
+    ``training_step(batch, -1)`` returns. The Gauss-Newton matrix needs ``hessian_outputs`` and
+    ``hessian_output_loss`` (:class:`~lightning_hessian.hooks.GaussNewtonModule`).
 
-    **Side effects: none.** Parameters, buffers, ``.grad``, ``requires_grad``, module modes,
-    torchmetrics states, every RNG stream and the data order are as they were.
+    **Side effects: none.** Parameters, buffers, ``.grad``, ``requires_grad``, module modes, the
+    module's plain state (attributes such as a recurrent hidden state, counters, torchmetrics
+    states), every RNG stream and the data order are as they were; ``self.log``, ``self.logger`` and
+    ``self.loggers`` swallow what ``training_step`` sends while it computes a loss. The README's
+    "Side effects" section lists exactly what is and is not isolated.
 
     All arguments are keyword-only.
 
     Schedule:
-        every_n_steps: measure after every n-th optimizer step; ``None`` turns the step schedule off.
+        every_n_steps: measure after every n-th optimizer step (a step that jumps past a multiple
+            counts); ``None`` (default) for no step schedule.
         every_n_epochs: measure at the end of every n-th training epoch; ``None`` (default) for none.
-        log_spaced: measure only at steps ``every_n_steps * 2**j`` (for long runs).
+        log_spaced: measure only at steps ``every_n_steps * 2**j``.
         at_start: measure at step 0, before the first update (not when resuming from a later step).
         at_end: measure after the last optimizer step.
         at_evaluate: measure once at the end of ``trainer.validate()`` and ``trainer.test()``.
-        max_overhead: skip a scheduled call when it would lift the fraction of training wall time
-            spent in the callback above this (e.g. 0.1); ``None`` for no cap.
+        budget: the fraction of the run's wall time the callback may spend, in (0, 1). ``"auto"``
+            (default): 5% without an explicit schedule, which then comes from the budget, and no cap
+            with one. A number with an explicit schedule skips scheduled calls (``<name>/skipped``)
+            that would lift the share above it. ``None``: no budget (only the explicit schedule,
+            ``at_start`` and ``at_end``).
 
     What to measure:
-        k: number of top eigenvalues (``<name>/eig_1`` ... ``<name>/eig_{k}``).
+        k: number of top eigenvalues (``<name>/eig_1`` ... ``<name>/eig_{k}``); at most P.
         smallest: also measure the smallest eigenvalue (``<name>/eig_min``).
         density: estimate the spectral density by SLQ (trace, near-zero fraction, negative mass,
-            histogram and figure).
+            histogram and figure) at every call.
         matrix: ``"hessian"``, ``"ggn"`` (Gauss-Newton part, tags ``<name>/ggn/...``) or ``"both"``.
         layers: parameter name patterns (``fnmatch``, e.g. ``["net.0.*"]``); for each, the top
             eigenvalue of the block of those parameters (``<name>/layer/net.0/eig_1``).
@@ -84,17 +127,41 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             eigenspace (``<name>/grad_overlap``; Gur-Ari et al. 2018 find it near 1).
 
     Accuracy and cost:
-        tol: relative residual at which Lanczos stops (eigenvalue error about ``tol**2 * ||H||``).
-        max_matvecs: cap on products per eigenvalue solve (default the engine's ``20 k + 100``).
-        num_probes: S, SLQ probe vectors.
-        num_steps: m, Lanczos steps per SLQ probe.
-        warm_start: start each Lanczos solve from the previous call's eigenvectors.
+        tol: relative residual ``||H v - theta v|| / ||H||`` at which Lanczos stops (default 1e-3:
+            an eigenvalue's error is then at most ``tol * ||H||`` and, away from its neighbours, about
+            ``tol**2 * ||H||**2 / gap``; the estimate is logged as ``<name>/eig_error_bound``).
+        max_matvecs: cap on products per eigenvalue solve. Default: ``4 k + 8`` for the top k at
+            ``tol >= 1e-3`` (28 for k = 5: with the 32 steps of a one-probe density a call takes at
+            most 60 products), else and for the smallest eigenvalue and the layer blocks the engine's
+            ``20 k + 100``. Pairs that have not met ``tol`` by then are reported with their
+            residuals, ``converged`` false.
+        num_probes: S, SLQ probe vectors (default: from 10 for small models down to 1 above 200,000
+            parameters; one probe's quadrature concentrates as P grows).
+        num_steps: m, Lanczos steps per SLQ probe (default 32).
+        warm_start: start each top-k solve from the previous call's eigenvectors; the density's
+            random probes check that no larger eigenvalue was missed (if one was, the top k are
+            solved again from a random start in the same call).
+
+    Memory:
+        basis_dtype: ``"float32"`` or ``"float64"`` for the Lanczos vectors (default: the products'
+            dtype).
+        basis_device: device of the Lanczos vectors, e.g. ``"cpu"`` to keep them off the GPU
+            (default the model's).
+        max_basis: top-k basis capacity in vectors (default ``max(3 k, 12)``; thick restarts keep it
+            there whatever the number of products).
+        keep_graph: keep each probe batch's gradient graph between products (a product then costs
+            about one backward pass): ``"auto"`` (default) keeps as many as fit in half the memory
+            available and recomputes the others; ``True`` keeps all, ``False`` none.
+        reorthogonalize: keep the SLQ bases orthogonal (``S (m + 1) P`` numbers instead of a few
+            vectors per probe); the density does not need it.
 
     Probe set:
-        num_samples: probe samples over all ranks; ``None`` for the whole probe dataloader.
-        batch_size: samples per batch in a pass over the probe set; ``None`` joins each rank's probe
-            samples into one batch when they are tensors and keeps the loader's batches otherwise.
-        dataloader: the probe data, a DataLoader or a list of batches (default: the training dataloader).
+        num_samples: probe samples over all ranks, taken in whole batches of the loader (a batch is
+            never cut); ``None`` for the whole probe dataloader.
+        batch_size: re-batch the probe samples to this size (tensors and per-sample lists are cut);
+            ``None`` (default) keeps the loader's batches, the size training uses.
+        dataloader: the probe data, a DataLoader or a list of batches (default: the training
+            dataloader, read once more under isolated random streams and without its workers).
         loss_fn: ``loss_fn(pl_module, batch) -> scalar`` mean loss of a batch.
         mode: ``"eval"`` or ``"train"`` (see above).
         seed: seed of the probe-set draw, the Lanczos start and the SLQ probes (the same at every
@@ -105,29 +172,33 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         history_file: name of the JSON history written to the logger's directory at the end of
             training (rank 0, only with a logger; ``{name}`` is replaced by ``name``); ``None`` to
             write none.
+        progress: show a progress line (solver, products done and expected) for calls longer than
+            two seconds.
+        max_overhead: deprecated name of ``budget``.
 
     Attributes:
         config: the :class:`~lightning_hessian.config.CallbackConfig` built from the arguments.
         history: one :class:`~lightning_hessian.measurement.Measurement` per call.
         events: the calls that gave no spectrum, as :class:`~lightning_hessian.measurement.Event`.
         probe_batches: this rank's probe batches, on the module's device.
+        plan: what the budget schedule said it will do (``None`` before it knows).
 
     Example:
-        >>> callback = HessianSpectrumCallback(every_n_steps=100, k=3)
-        >>> callback.config.k, callback.config.every_n_steps
-        (3, 100)
+        >>> callback = HessianSpectrumCallback(k=3)
+        >>> callback.config.k, callback.config.budget_fraction
+        (3, 0.05)
     """
 
     def __init__(
         self,
         *,
-        every_n_steps: int | None = 2000,
+        every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         log_spaced: bool = False,
         at_start: bool = True,
         at_end: bool = True,
         at_evaluate: bool = True,
-        max_overhead: float | None = None,
+        budget: float | Literal["auto"] | None = "auto",
         k: int = 5,
         smallest: bool = False,
         density: bool = True,
@@ -135,11 +206,16 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         layers: list[str] | None = None,
         layer_views: bool = False,
         grad_overlap: bool = False,
-        tol: float = 1e-5,
+        tol: float = 1e-3,
         max_matvecs: int | None = None,
-        num_probes: int = 5,
-        num_steps: int = 40,
+        num_probes: int | None = None,
+        num_steps: int = 32,
         warm_start: bool = True,
+        basis_dtype: BasisDtype | None = None,
+        basis_device: str | None = None,
+        max_basis: int | None = None,
+        keep_graph: bool | Literal["auto"] = "auto",
+        reorthogonalize: bool = False,
         num_samples: int | None = 512,
         batch_size: int | None = None,
         dataloader: Iterable[Any] | None = None,
@@ -148,22 +224,33 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         seed: int = 0,
         name: str = "hessian",
         history_file: str | None = HISTORY_FILE,
+        progress: bool = True,
+        max_overhead: float | None = None,
     ) -> None:
         arguments = dict(locals())
-        for key in ("self", "__class__"):
+        for key in ("self", "__class__", "max_overhead"):
             arguments.pop(key, None)
+        if max_overhead is not None:
+            renamed_argument("HessianSpectrumCallback", "max_overhead", "budget")
+            arguments["budget"] = max_overhead
         arguments["layers"] = () if layers is None else layers
         self.config = CallbackConfig(**arguments)
         self.history: list[Measurement] = []
         self.events: list[Event] = []
         self.probe_batches: list[Any] | None = None
+        self.plan: str | None = None
         self._num_probe_samples = 0
+        self._num_probes: int | None = None
         self._last_step = -1
+        self._last_checked = -1
         self._warm: dict[str, Tensor] = {}
         self._clock_start: float | None = None
         self._spent = 0.0
-        self._last_cost = 0.0
+        self._budget: Budget | None = None
+        self._next_check = 0
+        self._smoke = False
         self._hparams_logged = False
+        self._run_started = False
 
     # --- Lightning hooks ---------------------------------------------------------------------
 
@@ -172,9 +259,9 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         return self._generate_state_key(**self.config.identity())
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Refuse what cannot work, before any training: sharded strategies, a missing loss."""
-        self._hparams_logged = False
+        """Refuse what cannot work, before any training; log the settings as hyperparameters."""
         config = self.config
+        self._hparams_logged = self._run_started = False
         if isinstance(trainer.strategy, SHARDED_STRATEGIES):
             raise RuntimeError(
                 f"HessianSpectrumCallback does not support the sharded strategy {type(trainer.strategy).__name__} "
@@ -195,31 +282,51 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                     "`hessian_outputs(self, batch)` returning the model outputs and "
                     "`hessian_output_loss(self, outputs, batch)` returning the mean loss"
                 )
+        num_params = sum(p.numel() for _, p in select_parameters(pl_module))
+        if config.k > num_params:
+            raise ValueError(f"k={config.k} exceeds the number of trainable parameters ({num_params}); lower k")
+        if stage == "fit":
+            self._log_hyperparams(trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        config = self.config
         self._clock_start = time.perf_counter()
-        self._spent = self._last_cost = 0.0
+        self._spent = 0.0
         self.probe_batches = None
+        self._smoke = bool(getattr(trainer, "fast_dev_run", False))
         if self._last_step > trainer.global_step:  # a new run, with a callback that measured an earlier one
             self._last_step = -1
-        if self.config.at_start and trainer.global_step == 0 and self._last_step < 0:
+        self._last_checked = trainer.global_step
+        fraction = config.budget_fraction
+        self._budget = None
+        if fraction is not None and not self._smoke:
+            total = trainer.estimated_stepping_batches
+            steps = int(total) if math.isfinite(total) else None
+            self._budget = Budget(fraction, steps, start_step=trainer.global_step)
+        self._next_check = trainer.global_step + 1
+        if config.at_start and not self._smoke and trainer.global_step == 0 and self._last_step < 0:
             self._scheduled(trainer, pl_module, "fit")
         else:  # fix the probe set at fit start even when the first measurement comes later
-            self._ensure_probes(trainer, pl_module)
+            with isolated(pl_module):
+                self._ensure_probes(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step > self._last_step and step >= 1 and self.should_measure(step):
+        step, previous = trainer.global_step, self._last_checked
+        self._last_checked = step
+        if self._smoke or step <= max(self._last_step, previous) or step < 1:
+            return
+        if self.should_measure(step, previous) or (not self.config.scheduled and self._budget_allows(trainer, step)):
             self._scheduled(trainer, pl_module, "fit")
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         n = self.config.every_n_epochs
-        if n is not None and (trainer.current_epoch + 1) % n == 0 and trainer.global_step > self._last_step:
+        if n is not None and not self._smoke and (trainer.current_epoch + 1) % n == 0 \
+                and trainer.global_step > self._last_step:
             self._scheduled(trainer, pl_module, "fit")
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.config.at_end and trainer.global_step > self._last_step:
-            self._scheduled(trainer, pl_module, "fit")
+        if (self.config.at_end or self._smoke) and trainer.global_step > self._last_step:
+            self._run(trainer, pl_module, "fit")
         path = self.config.history_path
         if path and trainer.loggers:
             directory = trainer.log_dir  # a collective: evaluated on every rank
@@ -245,21 +352,29 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
 
     # --- public ------------------------------------------------------------------------------
 
-    def should_measure(self, step: int) -> bool:
-        """Whether the step schedule measures after optimizer step ``step`` (>= 1); override to customize."""
+    def should_measure(self, step: int, previous: int) -> bool:
+        """Whether the explicit step schedule measures after optimizer step ``step``, the one before
+        having been ``previous``: a multiple of ``every_n_steps`` (with ``log_spaced``, one of the form
+        ``every_n_steps * 2**j``) lies in ``(previous, step]``. Override to customize.
+
+        Example:
+            >>> schedule = HessianSpectrumCallback(every_n_steps=5)
+            >>> [step for step in range(2, 22, 2) if schedule.should_measure(step, step - 2)]
+            [6, 10, 16, 20]
+        """
         n = self.config.every_n_steps
-        if n is None or step % n:
-            return False
-        multiple = step // n
-        return not self.config.log_spaced or multiple & (multiple - 1) == 0
+        return n is not None and crossed_multiple(previous, step, n, log_spaced=self.config.log_spaced)
 
     def settings(self) -> dict[str, Any]:
         """The settings logged once as hyperparameters (``<name>/k``, ...), plain values."""
-        return self.config.hparams(self._num_probe_samples)
+        resolved = {"num_samples": self._num_probe_samples or self.config.num_samples}
+        if self._num_probes is not None:
+            resolved["num_probes"] = self._num_probes
+        return self.config.hparams(**resolved)
 
     def history_payload(self) -> dict[str, Any]:
-        """What the history file holds: the settings, every measurement and every event, as plain values."""
-        return {"settings": self.settings(), "history": [m.to_dict() for m in self.history],
+        """What the history file holds: the settings, the plan, every measurement and every event, as plain values."""
+        return {"settings": self.settings(), "plan": self.plan, "history": [m.to_dict() for m in self.history],
                 "events": [e.to_dict() for e in self.events]}
 
     def measure(self, trainer: Any, pl_module: Any | None = None) -> Measurement | None:
@@ -277,6 +392,18 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
 
     # --- internals ---------------------------------------------------------------------------
 
+    def _log_hyperparams(self, trainer: Any, pl_module: Any) -> None:
+        """The settings, merged with the module's and datamodule's hyperparameters, as the run's first
+        hyperparameters (TensorBoard's HParams tab keeps only the first set a run logs)."""
+        merged: dict[str, Any] = {}
+        owners = [pl_module, getattr(trainer, "datamodule", None)]
+        for owner in owners:
+            if owner is not None and getattr(owner, "_log_hyperparams", False):
+                merged.update({k: v for k, v in owner.hparams_initial.items() if k != "_class_path"})
+        merged.update(self.settings())
+        loggers.log_hyperparams(trainer, merged)
+        self._hparams_logged = True
+
     def _after_evaluation(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if not self.config.at_evaluate or trainer.sanity_checking or trainer.global_step <= self._last_step:
             return
@@ -287,14 +414,50 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             return
         self._run(trainer, pl_module, stage)
 
+    def _training_seconds(self) -> float:
+        """Wall time of training since fit started, the callback's own time excluded."""
+        return max(time.perf_counter() - (self._clock_start or time.perf_counter()) - self._spent, 0.0)
+
+    def _budget_allows(self, trainer: Any, step: int) -> bool:
+        """The budget schedule's decision at ``step`` (rank 0's, under DDP), checked only at planned steps."""
+        budget = self._budget
+        if budget is None or step < self._next_check:
+            return False
+        due = budget.next_step(step, self._training_seconds()) if budget.calls else step
+        if trainer.world_size > 1:  # every rank must take the same branch: rank 0's clocks decide
+            due = trainer.strategy.broadcast(due, src=0)
+        if due > step:
+            self._next_check = due
+            self._announce(trainer, step, due)
+            return False
+        return True
+
+    def _announce(self, trainer: Any, step: int, due: int) -> None:
+        """Say once, on rank zero, what the budget schedule will do."""
+        budget = self._budget
+        if self.plan is not None or budget is None or not budget.calls:
+            return
+        per_step = self._training_seconds() / max(step - budget.start_step, 1)
+        calls = max(budget.affordable_calls(step, self._training_seconds()), 0.0)
+        length = f"{budget.total_steps:,} steps" if budget.total_steps is not None else "the run"
+        self.plan = (
+            f"HessianSpectrumCallback: one measurement takes {budget.call_seconds:.2g} s, about "
+            f"{budget.call_seconds / max(per_step, 1e-12):,.0f} training steps; to keep its cost near "
+            f"{budget.fraction:.0%} of {length} it measures about {math.floor(calls)} more times, log-spaced early "
+            f"and evenly later (next at step {due:,}), and after the last step; "
+            f"{self.config.name}/overhead logs the real share"
+        )
+        rank_zero_info(self.plan)
+
     def _scheduled(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """A scheduled call: skipped (and logged) when it would exceed ``max_overhead``."""
+        """A scheduled call: with a budget cap on an explicit schedule, skipped (and logged) when it
+        would lift the share of the run spent in the callback above the cap."""
         step = trainer.global_step
-        cap = self.config.max_overhead
-        if cap is not None and self._clock_start is not None:
+        cap = self.config.budget
+        if self.config.scheduled and isinstance(cap, float) and self._clock_start is not None and self.history:
             elapsed = time.perf_counter() - self._clock_start
-            projected = (self._spent + self._last_cost) / max(elapsed + self._last_cost, 1e-12)
-            skip = projected > cap
+            last = self.history[-1].seconds
+            skip = (self._spent + last) / max(elapsed + last, 1e-12) > cap
             if trainer.world_size > 1:  # every rank must take the same branch: rank 0's clock decides
                 skip = trainer.strategy.broadcast(skip, src=0)
             if skip:
@@ -316,15 +479,23 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         step = trainer.global_step
         self._last_step = max(self._last_step, step)
         measurement, error = None, None
-        with isolated(pl_module):
-            self._ensure_probes(trainer, pl_module)
-            try:
-                measurement = self._compute(trainer, pl_module, stage)
-            except NonFiniteError as err:
-                error = err
+        bar = progress_line(self.config.name, self._expected_products(), self.config.progress
+                            and trainer.is_global_zero)
+        try:
+            with isolated(pl_module), loggers_muted(trainer):
+                self._ensure_probes(trainer, pl_module)
+                measurement = self._compute(trainer, pl_module, stage, bar)
+        except NonFiniteError as err:
+            error = err
+        finally:
+            if bar is not None:
+                bar.close()
         if not self._hparams_logged:
             loggers.log_hyperparams(trainer, self.settings())
             self._hparams_logged = True
+        if not self._run_started:
+            loggers.log_run_start(trainer, self.config)
+            self._run_started = True
         measured = time.perf_counter()
         self._spent += measured - started
         prefix = self.config.name
@@ -340,8 +511,16 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             self.history.append(measurement)
             loggers.log_measurement(trainer, measurement, prefix)
         self._spent += time.perf_counter() - measured
-        self._last_cost = time.perf_counter() - started
+        if self._budget is not None and stage == "fit":
+            self._budget.record_call(step, time.perf_counter() - started)
         return measurement
+
+    def _expected_products(self) -> int:
+        """About how many products a call takes (for the progress line)."""
+        config = self.config
+        probes = self._num_probes or config.num_probes or 1
+        per_matrix = 4 * config.k + 10 + (probes * config.num_steps if config.density else 0)
+        return per_matrix * (2 if config.matrix == "both" else 1)
 
     def _ensure_probes(self, trainer: Any, pl_module: Any) -> None:
         """Draw this rank's probe set once (on the module's device)."""
@@ -354,12 +533,20 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                 "HessianSpectrumCallback has no probe data here (no training dataloader outside fit); "
                 "pass `dataloader=` to measure under validate/test"
             )
-        if config.dataloader is None and isinstance(loader, (Mapping, list, tuple)):
-            raise ValueError("the training dataloader is a collection of loaders; pass the probe data as `dataloader=`")
-        with isolated(pl_module):
-            raw = draw_probe_set(loader, num_samples=config.num_samples, batch_size=config.batch_size,
-                                 seed=config.seed, rank=trainer.global_rank, world_size=trainer.world_size)
-            self.probe_batches = [self._to_device(trainer, pl_module, b) for b in raw]
+        if config.dataloader is None:
+            if isinstance(loader, (Mapping, list, tuple)):
+                raise ValueError(
+                    "the training dataloader is a collection of loaders; pass the probe data as `dataloader=`"
+                )
+            if isinstance(getattr(loader, "dataset", None), IterableDataset) and trainer.is_global_zero:
+                warnings.warn(
+                    "HessianSpectrumCallback draws its probe set by iterating the training IterableDataset once "
+                    "more; a one-shot stream (a queue, a socket) would lose those samples to the draw: pass the "
+                    "probe data as `dataloader=`", UserWarning, stacklevel=2,
+                )
+        raw = draw_probe_set(loader, num_samples=config.num_samples, batch_size=config.batch_size, seed=config.seed,
+                             rank=trainer.global_rank, world_size=trainer.world_size)
+        self.probe_batches = [self._to_device(trainer, pl_module, b) for b in raw]
         local = sum(count_samples(b) for b in self.probe_batches)
         total = torch.tensor(float(local), device=trainer.strategy.root_device)
         self._num_probe_samples = int(trainer.strategy.reduce(total, reduce_op="sum").item()) \
@@ -377,23 +564,40 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
         return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
-    def _compute(self, trainer: Any, pl_module: Any, stage: str) -> Measurement:
+    def _solver(self, dtype: torch.dtype, num_params: int) -> MatrixSolver:
+        """The numeric settings of a call (cheap ones under ``fast_dev_run``)."""
+        config = self.config
+        self._num_probes = config.num_probes or default_num_probes(num_params)
+        basis = {"float32": torch.float32, "float64": torch.float64}.get(config.basis_dtype or "", dtype)
+        solver = MatrixSolver(
+            k=config.k, tol=config.tol, max_matvecs=config.max_matvecs, top_k_matvecs=top_k_matvecs(config.k, config.tol),
+            smallest=config.smallest,
+            density=config.density, num_probes=self._num_probes, num_steps=config.num_steps, layers=config.layers,
+            layer_views=config.layer_views, grad_overlap=config.grad_overlap, seed=config.seed, basis_dtype=basis,
+            basis_device=config.basis_device, max_basis=config.max_basis, reorthogonalize=config.reorthogonalize,
+        )
+        if self._smoke:
+            k = min(config.k, _SMOKE_K)
+            solver = dataclasses.replace(solver, k=k, max_matvecs=max(k, _SMOKE_MATVECS), num_probes=1,
+                                         num_steps=_SMOKE_STEPS, layers=(), layer_views=False, grad_overlap=False)
+        return solver
+
+    def _compute(self, trainer: Any, pl_module: Any, stage: str, bar: Any) -> Measurement:
         started = time.perf_counter()
         config = self.config
         float64 = any(p.dtype == torch.float64 for p in pl_module.parameters())
         dtype = torch.float64 if float64 else torch.float32
         optimizers = getattr(trainer, "optimizers", None) or []
-        solver = MatrixSolver(k=config.k, tol=config.tol, max_matvecs=config.max_matvecs, smallest=config.smallest,
-                              density=config.density, num_probes=config.num_probes, num_steps=config.num_steps,
-                              layers=config.layers, layer_views=config.layer_views,
-                              grad_overlap=config.grad_overlap, seed=config.seed)
+        layout = parameter_layout(pl_module)
+        solver = self._solver(dtype, sum(size for _, size in layout))
         measured = {}
         for matrix in ("hessian", "ggn"):
             if config.matrix in (matrix, "both"):
                 make = functools.partial(make_operator, trainer, pl_module, self.probe_batches or [], matrix,
-                                         dtype=dtype, mode=config.mode, loss_fn=config.loss_fn)
+                                         dtype=dtype, mode=config.mode, loss_fn=config.loss_fn,
+                                         keep_graph=config.keep_graph)
                 measured[matrix] = solver.measure(make, matrix, self._warm if config.warm_start else None,
-                                                  layout=parameter_layout(pl_module))
+                                                  layout=layout, bar=bar)
         return Measurement(
             step=trainer.global_step, epoch=trainer.current_epoch, stage=stage, mode=config.mode,
             dtype=str(dtype).removeprefix("torch."), num_samples=self._num_probe_samples,

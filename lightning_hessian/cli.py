@@ -42,6 +42,17 @@ def lightning_cli(args: Sequence[str] | None = None) -> LightningCLI:
 
     Returns:
         The LightningCLI object (its ``trainer``, ``model`` and ``datamodule`` after the run).
+
+    Example:
+        >>> import contextlib, io, yaml
+        >>> printed = io.StringIO()
+        >>> with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):  # --print_config exits
+        ...     lightning_cli(["fit", "--model", "lightning_hessian.paper.models.MLPClassifier",
+        ...                    "--model.hidden_sizes=[8]", "--data", "lightning_hessian.paper.data.DigitsDataModule",
+        ...                    "--print_config"])
+        >>> config = yaml.safe_load(printed.getvalue())
+        >>> config["model"]["class_path"], config["model"]["init_args"]["hidden_sizes"]
+        ('lightning_hessian.paper.models.MLPClassifier', [8])
     """
     import pytorch_lightning as pl
     from pytorch_lightning.cli import LightningCLI
@@ -64,6 +75,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit code: the experiment's, or 0 after a LightningCLI run.
+
+    Example:
+        >>> import contextlib, io
+        >>> printed = io.StringIO()
+        >>> with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):  # --help exits
+        ...     main(["--help"])
+        >>> print(printed.getvalue().splitlines()[0])
+        experiments: lightning-hessian sb-lb [--help], lightning-hessian reproduce [--help]
+        >>> with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
+        ...     main(["reproduce", "--help"])  # an experiment: its own command line
+        >>> "--quick" in printed.getvalue()
+        True
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in _EXPERIMENTS:

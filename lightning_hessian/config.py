@@ -19,6 +19,10 @@ from lightning_hessian.engine.checks import check_choice, check_count, check_fla
 
 MatrixChoice = Literal["hessian", "ggn", "both"]
 Mode = Literal["eval", "train"]
+BasisDtype = Literal["float32", "float64"]
+
+DEFAULT_BUDGET = 0.05
+"""``budget="auto"`` without an explicit schedule: 5% of the run's wall time (see the callback's docs)."""
 
 HISTORY_FILE = "{name}_history.json"
 """Default ``history_file``: ``{name}`` is replaced by the callback's ``name``."""
@@ -43,13 +47,13 @@ class CallbackConfig:
     """
 
     # schedule
-    every_n_steps: int | None = 2000
+    every_n_steps: int | None = None
     every_n_epochs: int | None = None
     log_spaced: bool = False
     at_start: bool = True
     at_end: bool = True
     at_evaluate: bool = True
-    max_overhead: float | None = None
+    budget: float | Literal["auto"] | None = "auto"
     # what to measure
     k: int = 5
     smallest: bool = False
@@ -59,11 +63,17 @@ class CallbackConfig:
     layer_views: bool = False
     grad_overlap: bool = False
     # accuracy and cost
-    tol: float = 1e-5
+    tol: float = 1e-3
     max_matvecs: int | None = None
-    num_probes: int = 5
-    num_steps: int = 40
+    num_probes: int | None = None
+    num_steps: int = 32
     warm_start: bool = True
+    # memory
+    basis_dtype: BasisDtype | None = None
+    basis_device: str | None = None
+    max_basis: int | None = None
+    keep_graph: bool | Literal["auto"] = "auto"
+    reorthogonalize: bool = False
     # probe set
     num_samples: int | None = 512
     batch_size: int | None = None
@@ -74,22 +84,30 @@ class CallbackConfig:
     # output
     name: str = "hessian"
     history_file: str | None = HISTORY_FILE
+    progress: bool = True
 
     def __post_init__(self) -> None:
-        counts = {"every_n_steps": True, "every_n_epochs": True, "k": False, "num_probes": False,
+        counts = {"every_n_steps": True, "every_n_epochs": True, "k": False, "num_probes": True,
                   "num_steps": False, "num_samples": True, "batch_size": True}
         for name, allow_none in counts.items():
             self._set(name, check_count(name, getattr(self, name), allow_none=allow_none))
         self._set("max_matvecs", check_count("max_matvecs", self.max_matvecs, minimum=self.k, allow_none=True))
         self._set("seed", check_count("seed", self.seed, minimum=0))
         for name in ("log_spaced", "at_start", "at_end", "at_evaluate", "smallest", "density", "layer_views",
-                     "grad_overlap", "warm_start"):
+                     "grad_overlap", "warm_start", "reorthogonalize", "progress"):
             check_flag(name, getattr(self, name))
+        self._set("max_basis", check_count("max_basis", self.max_basis, minimum=self.k + 2, allow_none=True))
+        if self.basis_dtype is not None:
+            check_choice("basis_dtype", self.basis_dtype, ("float32", "float64"))
+        if self.basis_device is not None and not isinstance(self.basis_device, str):
+            raise TypeError(f"basis_device={self.basis_device!r} must be a device name such as 'cpu', or None")
+        if not isinstance(self.keep_graph, bool) and self.keep_graph != "auto":
+            raise ValueError(f"keep_graph={self.keep_graph!r} must be True, False or 'auto'")
+        if self.budget != "auto":
+            self._set("budget", check_fraction("budget", self.budget, allow_none=True))
         check_choice("matrix", self.matrix, ("hessian", "ggn", "both"))
         check_choice("mode", self.mode, ("eval", "train"))
         self._set("tol", check_fraction("tol", self.tol))
-        self._set("max_overhead", check_fraction("max_overhead", self.max_overhead, include_high=True,
-                                                 allow_none=True))
         if self.log_spaced and self.every_n_steps is None:
             raise ValueError("log_spaced=True needs every_n_steps (the first interval); set every_n_steps")
         layers = self.layers
@@ -110,26 +128,38 @@ class CallbackConfig:
         object.__setattr__(self, name, value)
 
     @property
-    def history_path(self) -> str | None:
-        """The history file's name with ``{name}`` filled in, or ``None``."""
-        return None if self.history_file is None else self.history_file.format(name=self.name)
+    def scheduled(self) -> bool:
+        """Whether an explicit step or epoch schedule is set."""
+        return self.every_n_steps is not None or self.every_n_epochs is not None
 
-    def hparams(self, num_samples: int = 0) -> dict[str, Any]:
-        """The settings as hyperparameters ``{"<name>/<field>": plain value}``.
+    @property
+    def budget_fraction(self) -> float | None:
+        """The budget in force: ``"auto"`` is :data:`DEFAULT_BUDGET` without an explicit schedule and none with one."""
+        if self.budget == "auto":
+            return None if self.scheduled else DEFAULT_BUDGET
+        return self.budget
+
+    @property
+    def history_path(self) -> str | None:
+        """The history file's name with ``{name}`` filled in (a ``/`` in the name becomes ``_``), or ``None``."""
+        return None if self.history_file is None else self.history_file.format(name=self.name.replace("/", "_"))
+
+    def hparams(self, **resolved: Any) -> dict[str, Any]:
+        """The settings as hyperparameters ``{"<name>/<field>": plain value}`` (``None`` as ``"none"``).
 
         Args:
-            num_samples: the probe set's size once drawn (0 before).
+            resolved: values known once the run starts that replace the configured ones, e.g. the
+                probe set's size ``num_samples`` or the number of probes ``num_probes`` chosen for P.
         """
         values: dict[str, Any] = {}
         for field in dataclasses.fields(self):
             if field.name in _OBJECTS or field.name == "name":
                 continue
-            value = getattr(self, field.name)
+            value = resolved.get(field.name, getattr(self, field.name))
             values[field.name] = ",".join(value) if isinstance(value, tuple) else value
-        values["num_samples"] = num_samples
         if not self.density:
             values["num_probes"] = values["num_steps"] = 0
-        return {f"{self.name}/{key}": (0 if value is None else value) for key, value in values.items()}
+        return {f"{self.name}/{key}": ("none" if value is None else value) for key, value in values.items()}
 
     def identity(self) -> Mapping[str, Any]:
         """The fields that name a series of measurements: two callbacks that differ here may coexist."""

@@ -11,7 +11,9 @@ the grid and reproduce the endpoints bit for bit (``torch.lerp`` is exact at bot
 Nothing is copied and nothing is changed: each model is evaluated with
 :func:`torch.func.functional_call` on the template module with the interpolated tensors swapped
 in, and module modes are restored afterwards. Endpoints may be modules or checkpoint files, which
-are read with ``torch.load(weights_only=True)`` (checkpoints are data, not code).
+are read with ``torch.load(weights_only=True)`` (checkpoints are data, not code). A tensor the
+template holds under several names (tied weights: a decoder sharing the embedding's weight) is
+interpolated once, under its first name.
 
 BatchNorm running statistics are interpolated like every other tensor (``bn="interpolate"``) or,
 with ``bn="recompute"``, re-estimated at each alpha by a no-grad pass in train mode over
@@ -30,6 +32,7 @@ import math
 import os
 import pickle
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,16 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 # Keskar et al.'s grid, linspace(-1, 2, 25): step 1/8, so 0 and 1 are exact binary fractions.
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(-1 + 3 * i / 24 for i in range(25))
 
+# torch.save writes a zip archive holding "<name>/data.pkl", or (legacy format) a pickle opening with this number.
+_LEGACY_MAGIC = torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+
+# (what needs (x, y) batches, the fix), for errors about batches of another form.
+_DEFAULT_LOSS_NEEDS = (
+    "the default loss (cross-entropy of model(x) against y)",
+    "pass loss_fn=<loss_fn(model, batch) -> scalar mean loss> for batches of another form",
+)
+_ACCURACY_NEEDS = ("accuracy", "pass accuracy=False for batches of another form")
+
 
 @dataclass(frozen=True)
 class InterpolationResult:
@@ -70,7 +83,25 @@ class InterpolationResult:
         distance: Euclidean norm of ``theta_b - theta_a`` over the parameters.
         num_params: number of scalar parameters.
         labels: display names of the endpoints (alpha 0, alpha 1).
-        seconds: wall time of the evaluation.
+        seconds: wall time of the evaluation, in seconds.
+
+    Example:
+        >>> losses = {0.0: 1.0, 0.5: 3.0, 1.0: 2.0}
+        >>> result = InterpolationResult(
+        ...     rows=[{"alpha": a, "split": "train", "loss": v, "accuracy": None} for a, v in losses.items()],
+        ...     alphas=(0.0, 0.5, 1.0), splits=("train",), bn="none", norm_a=1.0, norm_b=2.0, distance=1.5,
+        ...     num_params=4, labels=("start", "end"), seconds=0.1,
+        ... )
+        >>> result.values("train")
+        [1.0, 3.0, 2.0]
+        >>> result.barrier_height()  # 3 - (1 + 2) / 2 at alpha 0.5
+        1.5
+        >>> print(result.to_markdown())
+        | alpha | train loss |
+        | --- | --- |
+        | 0 | 1 |
+        | 0.5 | 3 |
+        | 1 | 2 |
     """
 
     rows: list[dict[str, Any]]
@@ -87,6 +118,13 @@ class InterpolationResult:
     def values(self, split: str = "train", metric: Literal["loss", "accuracy"] = "loss") -> list[float]:
         """The metric of one split at every alpha, in the order of :attr:`alphas`.
 
+        Args:
+            split: a dataloader name in :attr:`splits`.
+            metric: ``"loss"`` (sample-weighted mean loss) or ``"accuracy"`` (fraction; ``None`` entries when off).
+
+        Returns:
+            One value per alpha.
+
         Raises:
             KeyError: if ``split`` was not evaluated.
         """
@@ -99,6 +137,12 @@ class InterpolationResult:
 
         ``max over alpha in [0, 1] of loss(alpha) - ((1 - alpha) loss(0) + alpha loss(1))``, clipped at 0:
         0 means the loss never rises above the straight line between the endpoints.
+
+        Args:
+            split: a dataloader name in :attr:`splits`.
+
+        Returns:
+            The height, in the loss's units (>= 0).
         """
         curve = dict(zip(self.alphas, self.values(split), strict=True))
         start, end = curve[0.0], curve[1.0]
@@ -106,7 +150,14 @@ class InterpolationResult:
         return max(0.0, *excess)
 
     def to_csv(self, path: str | os.PathLike) -> Path:
-        """Write :attr:`rows` as CSV (columns alpha, split, loss, accuracy) and return the path."""
+        """Write :attr:`rows` as CSV (columns alpha, split, loss, accuracy), creating parent folders.
+
+        Args:
+            path: the file to write.
+
+        Returns:
+            ``path`` as a :class:`~pathlib.Path`.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as handle:
@@ -149,11 +200,37 @@ class InterpolationResult:
         return fig
 
     def save_plot(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`figure` as an image (PNG by the suffix) and return the path."""
+        """Write :meth:`figure` as an image at 120 dpi, creating parent folders.
+
+        Args:
+            path: the file to write; its suffix picks the format (``.png``, ``.pdf``, ``.svg``).
+
+        Returns:
+            ``path`` as a :class:`~pathlib.Path`.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.figure().savefig(path, dpi=120)
         return path
+
+
+def _check_torch_file(path: Path) -> None:
+    """Raise a ValueError naming ``path`` and what it holds unless :func:`torch.save` wrote it."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("/data.pkl") for name in archive.namelist()):
+                return
+        found = "a zip archive without the data.pkl that torch.save writes"
+    else:
+        with path.open("rb") as handle:
+            head = handle.read(32)
+        if _LEGACY_MAGIC in head:
+            return
+        found = f"a file starting with {head[:16]!r}" if head else "an empty file"
+    raise ValueError(
+        f"{str(path)!r} is not a PyTorch checkpoint file: it is {found}. Expected a file written by torch.save: "
+        "a Lightning .ckpt or torch.save(model.state_dict(), path)"
+    )
 
 
 def load_checkpoint_state(path: str | os.PathLike, map_location: torch.device | str = "cpu") -> dict[str, Tensor]:
@@ -161,14 +238,30 @@ def load_checkpoint_state(path: str | os.PathLike, map_location: torch.device | 
 
     Loaded with ``torch.load(weights_only=True)``: tensors and plain Python values only.
 
+    Args:
+        path: the file, written by :func:`torch.save` (a Lightning ``.ckpt`` is one).
+        map_location: the device the tensors are loaded onto (default the CPU).
+
+    Returns:
+        ``{name: tensor}`` in the file's order, shapes and dtypes as saved.
+
     Raises:
         FileNotFoundError: if there is no such file.
-        ValueError: if the file needs unpickling arbitrary Python objects (it is refused), or holds
-            no state dict.
+        ValueError: if the file is not a PyTorch checkpoint (e.g. text, empty, or a NumPy ``.npy``),
+            needs unpickling arbitrary Python objects (it is refused), or holds no state dict.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     torch.save(nn.Linear(3, 2).state_dict(), Path(folder) / "linear.pt")
+        ...     state = load_checkpoint_state(Path(folder) / "linear.pt")
+        >>> {name: tuple(tensor.shape) for name, tensor in state.items()}
+        {'weight': (2, 3), 'bias': (2,)}
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    _check_torch_file(path)
     try:
         content = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -206,10 +299,45 @@ def _check_same_layout(first: Mapping[str, Tensor], second: Mapping[str, Tensor]
         )
 
 
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """``{alias: first name}`` for every state dict name of a tensor that an earlier name holds too (tied weights)."""
+    first_name: dict[int, str] = {}
+    aliases = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        first = first_name.setdefault(id(tensor), name)
+        if first != name:
+            aliases[name] = first
+    return aliases
+
+
+def _without_aliases(state: Mapping[str, Tensor], aliases: Mapping[str, str], name: str) -> dict[str, Tensor]:
+    """``state`` less the ``aliases``, each checked to hold the same values as the name it is tied to.
+
+    Raises:
+        ValueError: naming each alias whose values differ (``name`` is not tied like the template).
+    """
+    untied = [
+        f"{alias} differs from {first}"
+        for alias, first in aliases.items()
+        if alias in state and first in state and not torch.equal(state[alias], state[first])
+    ]
+    if untied:
+        raise ValueError(
+            f"{name} is not tied like the module evaluated with (model_template, else the first module): "
+            f"{', '.join(untied)}, names that module ties to one tensor; pass a model_template tied like the endpoints"
+        )
+    return {key: value for key, value in state.items() if key not in aliases}
+
+
 def _resolve_endpoints(
     model_a: ModelLike, model_b: ModelLike, model_template: nn.Module | None
 ) -> tuple[nn.Module, dict[str, Tensor], dict[str, Tensor]]:
-    """The module to evaluate with and the two endpoints' state dicts (checked to match it)."""
+    """The module to evaluate with and the two endpoints' state dicts (checked to match it).
+
+    Names of tied tensors (a decoder sharing the embedding's weight) are dropped from the state dicts
+    but the first of each tensor's names in the template, so that each tensor is interpolated once and
+    :func:`functional_call` swaps it under all its names.
+    """
     for name, value in (("model_a", model_a), ("model_b", model_b)):
         if not isinstance(value, (nn.Module, str, os.PathLike)):
             raise TypeError(f"{name} must be an nn.Module or a checkpoint path, got {type(value).__name__}")
@@ -220,16 +348,16 @@ def _resolve_endpoints(
             "model_a and model_b are both checkpoint paths: pass model_template=<a module of that architecture>"
         )
     device = next(template.parameters()).device
+    aliases = _tied_aliases(template)
 
-    def state_of(model: ModelLike) -> dict[str, Tensor]:
-        if isinstance(model, nn.Module):
-            return dict(model.state_dict())
-        return load_checkpoint_state(model, map_location=device)
+    def state_of(model: ModelLike, name: str) -> dict[str, Tensor]:
+        state = model.state_dict() if isinstance(model, nn.Module) else load_checkpoint_state(model, device)
+        return _without_aliases(state, aliases, name)
 
-    state_a, state_b = state_of(model_a), state_of(model_b)
+    state_a, state_b = state_of(model_a, "model_a"), state_of(model_b, "model_b")
     _check_same_layout(state_a, state_b, ("model_a", "model_b"))
     if template is not model_a:
-        _check_same_layout(dict(template.state_dict()), state_a, ("model_template", "model_a"))
+        _check_same_layout(state_of(template, "model_template"), state_a, ("model_template", "model_a"))
     return template, state_a, state_b
 
 
@@ -274,6 +402,36 @@ def _recompute_batchnorm(evaluator: _Evaluator, state: dict[str, Tensor], loader
             m.momentum = momentum
 
 
+def _inputs_and_targets(batch: Any, needed_by: str, fix: str) -> tuple[Any, Any]:
+    """``(x, y)``, the first two items of a tuple or list batch.
+
+    Raises:
+        TypeError: for a batch of another form, saying that ``needed_by`` needs ``(x, y)`` and the ``fix``.
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    found = f"a dict with keys {list(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
+    raise TypeError(f"{needed_by} needs (x, y) batches (inputs, then targets), got {found}; {fix}")
+
+
+def _class_labels(logits: Tensor, batch: Any) -> Tensor:
+    """The labels ``y`` of an ``(x, y)`` batch on the logits' device, checked to fit class logits ``[n, C]``.
+
+    Raises:
+        ValueError: unless the logits are ``[n, C]`` with ``C >= 2`` and the labels integers ``[n]``
+            (a regression model, for one, has neither).
+    """
+    labels = move_batch(_inputs_and_targets(batch, *_ACCURACY_NEEDS)[1], logits.device, None)
+    is_labels = isinstance(labels, Tensor) and not labels.is_floating_point() and not labels.is_complex()
+    if logits.ndim != 2 or logits.shape[1] < 2 or not is_labels or labels.shape != logits.shape[:1]:
+        found = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(
+            "accuracy needs class logits [n, C] with C >= 2 and integer labels [n] (classification); the model "
+            f"returned {tuple(logits.shape)} and the labels are {found}; pass accuracy=False (e.g. for regression)"
+        )
+    return labels
+
+
 class _Evaluator:
     """Sample-weighted mean loss and torchmetrics accuracy of a module over a dataloader.
 
@@ -293,9 +451,11 @@ class _Evaluator:
 
     def _loss_and_logits(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor | None]:
         if self.loss_fn is None:
-            logits = model(batch[0])
-            return F.cross_entropy(logits, batch[1]), logits
-        return self.loss_fn(model, batch), (model(batch[0]) if self.accuracy else None)
+            x, y = _inputs_and_targets(batch, *_DEFAULT_LOSS_NEEDS)
+            logits = model(x)
+            return F.cross_entropy(logits, y), logits
+        loss = self.loss_fn(model, batch)
+        return loss, (model(_inputs_and_targets(batch, *_ACCURACY_NEEDS)[0]) if self.accuracy else None)
 
     def outputs(self, batch: Any, state: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
         """``(mean loss, logits or None)`` of one batch, with the tensors of ``state`` if given."""
@@ -318,14 +478,10 @@ class _Evaluator:
                 count += num
                 if logits is None:
                     continue
-                if logits.ndim != 2:
-                    raise ValueError(
-                        f"accuracy needs logits of shape [n, C], the model returned {tuple(logits.shape)}; "
-                        "pass accuracy=False"
-                    )
+                labels = _class_labels(logits, batch)
                 if metric is None:
                     metric = MulticlassAccuracy(num_classes=logits.shape[1], average="micro").to(logits.device)
-                metric.update(logits, move_batch(batch, logits.device, None)[1])
+                metric.update(logits, labels)
         if count == 0:
             raise ValueError("a dataloader yielded no batches")
         return total / count, (float(metric.compute()) if metric is not None else None)
@@ -342,10 +498,24 @@ def evaluate(
         model: the network; its modes are restored afterwards.
         dataloader: batches ``(x, y)`` (any re-iterable); floating tensors are cast to the model's dtype.
         loss_fn: ``loss_fn(model, batch) -> scalar mean loss``; default cross-entropy of ``model(x)``.
-        accuracy: also measure accuracy (torchmetrics, micro average) of ``model(x)`` logits ``[n, C]``.
+        accuracy: also measure accuracy (torchmetrics, micro average) of ``model(x)`` logits ``[n, C]``
+            against integer labels ``y`` ``[n]``.
 
     Returns:
-        ``(loss, accuracy)``; accuracy is ``None`` when off.
+        ``(loss, accuracy)``: the loss in its own units, accuracy a fraction in [0, 1] or ``None`` when off.
+
+    Raises:
+        TypeError: if the default loss or accuracy meets batches that are not ``(x, y)``.
+        ValueError: if accuracy meets outputs that are not class logits ``[n, C]``, ``C >= 2``, or labels
+            that are not integers ``[n]``, or the dataloader yields no batch.
+
+    Example:
+        >>> model = nn.Linear(3, 2)
+        >>> _ = nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
+        >>> data = [(torch.randn(8, 3), torch.zeros(8, dtype=torch.long))]
+        >>> loss, accuracy = evaluate(model, data)
+        >>> round(loss, 4), accuracy  # both classes equally likely: log 2; ties go to class 0
+        (0.6931, 1.0)
     """
     return _Evaluator(model, loss_fn, accuracy)(dataloader)
 
@@ -401,10 +571,12 @@ def linear_interpolation(
         An :class:`InterpolationResult`.
 
     Raises:
-        TypeError: for an endpoint that is neither a module nor a path, or two paths without
-            ``model_template``.
+        TypeError: for an endpoint that is neither a module nor a path, two paths without
+            ``model_template``, or batches that are not ``(x, y)`` with the default loss or accuracy.
         ValueError: for a bad ``bn`` or ``alphas``, no dataloader, architectures that differ (the
-            message lists each differing name and shape), or a checkpoint that is refused.
+            message lists each differing name and shape), endpoints not tied like the template, a file
+            that is not a PyTorch checkpoint or is refused, or outputs that are not class logits
+            ``[n, C]`` (or labels that are not integers) while ``accuracy`` is on.
 
     Example:
         >>> import torch

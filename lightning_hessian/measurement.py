@@ -32,6 +32,16 @@ class LayerEigenvalue:
         pattern: the parameter name pattern, e.g. ``"net.0.*"``.
         eigenvalue: the block's largest eigenvalue.
         residual: its relative residual.
+
+    Example:
+        >>> from lightning_hessian.engine import SpectrumSummary
+        >>> summary = SpectrumSummary(0, 1.0, 2.0, float("nan"), float("nan"))
+        >>> block = LayerEigenvalue("net.0.*", eigenvalue=1.5, residual=1e-4)
+        >>> measured = MatrixMeasurement("hessian", 3, (2.0,), (1e-9,), (True,), 10, summary, layers={"net0": block})
+        >>> measured.max_residual  # the block's residual counts with the top k's
+        0.0001
+        >>> MatrixMeasurement.from_dict(measured.to_dict()).layers["net0"]
+        LayerEigenvalue(pattern='net.0.*', eigenvalue=1.5, residual=0.0001)
     """
 
     pattern: str
@@ -47,6 +57,15 @@ class LayerView:
         trace: Hutchinson estimate of the trace of the module's diagonal block.
         trace_stderr: its standard error.
         eig_1_mass: fraction of the top eigenvector's squared norm inside the module, in [0, 1].
+
+    Example:
+        >>> from lightning_hessian.engine import SpectrumSummary
+        >>> summary = SpectrumSummary(0, 1.0, 2.0, float("nan"), float("nan"))
+        >>> view = LayerView(trace=3.0, trace_stderr=0.1, eig_1_mass=0.9)
+        >>> measured = MatrixMeasurement("hessian", 3, (2.0,), (1e-9,), (True,), 10, summary,
+        ...                              layer_views={"net.0": view})
+        >>> measured.to_dict()["layer_views"]
+        {'net.0': {'trace': 3.0, 'trace_stderr': 0.1, 'eig_1_mass': 0.9}}
     """
 
     trace: float
@@ -71,6 +90,20 @@ class MatrixMeasurement:
         layers: the top eigenvalue of each ``layers=`` block, by tag name.
         layer_views: traces and eigenvector mass per module (empty unless asked).
         grad_overlap: fraction of the gradient inside the top-k eigenspace (``None`` unless asked).
+        error_bounds: estimated absolute errors of the eigenvalues (``EigenResult.error_bounds``:
+            ``min(r, r**2 / gap)``, r the absolute residual).
+
+    Example:
+        >>> from lightning_hessian.engine import SpectrumSummary
+        >>> summary = SpectrumSummary(1, 4.0, 0.5, float("nan"), float("nan"))
+        >>> measured = MatrixMeasurement("hessian", num_params=10, eigenvalues=(2.0, 0.5), residuals=(1e-7, 1e-6),
+        ...                              converged=(True, True), num_matvecs=20, summary=summary,
+        ...                              error_bounds=(1e-9, 1e-8))
+        >>> measured.max_residual, measured.max_error_bound
+        (1e-06, 1e-08)
+        >>> plain = measured.to_dict()  # plain values, for checkpoints and JSON
+        >>> plain["eigenvalues"], MatrixMeasurement.from_dict(plain).eigenvalues
+        ([2.0, 0.5], (2.0, 0.5))
     """
 
     matrix: Matrix
@@ -86,6 +119,12 @@ class MatrixMeasurement:
     layers: Mapping[str, LayerEigenvalue] = field(default_factory=dict)
     layer_views: Mapping[str, LayerView] = field(default_factory=dict)
     grad_overlap: float | None = None
+    error_bounds: tuple[float, ...] = ()
+
+    @property
+    def max_error_bound(self) -> float:
+        """The largest estimated eigenvalue error of the top k (NaN when not recorded)."""
+        return max(self.error_bounds) if self.error_bounds else math.nan
 
     @property
     def max_residual(self) -> float:
@@ -100,6 +139,7 @@ class MatrixMeasurement:
         plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         plain.update(
             eigenvalues=list(self.eigenvalues), residuals=list(self.residuals), converged=list(self.converged),
+            error_bounds=list(self.error_bounds),
             summary=dataclasses.asdict(self.summary), density=_density_to_dict(self.density),
             layers={name: dataclasses.asdict(layer) for name, layer in self.layers.items()},
             layer_views={name: dataclasses.asdict(view) for name, view in self.layer_views.items()},
@@ -113,6 +153,7 @@ class MatrixMeasurement:
         values.update(
             eigenvalues=tuple(values["eigenvalues"]), residuals=tuple(values["residuals"]),
             converged=tuple(values["converged"]), summary=SpectrumSummary(**values["summary"]),
+            error_bounds=tuple(values.get("error_bounds", ())),
             density=_density_from_dict(values.get("density")),
             layers={name: LayerEigenvalue(**layer) for name, layer in values.get("layers", {}).items()},
             layer_views={name: LayerView(**view) for name, view in values.get("layer_views", {}).items()},
@@ -192,6 +233,10 @@ class Event:
         stage: as in :class:`Measurement`.
         reason: ``"nonfinite"`` (the loss or a product was NaN or infinite), ``"no_loss"``
             (``training_step`` returned ``None``) or ``"budget"`` (skipped to stay within the budget).
+
+    Example:
+        >>> Event(step=120, stage="fit", reason="nonfinite").to_dict()
+        {'step': 120, 'stage': 'fit', 'reason': 'nonfinite'}
     """
 
     step: int

@@ -1,5 +1,7 @@
 """The benchmark harness: its metrics against closed forms, and `python -m benchmarks.run` end to end."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +59,39 @@ def test_run_writes_results_with_verdicts(tmp_path):
     for heading in ("### Top-10 eigenvalues", "### Spectral density (SLQ)", "### Trace (exact:",
                     "### Product cost relative to one gradient", "### Warm start", "## Memory"):
         assert heading in text
+
+
+def _fingerprints(environment: dict[str, str]) -> list[dict]:
+    """`python -m benchmarks.workloads --smoke` on the float32 workloads in a fresh process with extra
+    environment variables: one JSON line per workload (weights digest, reference, product rounding,
+    our default top-10 error measured with one thread)."""
+    command = [sys.executable, "-m", "benchmarks.workloads", "--smoke", "--workloads", "digits-mlp-250k,digits-cnn"]
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, **environment}, check=True, capture_output=True,
+                          text=True, timeout=180)
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_thread_build() -> list[dict]:
+    return _fingerprints({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+
+
+def test_float32_workloads_and_their_errors_do_not_depend_on_the_thread_count(one_thread_build):
+    # Trained in float32 with the caller's threads, the smoke digits-cnn came out with other weights
+    # (and a reference 1e-4 away) under two threads than under one.
+    two = _fingerprints({"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"})
+    assert [w["name"] for w in one_thread_build] == ["digits-mlp-250k", "digits-cnn"]
+    assert all(w["dtype"] == "float32" and w["product_rounding"] > 0 for w in one_thread_build)
+    for first, second in zip(one_thread_build, two, strict=True):
+        assert first == second, (first["name"], first, second)  # weights, reference, rounding, error, products
+
+
+def test_float32_workloads_survive_other_cpu_kernels(one_thread_build):
+    # AVX2 kernels in place of wider ones (a no-op on a CPU without them): float32 training gave other
+    # weights; float64 training cast to float32 gives the same ones. The products, hence the measured
+    # error and the rounding, may differ: they are float32.
+    other = _fingerprints({"OMP_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                           "DNNL_MAX_CPU_ISA": "AVX2"})
+    for first, second in zip(one_thread_build, other, strict=True):
+        assert first["sha256"] == second["sha256"], first["name"]
+        assert second["reference"] == pytest.approx(first["reference"], rel=1e-12), first["name"]

@@ -164,7 +164,13 @@ def test_zero_argument_construction():
         pytest.param({"batch_size": 0}, ValueError, "batch_size", id="batch_size"),
         pytest.param({"tol": 0.0}, ValueError, "tol", id="tol"),
         pytest.param({"max_matvecs": 2, "k": 3}, ValueError, "max_matvecs", id="max_matvecs"),
-        pytest.param({"max_overhead": 1.5}, ValueError, "max_overhead", id="max_overhead"),
+        pytest.param({"budget": 1.5}, ValueError, "budget", id="budget"),
+        pytest.param({"budget": "half"}, ValueError, "budget", id="budget-string"),
+        pytest.param({"density": "yes"}, TypeError, "density", id="flag"),
+        pytest.param({"history_file": 123}, TypeError, "history_file", id="history_file"),
+        pytest.param({"keep_graph": "sometimes"}, ValueError, "keep_graph", id="keep_graph"),
+        pytest.param({"basis_dtype": "float16"}, ValueError, "basis_dtype", id="basis_dtype"),
+        pytest.param({"max_basis": 3, "k": 5}, ValueError, "max_basis", id="max_basis"),
         pytest.param({"seed": -1}, ValueError, "seed", id="seed"),
         pytest.param({"every_n_steps": None, "log_spaced": True}, ValueError, "log_spaced", id="log_spaced"),
         pytest.param({"layers": "net.0.*"}, TypeError, "layers", id="layers"),
@@ -185,23 +191,35 @@ def test_unknown_option_is_a_type_error():
 def test_schedule_predicate():
     every = HessianSpectrumCallback(every_n_steps=10)
     spaced = HessianSpectrumCallback(every_n_steps=10, log_spaced=True)
-    assert [s for s in range(1, 100) if every.should_measure(s)] == list(range(10, 100, 10))
-    assert [s for s in range(1, 200) if spaced.should_measure(s)] == [10, 20, 40, 80, 160]
-    assert not any(HessianSpectrumCallback(every_n_steps=None).should_measure(s) for s in range(1, 50))
+    assert [s for s in range(1, 100) if every.should_measure(s, s - 1)] == list(range(10, 100, 10))
+    assert [s for s in range(1, 200) if spaced.should_measure(s, s - 1)] == [10, 20, 40, 80, 160]
+    assert not any(HessianSpectrumCallback().should_measure(s, s - 1) for s in range(1, 50))
+    # global_step advancing by 2 (two optimizers under manual optimization): multiples are crossed, not hit
+    assert [s for s in range(2, 42, 2) if HessianSpectrumCallback(every_n_steps=5).should_measure(s, s - 2)] == \
+        [6, 10, 16, 20, 26, 30, 36, 40]
 
 
-def test_probe_set_is_cut_split_and_joined():
+def test_integral_numbers_are_counts_and_max_overhead_is_an_old_name_for_budget():
+    import numpy as np
+
+    assert HessianSpectrumCallback(k=np.int64(4)).config.k == 4
+    with pytest.warns(DeprecationWarning, match="max_overhead"):
+        assert HessianSpectrumCallback(every_n_steps=2, max_overhead=0.2).config.budget == 0.2
+
+
+def test_probe_set_takes_whole_batches_split_across_ranks_and_rebatches_on_request():
     from lightning_hessian._probes import draw_probe_set
 
-    loader = [{"x": torch.arange(4.0) + 4 * i, "y": torch.arange(4) + 4 * i} for i in range(3)]  # samples 0..11
+    loader = [{"x": torch.arange(4.0) + 4 * i, "y": torch.arange(4) + 4 * i,
+               "text": [f"s{4 * i + j}" for j in range(4)]} for i in range(3)]  # samples 0..11, with their texts
     draw = dict(num_samples=10, batch_size=None, seed=0, world_size=2)
-    [first] = draw_probe_set(loader, rank=0, **draw)  # batches 0 and 2 (cut to 2 samples), joined
-    [second] = draw_probe_set(loader, rank=1, **draw)
-    assert first["y"].tolist() == [0, 1, 2, 3, 8, 9] and second["y"].tolist() == [4, 5, 6, 7]
+    first = draw_probe_set(loader, rank=0, **draw)  # whole batches 0 and 2 (10 samples round up to 12)
+    second = draw_probe_set(loader, rank=1, **draw)
+    assert [b["y"].tolist() for b in first] == [[0, 1, 2, 3], [8, 9, 10, 11]]
+    assert [b["y"].tolist() for b in second] == [[4, 5, 6, 7]]
     rebatched = draw_probe_set(loader, num_samples=None, batch_size=5, seed=0, rank=0, world_size=1)
     assert [b["y"].tolist() for b in rebatched] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]]
-    ragged = [torch.zeros(2, 3), torch.zeros(2, 5)]  # sequences of different lengths cannot be joined
-    assert [b.shape for b in draw_probe_set(ragged, **dict(draw, world_size=1), rank=0)] == [(2, 3), (2, 5)]
+    assert [b["text"] for b in rebatched][2] == ["s10", "s11"]  # per-sample lists are cut with the tensors
 
 
 # --- setup errors ------------------------------------------------------------------------------
@@ -284,7 +302,7 @@ def test_logged_eigenvalues_equal_dense_hessian_at_the_last_step(tmp_path):
     # The density places the converged top-k exactly (1/P each) and estimates the rest below them.
     last = callback.history[-1].hessian
     nodes, weights = last.density.nodes, last.density.weights
-    assert nodes.shape == weights.shape == (callback.config.num_probes, callback.config.num_steps + k)
+    assert nodes.shape == weights.shape and nodes.shape[1] == callback.config.num_steps + k
     for eigenvalue in last.eigenvalues:
         exact = (nodes - eigenvalue).abs() <= 1e-12 * abs(eigenvalue)
         assert torch.all(exact.sum(dim=1) >= 1)
@@ -293,7 +311,7 @@ def test_logged_eigenvalues_equal_dense_hessian_at_the_last_step(tmp_path):
 
 def test_gauss_newton_and_layer_blocks_match_dense():
     model = ProtocolMLP(dtype=torch.float64)
-    callback = HessianSpectrumCallback(every_n_steps=None, k=3, num_samples=16, matrix="both",
+    callback = HessianSpectrumCallback(budget=None, k=3, num_samples=16, matrix="both", tol=1e-6,
                                        layers=["net.2.*"], smallest=True, max_matvecs=51)
     trainer(max_steps=1, callbacks=[callback]).fit(model, DataLoader(dataset(dtype=torch.float64), batch_size=8))
     record = callback.history[-1]
@@ -313,7 +331,7 @@ def test_gauss_newton_and_layer_blocks_match_dense():
 def test_measure_after_fit_and_under_validate_and_test():
     model = ProtocolMLP(dtype=torch.float64)
     data = DataLoader(dataset(dtype=torch.float64), batch_size=8)
-    callback = HessianSpectrumCallback(every_n_steps=None, at_start=False, k=2, num_samples=16, density=False)
+    callback = HessianSpectrumCallback(budget=None, at_start=False, k=2, tol=1e-6, num_samples=16, density=False)
     fit = trainer(max_steps=3, callbacks=[callback])
     fit.fit(model, data)
     after = callback.measure(fit)
@@ -321,7 +339,7 @@ def test_measure_after_fit_and_under_validate_and_test():
     assert after.hessian.eigenvalues == pytest.approx(callback.history[0].hessian.eigenvalues, rel=1e-9)
     expected = top_dense(model, callback.probe_batches, 2)
     for stage in ("validate", "test"):
-        evaluating = HessianSpectrumCallback(dataloader=data, k=2, num_samples=16, density=False)
+        evaluating = HessianSpectrumCallback(dataloader=data, k=2, tol=1e-6, num_samples=16, density=False)
         run = trainer(callbacks=[evaluating])
         getattr(run, stage)(model, data)
         assert [r.stage for r in evaluating.history] == [stage]
@@ -345,7 +363,7 @@ def test_nonfinite_loss_is_reported_and_training_continues():
 
 
 def test_every_n_epochs_and_max_overhead():
-    by_epoch = HessianSpectrumCallback(every_n_steps=None, every_n_epochs=1, at_start=False, at_end=False,
+    by_epoch = HessianSpectrumCallback(budget=None, every_n_epochs=1, at_start=False, at_end=False,
                                        k=2, num_samples=16, density=False)
     trainer(max_epochs=3, callbacks=[by_epoch]).fit(TinyMLP(), DataLoader(dataset(), batch_size=8))
     assert [r.step for r in by_epoch.history] == [4, 8, 12]

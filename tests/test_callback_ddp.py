@@ -64,14 +64,14 @@ def test_ddp_spawn_matches_one_process(tmp_path):
     train = dataset(32, dtype=torch.float64)
     # 3 probe batches over 2 ranks: rank 0 holds two, rank 1 one (and must not hang)
     probe = DataLoader(dataset(24, seed=5, dtype=torch.float64), batch_size=8)
-    given = HessianSpectrumCallback(every_n_steps=None, k=3, dataloader=probe, num_samples=None, num_steps=8,
+    given = HessianSpectrumCallback(budget=None, k=3, tol=1e-6, dataloader=probe, num_samples=None, num_steps=8,
                                     num_probes=2, history_file="given.json")
-    # the training loader gets a DistributedSampler: each rank draws 6 of the 12 probe samples
-    sharded = HessianSpectrumCallback(every_n_steps=None, at_end=False, k=2, num_samples=12, density=False,
+    # the training loader gets a DistributedSampler: each rank draws 6 of the 12 probe samples, in whole batches
+    sharded = HessianSpectrumCallback(budget=None, at_end=False, k=2, tol=1e-6, num_samples=12, density=False,
                                       history_file="sharded.json")
     # one probe batch: rank 1 has none, and still takes part in every all-reduce
     single = DataLoader(dataset(8, seed=6, dtype=torch.float64), batch_size=8)
-    lonely = HessianSpectrumCallback(every_n_steps=None, at_end=False, k=2, dataloader=single, density=False,
+    lonely = HessianSpectrumCallback(budget=None, at_end=False, k=2, tol=1e-6, dataloader=single, density=False,
                                      history_file="lonely.json")
     run = trainer(strategy="ddp_spawn", devices=2, max_steps=2, logger=RankFileLogger(str(tmp_path)),
                   callbacks=[given, sharded, lonely])
@@ -90,10 +90,11 @@ def test_ddp_spawn_matches_one_process(tmp_path):
 
     with open(tmp_path / "sharded.json") as handle:
         [record] = json.load(handle)["history"]
-    # Lightning's training sampler shuffles with the global seed and epoch 0: rank r draws the first 6 of its part
-    shares = [list(DistributedSampler(train, num_replicas=2, rank=r, seed=SEED))[:6] for r in range(2)]
+    # Lightning's training sampler shuffles with the global seed and epoch 0: rank r draws whole batches of 4 of
+    # its part until it has 6 samples, i.e. the first 8
+    shares = [list(DistributedSampler(train, num_replicas=2, rank=r, seed=SEED))[:8] for r in range(2)]
     batches = [tuple(t[share] for t in train.tensors) for share in shares]
-    assert record["num_samples"] == 12
+    assert record["num_samples"] == 16
     assert_eigenvalues(record["hessian"]["eigenvalues"], top_dense(initial, batches, 2))
 
     with open(tmp_path / "lonely.json") as handle:

@@ -16,7 +16,7 @@ from lightning_hessian.engine.layers import layer_slices, parameter_layout
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     model = TinyMLP(dtype=torch.float64)
-    callback = HessianSpectrumCallback(every_n_steps=None, k=3, num_samples=24, loss_fn=cross_entropy, tol=1e-6,
+    callback = HessianSpectrumCallback(budget=None, k=3, num_samples=24, loss_fn=cross_entropy, tol=1e-6,
                                        layer_views=True, grad_overlap=True, num_probes=64, num_steps=10)
     logger = TensorBoardLogger(tmp_path_factory.mktemp("tb"), name="tb")
     trainer(max_steps=3, logger=logger, callbacks=[callback]).fit(

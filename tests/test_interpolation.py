@@ -299,3 +299,124 @@ def test_bad_arguments_fail_early(kwargs, error, match):
     arguments = {"model_a": _mlp(0), "model_b": _mlp(1), "dataloaders": [], "progress": False} | kwargs
     with pytest.raises(error, match=match):
         linear_interpolation(**arguments)
+
+
+class _TiedLanguageModel(nn.Module):
+    """Token embedding -> tanh -> decoder whose weight is the embedding's, tied as in language models."""
+
+    def __init__(self, seed, vocab=12, dim=5):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embedding = nn.Embedding(vocab, dim)
+        self.decoder = nn.Linear(dim, vocab)
+        self.decoder.weight = self.embedding.weight
+        self.double()
+
+    def forward(self, tokens):
+        return self.decoder(torch.tanh(self.embedding(tokens)))
+
+
+def _next_tokens(seed, vocab=12):
+    tokens = torch.randint(0, vocab, (40,), generator=torch.Generator().manual_seed(seed))
+    return DataLoader(TensorDataset(tokens[:-1], tokens[1:]), batch_size=16)
+
+
+def test_tied_weights_are_interpolated_once_and_match_a_copy_built_by_hand(tmp_path):
+    a, b, loader = _TiedLanguageModel(0), _TiedLanguageModel(1), _next_tokens(0)
+    torch.save(b.state_dict(), tmp_path / "b.pt")
+    result = linear_interpolation(a, b, loader, [-0.5, 0.25, 0.5, 1.5], progress=False)
+    assert (
+        linear_interpolation(a, tmp_path / "b.pt", loader, [-0.5, 0.25, 0.5, 1.5], progress=False).rows == result.rows
+    )
+    for alpha in (-0.5, 0.25, 0.5, 1.5):
+        oracle = _lerped(a, b, alpha)
+        assert oracle.decoder.weight is oracle.embedding.weight
+        loss, accuracy = evaluate(oracle, loader)
+        assert _at(result, alpha)["loss"] == pytest.approx(loss, rel=1e-12)
+        assert _at(result, alpha)["accuracy"] == accuracy
+    for alpha, model in ((0.0, a), (1.0, b)):
+        assert (_at(result, alpha)["loss"], _at(result, alpha)["accuracy"]) == evaluate(model, loader)
+    assert result.num_params == 12 * 5 + 12
+    assert a.decoder.weight is a.embedding.weight and b.decoder.weight is b.embedding.weight
+
+
+def test_an_endpoint_not_tied_like_the_template_is_refused():
+    a, untied = _TiedLanguageModel(0), _TiedLanguageModel(1)
+    untied.decoder.weight = nn.Parameter(untied.embedding.weight.detach() + 1.0)
+    with pytest.raises(
+        ValueError, match=r"model_b is not tied like.*decoder\.weight differs from embedding\.weight.*model_template"
+    ):
+        linear_interpolation(a, untied, _next_tokens(0), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        pytest.param("notes.ckpt", b"hello, not a checkpoint\n", id="text"),
+        pytest.param("empty.pt", b"", id="empty"),
+        pytest.param("zeros.npy", None, id="numpy"),
+    ],
+)
+def test_a_file_that_is_no_torch_checkpoint_is_named(tmp_path, name, content):
+    import numpy
+
+    path = tmp_path / name
+    if content is None:
+        numpy.save(path, numpy.zeros(3))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"is not a PyTorch checkpoint file.*torch\.save") as error:
+        linear_interpolation(_mlp(0), path, [(torch.randn(4, 64), torch.zeros(4, dtype=torch.long))], progress=False)
+    assert str(path) in str(error.value) and "arbitrary Python objects" not in str(error.value)
+
+
+def _regression_net(outputs):
+    torch.manual_seed(0)
+    return nn.Linear(3, outputs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "batch", "error", "match"),
+    [
+        pytest.param(
+            {},
+            {"x": torch.randn(6, 3), "y": torch.zeros(6, dtype=torch.long)},
+            TypeError,
+            r"default loss .*needs \(x, y\) batches.*dict with keys \['x', 'y'\].*loss_fn=",
+            id="dict-batches-default-loss",
+        ),
+        pytest.param(
+            {"loss_fn": lambda m, batch: F.cross_entropy(m(batch["x"]), batch["y"])},
+            {"x": torch.randn(6, 3), "y": torch.zeros(6, dtype=torch.long)},
+            TypeError,
+            r"accuracy needs \(x, y\) batches.*accuracy=False",
+            id="dict-batches-accuracy",
+        ),
+        pytest.param(
+            {
+                "model_a": _regression_net(1),
+                "model_b": _regression_net(1),
+                "loss_fn": lambda m, b: F.mse_loss(m(b[0]), b[1]),
+            },
+            (torch.randn(6, 3), torch.randn(6, 1)),
+            ValueError,
+            r"accuracy needs class logits \[n, C\] with C >= 2 and integer labels.*\(6, 1\).*accuracy=False",
+            id="regression-one-output",
+        ),
+        pytest.param(
+            {
+                "model_a": _regression_net(2),
+                "model_b": _regression_net(2),
+                "loss_fn": lambda m, b: F.mse_loss(m(b[0]), b[1]),
+            },
+            (torch.randn(6, 3), torch.randn(6, 2)),
+            ValueError,
+            r"accuracy needs class logits \[n, C\] with C >= 2 and integer labels.*torch\.float.*accuracy=False",
+            id="regression-float-targets",
+        ),
+    ],
+)
+def test_batches_and_outputs_the_defaults_cannot_use_are_named(kwargs, batch, error, match):
+    arguments = {"model_a": _regression_net(2), "model_b": _regression_net(2), "progress": False} | kwargs
+    with pytest.raises(error, match=match):
+        linear_interpolation(dataloaders=[batch], **arguments)

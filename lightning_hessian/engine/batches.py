@@ -117,7 +117,8 @@ def concat_batches(batches: list[Any]) -> Any:
     """Join batches of the same structure along dimension 0 (per-sample lists are concatenated).
 
     Raises:
-        TypeError: if a part is neither a tensor, a per-sample list nor a container of them.
+        TypeError: if a part is neither a tensor, a per-sample list, a container of them nor a value
+            that is the same in every batch.
         RuntimeError: if tensors cannot be concatenated (shapes differ beyond dimension 0).
 
     Example:
@@ -138,7 +139,10 @@ def concat_batches(batches: list[Any]) -> Any:
             return type(first)(*(join(list(group)) for group in zip(*parts, strict=True)))
         if isinstance(first, (list, tuple)):
             return type(first)(join(list(group)) for group in zip(*parts, strict=True))
-        raise TypeError(f"cannot join batches holding a {type(first).__name__}; keep the loader's batches")
+        if all(part == first for part in parts):  # one value per batch, the same in all: kept once
+            return first
+        raise TypeError(f"cannot join batches holding different {type(first).__name__} values; keep the loader's "
+                        "batches")
 
     return join(batches)
 

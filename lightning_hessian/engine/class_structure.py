@@ -49,6 +49,17 @@ class ClassStructure:
         g1: ``(C,)`` eigenvalues of G1 (the class term), largest first.
         g2: ``(C (C - 1),)`` eigenvalues of G2 (the cross-class term), largest first.
         between: ``(C^2,)`` eigenvalues of the whole between-class part ``G0 + G1 + G2``.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2, bias=False)
+        >>> _ = torch.nn.init.zeros_(model.weight)
+        >>> structure = class_structure(model, lambda m, b: m(b[0]), [(torch.eye(2), torch.tensor([0, 1]))], 2)
+        >>> factors = structure.factors()
+        >>> sorted(factors), tuple(factors["g1"].shape)
+        (['g0', 'g1', 'g2'], (2, 4))
+        >>> g1 = factors["g1"].T @ factors["g1"]  # the class term G1 as a P x P matrix
+        >>> torch.linalg.eigvalsh(g1).flip(0)[:2].round(decimals=6).tolist(), structure.g1.round(decimals=6).tolist()
+        ([0.125, 0.125], [0.125, 0.125])
     """
 
     class_means: Tensor
@@ -95,6 +106,18 @@ def class_structure(
 
     Raises:
         ValueError: if the logits are not ``[n, num_classes]`` or a class has no sample.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2, bias=False)
+        >>> _ = torch.nn.init.zeros_(model.weight)  # uniform predictions: p = (1/2, 1/2)
+        >>> batches = [(torch.eye(2), torch.tensor([0, 1]))]
+        >>> structure = class_structure(model, lambda m, b: m(b[0]), batches, num_classes=2)
+        >>> structure.num_classes, tuple(structure.class_means.shape), structure.class_fractions.tolist()
+        (2, (2, 2, 4), [0.5, 0.5])
+        >>> structure.g1.round(decimals=6)
+        tensor([0.1250, 0.1250], dtype=torch.float64)
+        >>> structure.between.round(decimals=6)  # one sample per class: all of G (1/4, 1/4) is between-class
+        tensor([0.2500, 0.2500, 0.0000, 0.0000], dtype=torch.float64)
     """
     num_classes = check_count("num_classes", num_classes, minimum=2)
     snapshot = ModelSnapshot(model, batches, params=params, dtype=dtype, mode=mode)

@@ -33,8 +33,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_hessian.engine.lanczos import EigenResult, Lanczos, LinearOperator, rademacher, tridiagonal_quadrature
+from lightning_hessian.engine.checks import check_count
+from lightning_hessian.engine.eigen import EigenResult
+from lightning_hessian.engine.lanczos import Lanczos, LinearOperator, rademacher, tridiagonal_quadrature
 
+# Default probes: one per this many parameters, at most MAX_DEFAULT_PROBES (see default_num_probes).
+PROBE_SAMPLES = 200_000
+MAX_DEFAULT_PROBES = 10
 # Default kernel width as a fraction of the spectral range (largest minus smallest node): wide
 # enough that an 80-step quadrature reads as a smooth curve, narrow enough to separate outliers
 # that are a few percent of lambda_max apart.
@@ -56,6 +61,18 @@ class SpectralDensity:
         num_params: P, so that ``weights * P`` counts eigenvalues.
         num_matvecs: operator products used (S m; not counting those that found the outliers).
         seconds: wall time of the call.
+
+    Example:
+        >>> density = SpectralDensity(  # one probe: 3 of the P = 4 eigenvalues at 0, one at 2
+        ...     nodes=torch.tensor([[0.0, 2.0]], dtype=torch.float64),
+        ...     weights=torch.tensor([[0.75, 0.25]], dtype=torch.float64),
+        ...     trace=2.0, trace_stderr=0.0, num_params=4, num_matvecs=2, seconds=0.0,
+        ... )
+        >>> density.range, density.mass(1.0, 3.0), (density.weights * density.num_params).tolist()
+        ((0.0, 2.0), 0.25, [[3.0, 1.0]])
+        >>> grid = density.grid()
+        >>> round(float(torch.trapezoid(density.density(grid), grid)), 2)  # smoothed, it integrates to 1
+        1.0
     """
 
     nodes: Tensor
@@ -108,14 +125,30 @@ class SpectralDensity:
         return float((self.weights * inside).sum(dim=1).mean())
 
 
+def default_num_probes(num_params: int) -> int:
+    """SLQ probes used when none are given: ``min(10, max(1, ceil(2e5 / P)))``.
+
+    A probe's quadrature concentrates around the density as P grows (the variance of the quadratic
+    form ``z^T f(H) z / P`` falls like 1/P), so large models need one or two probes and small ones
+    need several; ``benchmarks/RESULTS.md`` measures the error against many-probe estimates and exact
+    spectra.
+
+    Example:
+        >>> default_num_probes(2_000), default_num_probes(130_000), default_num_probes(14_600_000)
+        (10, 2, 1)
+    """
+    return min(MAX_DEFAULT_PROBES, max(1, math.ceil(PROBE_SAMPLES / num_params)))
+
+
 def spectral_density(
     op: LinearOperator,
     *,
-    num_probes: int = 10,
+    num_probes: int | None = None,
     num_steps: int = 80,
     seed: int = 0,
     probes_per_pass: int | None = None,
-    basis_dtype: torch.dtype = torch.float64,
+    reorthogonalize: bool = False,
+    basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
     deflate: EigenResult | None = None,
     outliers: EigenResult | None = None,
@@ -124,13 +157,17 @@ def spectral_density(
 
     Args:
         op: the operator.
-        num_probes: S, the number of random probe vectors (default 10, as Ghorbani et al.).
+        num_probes: S, the number of random probe vectors (default :func:`default_num_probes`: from
+            10 for small models down to 1 above 200,000 parameters).
         num_steps: m, Lanczos steps per probe (default 80, as Ghorbani et al.); capped at P - k.
         seed: seed of the probes' private ``torch.Generator`` (the global RNG is untouched).
-        probes_per_pass: probes multiplied together in one pass over the data (default all S);
-            lower it when S bases of ``m * P`` numbers do not fit in memory.
-        basis_dtype: dtype of the Lanczos bases (float64 by default; T is always float64).
-        basis_device: device of the bases (default the operator's).
+        probes_per_pass: probes multiplied together in one pass over the data (default all S).
+        reorthogonalize: keep each probe's basis orthogonal (``S (m + 1) P`` numbers) instead of the
+            plain recurrence (about 3 P numbers per probe); see
+            :mod:`~lightning_hessian.engine.lanczos` for why the plain one suffices for a density.
+        basis_dtype: dtype of the Lanczos vectors (default: the operator's dtype, float64 with
+            ``reorthogonalize``; T is always float64).
+        basis_device: device of the Lanczos vectors (default the operator's).
         deflate: converged eigenpairs of ``op`` to place exactly instead of estimating them,
             typically ``top_eigenvalues(op, k)`` (see the module docstring); their products are
             not counted in ``num_matvecs``.
@@ -140,44 +177,45 @@ def spectral_density(
         A :class:`SpectralDensity`.
 
     Raises:
-        ValueError: if ``num_probes`` or ``num_steps`` is below 1, or ``deflate`` does not fit
-            ``op`` or has unconverged pairs.
+        ValueError: if ``num_probes``, ``num_steps`` or ``probes_per_pass`` is below 1, or ``deflate``
+            does not fit ``op`` or has unconverged pairs.
         NonFiniteError: if a product is not finite.
+
+    Example:
+        >>> from lightning_hessian.engine.eigen import DiagonalOperator
+        >>> density = spectral_density(DiagonalOperator([0.0] * 8 + [1.0, 5.0]), num_probes=20, num_steps=10)
+        >>> round(density.mass(-0.1, 0.1), 1), round(density.trace, 0)
+        (0.8, 6.0)
     """
     started = time.perf_counter()
     if outliers is not None:
         warnings.warn("spectral_density(outliers=...) is deprecated; pass the eigenpairs as deflate=...",
                       DeprecationWarning, stacklevel=2)
         deflate = outliers if deflate is None else deflate
-    for name, value in (("num_probes", num_probes), ("num_steps", num_steps)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive integer")
-    per_pass = num_probes if probes_per_pass is None else probes_per_pass
-    if not isinstance(per_pass, int) or per_pass < 1:
-        raise ValueError(f"probes_per_pass={probes_per_pass!r} must be a positive integer")
     num_params = op.num_params
+    num_probes = check_count("num_probes", default_num_probes(num_params) if num_probes is None else num_probes)
+    num_steps = check_count("num_steps", num_steps)
+    per_pass = check_count("probes_per_pass", num_probes if probes_per_pass is None else probes_per_pass)
+    dtype = basis_dtype or (torch.float64 if reorthogonalize else op.dtype)
     generator = torch.Generator().manual_seed(seed)
-    probes = rademacher((num_probes, num_params), generator, basis_dtype)
+    probes = rademacher((num_probes, num_params), generator, dtype)
     exact = torch.zeros(0, dtype=torch.float64)
     # ||z||^2 per probe, of the part that deflation leaves: ||z||^2 - ||V z||^2 (all P without it). A
     # probe's measure counts in proportion (the ratio estimator: a probe almost inside the deflated
     # space carries almost nothing), and its Hutchinson term is z^T (I - V V^T) H (I - V V^T) z =
     # ||.||^2 T[0, 0].
-    squared = probes.double().pow(2).sum(dim=1)
+    squared = torch.full((num_probes,), float(num_params), dtype=torch.float64)
     vectors = None
     if deflate is not None:
         exact = _check_deflated(deflate, num_params)
-        vectors = deflate.eigenvectors.to(basis_dtype)
-        squared = (squared - (probes.double() @ deflate.eigenvectors.double().cpu().T).pow(2).sum(dim=1)).clamp_min(0)
+        vectors = deflate.eigenvectors.to(device=probes.device, dtype=dtype)
+        squared = (squared - (probes @ vectors.T).double().pow(2).sum(dim=1)).clamp_min(0)
     shares = squared / squared.mean()
     steps = min(num_steps, num_params - exact.numel())
-    # Quadrature is as accurate as the products once the bases are orthogonal to the square root of
-    # their precision: float32 products need not be orthogonalized to float64's.
-    semi_orthogonality = math.sqrt(max(torch.finfo(basis_dtype).eps, torch.finfo(op.dtype).eps))
     nodes, weights, diagonals = [], [], []
     for group in probes.split(per_pass):
-        lanczos = Lanczos(op, group, generator=generator, basis_dtype=basis_dtype, basis_device=basis_device,
-                          capacity=steps, semi_orthogonality=semi_orthogonality, deflate=vectors)
+        lanczos = Lanczos(op, group, generator=generator, reorthogonalize=reorthogonalize, basis_dtype=dtype,
+                          basis_device=basis_device, capacity=steps, deflate=vectors)
         for _ in range(steps):
             lanczos.step()
         group_nodes, group_weights = tridiagonal_quadrature(lanczos)

@@ -24,7 +24,15 @@ Layout = Sequence[tuple[str, int]]
 
 
 def parameter_layout(model: nn.Module, params: Sequence[str] | None = None) -> list[tuple[str, int]]:
-    """The flat-vector layout of the operators built on ``model`` with the same ``params``."""
+    """The flat-vector layout of the operators built on ``model`` with the same ``params``.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+        >>> parameter_layout(model)
+        [('0.weight', 6), ('0.bias', 3), ('1.weight', 3), ('1.bias', 1)]
+        >>> parameter_layout(model, ["1.*"])
+        [('1.weight', 3), ('1.bias', 1)]
+    """
     return [(name, p.numel()) for name, p in select_parameters(model, params)]
 
 
@@ -33,6 +41,10 @@ def layer_slices(layout: Layout) -> dict[str, slice]:
 
     Returns:
         ``{layer name: slice}``; a parameter at the top level (no dot) is its own layer.
+
+    Example:
+        >>> layer_slices([("0.weight", 6), ("0.bias", 3), ("1.weight", 3), ("scale", 1)])
+        {'0': slice(0, 9, None), '1': slice(9, 12, None), 'scale': slice(12, 13, None)}
     """
     slices: dict[str, slice] = {}
     start = 0
@@ -53,6 +65,12 @@ def mass_by_layer(layout: Layout, vectors: Tensor) -> dict[str, Tensor]:
 
     Returns:
         ``{layer: (k,) fractions}``; for each vector the fractions sum to 1.
+
+    Example:
+        >>> layout = [("0.weight", 2), ("0.bias", 1), ("1.weight", 1)]
+        >>> vectors = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 2.0]])
+        >>> {layer: mass.tolist() for layer, mass in mass_by_layer(layout, vectors).items()}
+        {'0': [0.75, 0.0], '1': [0.25, 1.0]}
     """
     matrix = vectors.reshape(-1, sum(size for _, size in layout)).double()
     total = matrix.pow(2).sum(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
@@ -75,6 +93,12 @@ def layer_traces(
 
     Returns:
         ``{layer: (trace, standard error)}``.
+
+    Example:
+        >>> from lightning_hessian.engine.eigen import DiagonalOperator
+        >>> op = DiagonalOperator([1.0, 2.0, 3.0, 4.0])  # diagonal: every probe gives the exact traces
+        >>> layer_traces(op, [("0.weight", 2), ("1.weight", 2)], num_probes=4)
+        {'0': (3.0, 0.0), '1': (7.0, 0.0)}
     """
     if not isinstance(num_probes, int) or num_probes < 1:
         raise ValueError(f"num_probes={num_probes!r} must be a positive integer")
@@ -102,6 +126,13 @@ def gradient_overlap(gradient: Tensor, eigenvectors: Tensor) -> float:
 
     Returns:
         A number in [0, 1]; NaN for a zero gradient.
+
+    Example:
+        >>> top_two = torch.eye(3)[:2]  # eigenvectors e_1 and e_2
+        >>> round(gradient_overlap(torch.tensor([3.0, 0.0, 4.0]), top_two), 6)
+        0.36
+        >>> round(gradient_overlap(torch.tensor([3.0, 4.0, 0.0]), top_two), 6)
+        1.0
     """
     g = gradient.reshape(-1).double().cpu()
     q, _ = torch.linalg.qr(eigenvectors.reshape(-1, g.numel()).double().cpu().T)

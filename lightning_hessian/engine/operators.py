@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_hessian.engine.errors import NonFiniteError
+from lightning_hessian.engine.memory import SavedBytes, available_bytes
 from lightning_hessian.engine.snapshot import Mode, ModelSnapshot, autograd_enabled, stacked, zeros_like_stacked
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -38,6 +39,18 @@ OutputFn = Callable[[nn.Module, Any], Tensor]
 
 OutputLossFn = Callable[[Tensor, Any], Tensor]
 """``output_loss_fn(outputs, batch) -> scalar``: the mean loss of one batch, given its outputs."""
+
+# With keep_graph="auto", the kept graphs may take this fraction of the memory available.
+_GRAPH_MEMORY_FRACTION = 0.5
+
+
+def _tensors_of(graph: Any) -> list[Tensor]:
+    """The tensors in a (nested) tuple of graph outputs."""
+    if isinstance(graph, Tensor):
+        return [graph]
+    if isinstance(graph, (tuple, list)):
+        return [t for part in graph for t in _tensors_of(part)]
+    return []
 
 
 class CurvatureOperator:
@@ -59,16 +72,32 @@ class CurvatureOperator:
         keep_graph: keep each batch's first-derivative graph between products, so that one product
             costs about one backward pass instead of a forward and a double backward, at the memory
             of those graphs; an integer keeps the graphs of that many batches (the first ones) and
-            recomputes the others. Dropped with a warning if the device runs out of memory.
+            recomputes the others; ``"auto"`` measures the first graph and keeps as many as fit in
+            half the memory available on the device (:func:`~lightning_hessian.engine.memory.available_bytes`).
+            Dropped with a warning if the device runs out of memory.
         vectorize: see :class:`~lightning_hessian.engine.snapshot.ModelSnapshot`.
 
     Attributes:
+        graph_nbytes: bytes held by one batch's kept graph (the first batch's, measured when it is
+            built: the tensors autograd saved and the first derivatives; ``None`` before).
         snapshot: the :class:`~lightning_hessian.engine.snapshot.ModelSnapshot` products run on.
         num_params: P; ``shape``: ``(P, P)``.
         num_samples: N.
         num_matvecs: vector products so far (a pass with S vectors counts S).
         dtype, device: of the flat vectors.
         param_names: names of the selected parameters, in flat order.
+
+    Example:
+        >>> class BatchScaledIdentity(CurvatureOperator):
+        ...     def _batch_matmat(self, index, vectors):  # batch b's matrix: (b + 1) I
+        ...         return [(index + 1) * v for v in vectors]
+        >>> op = BatchScaledIdentity(torch.nn.Linear(2, 1), [torch.ones(3, 2), torch.ones(1, 2)])
+        >>> op.shape, op.num_samples, op.param_names
+        ((3, 3), 4, ['weight', 'bias'])
+        >>> op @ torch.ones(3)  # batches weighted by their samples: (3 * 1 + 1 * 2) / 4
+        tensor([1.2500, 1.2500, 1.2500])
+        >>> op.num_matvecs
+        1
     """
 
     def __init__(
@@ -79,11 +108,14 @@ class CurvatureOperator:
         params: Sequence[str] | None = None,
         dtype: torch.dtype | None = None,
         mode: Mode = "eval",
-        keep_graph: bool | int = True,
+        keep_graph: bool | int | Literal["auto"] = True,
         vectorize: bool | None = None,
     ) -> None:
         self.snapshot = ModelSnapshot(model, batches, params=params, dtype=dtype, mode=mode, vectorize=vectorize)
+        if not (isinstance(keep_graph, (bool, int)) or keep_graph == "auto"):
+            raise ValueError(f"keep_graph={keep_graph!r} must be True, False, a number of batches or 'auto'")
         self.keep_graph = keep_graph
+        self.graph_nbytes: int | None = None
         self.num_matvecs = 0
         self._graphs: list[Any] | None = None
 
@@ -114,6 +146,11 @@ class CurvatureOperator:
     @property
     def param_names(self) -> list[str]:
         return self.snapshot.param_names
+
+    @property
+    def vectorize(self) -> bool:
+        """Whether a pass multiplies several vectors at once (see ``ModelSnapshot``)."""
+        return self.snapshot.vectorize
 
     def _batch_matmat(self, index: int, vectors: list[Tensor]) -> list[Tensor]:
         """Product of batch ``index``'s mean matrix with S vectors.
@@ -176,24 +213,50 @@ class CurvatureOperator:
         """Drop kept graphs to free their memory; the next product rebuilds them."""
         self._graphs = None
 
+    def _build_graph(self, index: int) -> Any:
+        """The first-derivative graph of batch ``index`` that products reuse (what a subclass keeps)."""
+        raise NotImplementedError
+
     def _kept(self, index: int) -> bool:
         keep = self.keep_graph
+        if keep == "auto":
+            return True  # the first graph is kept while it is measured
         return keep if isinstance(keep, bool) else index < keep
 
-    def _cached(self, index: int, build: Callable[[], Any]) -> Any:
+    def _measured(self, index: int) -> Any:
+        """Build the graph of batch ``index`` and record its bytes; with ``"auto"``, decide how many to keep."""
+        snapshot = self.snapshot
+        saved = SavedBytes(exclude=[*snapshot.leaves, *snapshot.others])
+        with saved.counting():
+            graph = self._build_graph(index)
+        for part in _tensors_of(graph):
+            saved.add(part)
+        self.graph_nbytes = saved.nbytes
+        if self.keep_graph == "auto":
+            allowance = _GRAPH_MEMORY_FRACTION * available_bytes(self.device)
+            self.keep_graph = int(min(len(snapshot.batches), allowance // max(saved.nbytes, 1)))
+        return graph
+
+    def _graph(self, index: int) -> Any:
         """The graph of batch ``index``, built on first use and kept when ``keep_graph`` allows."""
-        if not self._kept(index):
-            return build()
+        if self.graph_nbytes is None:
+            graph = self._measured(index)
+            if not self._kept(index):
+                return graph
+        elif not self._kept(index):
+            return self._build_graph(index)
+        else:
+            graph = None
         if self._graphs is None:
             self._graphs = [None] * len(self.snapshot.batches)
         if self._graphs[index] is None:
             try:
-                self._graphs[index] = build()
+                self._graphs[index] = graph if graph is not None else self._build_graph(index)
             except torch.OutOfMemoryError:
                 self._graphs, self.keep_graph = None, False
                 warnings.warn("out of memory while keeping gradient graphs; recomputing them per product",
                               RuntimeWarning, stacklevel=3)
-                return build()
+                return self._build_graph(index)
         return self._graphs[index]
 
 
@@ -263,14 +326,15 @@ class HessianOperator(CurvatureOperator):
         params: Sequence[str] | None = None,
         dtype: torch.dtype | None = None,
         mode: Mode = "eval",
-        keep_graph: bool | int = True,
+        keep_graph: bool | int | Literal["auto"] = True,
         vectorize: bool | None = None,
     ) -> None:
         super().__init__(model, batches, params=params, dtype=dtype, mode=mode, keep_graph=keep_graph,
                          vectorize=vectorize)
         self.loss_fn = loss_fn
 
-    def _gradient(self, index: int) -> tuple[Tensor | None, ...]:
+    def _build_graph(self, index: int) -> tuple[Tensor | None, ...]:
+        """The gradient of batch ``index``'s loss, with its graph (``create_graph=True``)."""
         snapshot = self.snapshot
         loss = checked_loss(snapshot.call(self.loss_fn, snapshot.batches[index]), "loss_fn")
         return torch.autograd.grad(loss, snapshot.leaves, create_graph=True, allow_unused=True)
@@ -289,12 +353,12 @@ class HessianOperator(CurvatureOperator):
         with autograd_enabled():
             total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
             for index, size in enumerate(snapshot.batch_sizes):
-                grads = stacked(self._cached(index, lambda index=index: self._gradient(index)), snapshot.leaves, 1)
+                grads = stacked(self._graph(index), snapshot.leaves, 1)
                 total.add_(snapshot.flatten(grads)[:, 0].detach(), alpha=size / snapshot.num_samples)
         return total
 
     def _batch_matmat(self, index: int, vectors: list[Tensor]) -> list[Tensor]:
-        grads = self._cached(index, lambda: self._gradient(index))
+        grads = self._graph(index)
         used = [(g, v) for g, v in zip(grads, vectors, strict=True) if g is not None]
         if not used:
             return zeros_like_stacked(self.snapshot.leaves, vectors[0].shape[0])
@@ -340,7 +404,7 @@ class GGNOperator(CurvatureOperator):
         params: Sequence[str] | None = None,
         dtype: torch.dtype | None = None,
         mode: Mode = "eval",
-        keep_graph: bool | int = True,
+        keep_graph: bool | int | Literal["auto"] = True,
         vectorize: bool | None = None,
     ) -> None:
         super().__init__(model, batches, params=params, dtype=dtype, mode=mode, keep_graph=keep_graph,
@@ -348,7 +412,7 @@ class GGNOperator(CurvatureOperator):
         self.output_fn = output_fn
         self.output_loss_fn = output_loss_fn
 
-    def _graph(self, index: int) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
+    def _build_graph(self, index: int) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
         """Outputs f, the loss gradient dL/df (with graph), a dummy u and J^T u (with graph)."""
         snapshot = self.snapshot
         batch = snapshot.batches[index]
@@ -370,7 +434,7 @@ class GGNOperator(CurvatureOperator):
         return outputs, detached, loss_grad, (dummy, *jt_dummy)
 
     def _batch_matmat(self, index: int, vectors: list[Tensor]) -> list[Tensor]:
-        outputs, detached, loss_grad, (dummy, *jt_dummy) = self._cached(index, lambda: self._graph(index))
+        outputs, detached, loss_grad, (dummy, *jt_dummy) = self._graph(index)
         snapshot = self.snapshot
         # J v by the double-backward trick: J v = d<J^T u, v>/du, linear in the dummy u.
         (jv,) = snapshot.vjp(jt_dummy, vectors, [dummy], retain=True)

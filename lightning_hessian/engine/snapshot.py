@@ -129,7 +129,16 @@ def module_mode(model: nn.Module, mode: Mode, *, freeze_statistics: bool = False
 
 
 def autograd_enabled() -> contextlib.AbstractContextManager[Any]:
-    """Gradients on and inference mode off, so that products work under ``no_grad`` and ``inference_mode``."""
+    """Gradients on and inference mode off, so that products work under ``no_grad`` and ``inference_mode``.
+
+    Example:
+        >>> with torch.no_grad(), autograd_enabled():
+        ...     torch.is_grad_enabled()
+        True
+        >>> with torch.inference_mode(), autograd_enabled():
+        ...     torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        (True, False)
+    """
     if torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
@@ -167,6 +176,7 @@ class ModelSnapshot:
         batches: the batches on ``device``, floating tensors in ``dtype``.
         batch_sizes: samples per batch; ``num_samples``: N, their sum.
         leaves: one leaf tensor per selected parameter (``requires_grad=True``), detached copies.
+        others: detached copies of the other parameters and of the buffers.
 
     Example:
         >>> snapshot = ModelSnapshot(torch.nn.Linear(3, 2), [torch.ones(4, 3)])
@@ -208,6 +218,7 @@ class ModelSnapshot:
             chosen = set(self.param_names)
             self._others = {n: _copy(p, self.dtype) for n, p in model.named_parameters() if n not in chosen}
             self._others.update({n: _copy(b, self.dtype) for n, b in model.named_buffers()})
+        self.others = tuple(self._others.values())
         self.num_samples = sum(self.batch_sizes)
 
     def call(self, fn: Callable[..., Any], *args: Any, leaves: Sequence[Tensor] | None = None) -> Any:
@@ -280,12 +291,24 @@ class ModelSnapshot:
 
 
 def zeros_like_stacked(inputs: Sequence[Tensor], num_vectors: int) -> list[Tensor]:
-    """One ``[S, *input.shape]`` zero tensor per input."""
+    """One ``[S, *input.shape]`` zero tensor per input.
+
+    Example:
+        >>> [t.shape for t in zeros_like_stacked([torch.ones(2, 3), torch.ones(3)], 4)]
+        [torch.Size([4, 2, 3]), torch.Size([4, 3])]
+    """
     return [torch.zeros(num_vectors, *t.shape, dtype=t.dtype, device=t.device) for t in inputs]
 
 
 def stacked(grads: Sequence[Tensor | None], inputs: Sequence[Tensor], num_vectors: int) -> list[Tensor]:
-    """Gradients as ``[S, *input.shape]``, with zeros for inputs the outputs do not use."""
+    """Gradients as ``[S, *input.shape]``, with zeros for inputs the outputs do not use.
+
+    Example:
+        >>> w, b = torch.ones(2, requires_grad=True), torch.ones(1, requires_grad=True)
+        >>> grads = torch.autograd.grad((3 * w).sum(), [w, b], allow_unused=True)  # b is unused: None
+        >>> stacked(grads, [w, b], 1)
+        [tensor([[3., 3.]]), tensor([[0.]])]
+    """
     return [
         g.reshape(num_vectors, *t.shape) if g is not None
         else torch.zeros(num_vectors, *t.shape, dtype=t.dtype, device=t.device)

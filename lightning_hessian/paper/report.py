@@ -37,7 +37,7 @@ _CLAIMS = {
     "classes": (
         "2. Outliers track the number of classes",
         "Fixing the model and changing the data (more classes or clusters, less separable clusters) changes the "
-        "outliers: their number follows the number of classes C (with softmax cross-entropy: C - 1 or C).",
+        "outliers: their number follows the number of classes C (with softmax cross-entropy: C - 1).",
     ),
     "width": (
         "3. Width scales the bulk, not the outliers",
@@ -169,21 +169,22 @@ def _figure_classes(section: dict[str, Any], out: Path) -> str:
         if row["trained"]["outliers"]:
             left.axvline(row["trained"]["outliers"] + 0.5, ls=":", lw=0.8, color=left.lines[-1].get_color())
     _top_eigenvalue_axes(left, "digits, trained MLP 64-20-20-C", ylabel="lambda_i / lambda_1",
-                         xlabel="index i (dotted: the largest gap)")
-    left.legend(fontsize=7)
+                         xlabel="index i (dotted: left of it, the isolated eigenvalues)")
+    left.legend(fontsize=6, ncol=2)
     series = [("digits", section["digits"], "o")]
     for std in sorted({r["cluster_std"] for r in section["mixtures"]}):
         series.append((f"mixture, std {std:g}", [r for r in section["mixtures"] if r["cluster_std"] == std], "s"))
     for offset, (label, rows, marker) in enumerate(series):
         shift = 0.12 * (offset - (len(series) - 1) / 2)
-        right.plot([r["classes"] + shift for r in rows], [r["trained"]["outliers"] for r in rows], marker,
-                   alpha=0.7, label=label)
+        xs = [r["classes"] + shift for r in rows]
+        (line,) = right.plot(xs, [r["trained"]["outliers"] for r in rows], marker, alpha=0.7, label=label)
+        right.plot(xs, [r["trained"]["gap_outliers"] for r in rows], marker, mfc="none", ms=4, alpha=0.5,
+                   color=line.get_color())
     classes = sorted({r["classes"] for _, rows, _ in series for r in rows})
-    right.plot(classes, classes, "k--", lw=0.8, label="C")
     right.plot(classes, [c - 1 for c in classes], "k:", lw=0.8, label="C - 1")
     right.set_xlabel("number of classes C")
-    right.set_ylabel("outliers (largest gap)")
-    right.set_title("outlier count after training")
+    right.set_ylabel("outliers (hollow: largest ratio gap)")
+    right.set_title("isolated eigenvalues after training")
     right.legend(fontsize=7)
     return _save(fig, out / "fig2_classes.png")
 
@@ -257,17 +258,19 @@ def _checks_table(checks: dict[str, dict[str, Any]]) -> list[str]:
 
 def _spectrum_cells(s: dict[str, Any]) -> str:
     exact = "n/a" if s["exact"] is None else f"{s['near_zero_fraction']:.3f}"
-    return f"{s['outliers']} | {s['gap_ratio']:.2f} | {exact} | {s['slq_near_zero_fraction']:.3f}"
+    return (f"{s['outliers']} | {s['gap_outliers']} ({s['gap_ratio']:.2f}) | {exact} | "
+            f"{s['slq_near_zero_fraction']:.3f}")
 
 
 def _section_init_vs_trained(section: dict[str, Any], figure: str) -> list[str]:
     net = section["net"]
     lines = [
         f"MLP 64-20-20-10 on 1,000 digits after {net['steps']} SGD steps: train loss {net['train_loss']:.4f}, "
-        f"train accuracy {net['train_acc']:.3f}, test accuracy {net['test_acc']:.3f}.",
+        f"train accuracy {net['train_acc']:.3f}, test accuracy {net['test_acc']:.3f}. Outliers: eigenvalues isolated "
+        "from the bulk (section 2); largest gap: the index of the largest ratio among the top 22, with that ratio.",
         "",
-        "| point | top eigenvalues (Lanczos) | outliers | gap ratio | near-zero, exact (<1e-3 lambda_1) "
-        "| near-zero, SLQ (<1e-2 lambda_1) | negatives (exact) | lambda_min |",
+        "| point | top eigenvalues (Lanczos) | outliers (isolated) | largest gap (ratio) "
+        "| near-zero, exact (<1e-3 lambda_1) | near-zero, SLQ (<=1e-2 lambda_1) | negatives (exact) | lambda_min |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in section["spectra"].items():
@@ -285,47 +288,85 @@ def _section_init_vs_trained(section: dict[str, Any], figure: str) -> list[str]:
     return [*lines, "", f"![init vs trained]({figure})"]
 
 
-def _section_classes(section: dict[str, Any], figure: str) -> list[str]:
+def _rate(count: int, runs: int) -> str:
+    return f"{count}/{runs}" if runs else "n/a"
+
+
+def _hit_rate_table(rates: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "Digits restricted to classes 0..C-1 (MLP 64-20-20-C, 30 epochs of SGD). Top 2C+2 eigenvalues by Lanczos; "
-        "`outliers` is the index of the largest ratio gap (`outlier_gap`, minimum ratio 1.5).",
+        "| trained nets | runs | isolated = C-1 | isolated = C-1 or C | isolated = dense count | largest gap = C-1 "
+        "| largest gap = C-1 or C |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in (r for r in rates if r["point"] == "trained"):
+        lines.append(f"| {r['data']} | {r['runs']} | {_rate(r['new_c_minus_1'], r['runs'])} | "
+                     f"{_rate(r['new_c_or_c_minus_1'], r['runs'])} | {_rate(r['new_exact'], r['exact_runs'])} | "
+                     f"{_rate(r['old_c_minus_1'], r['runs'])} | {_rate(r['old_c_or_c_minus_1'], r['runs'])} |")
+    return lines
+
+
+def _dense_cell(spectrum: dict[str, Any]) -> str:
+    return "n/a" if spectrum["exact_outliers"] < 0 else str(spectrum["exact_outliers"])
+
+
+def _section_classes(section: dict[str, Any], figure: str) -> list[str]:
+    slq = section["slq"]
+    lines = [
+        "Digits restricted to classes 0..C-1 (MLP 64-20-20-C, 30 epochs of SGD) and Gaussian mixtures. Each spectrum "
+        f"is read as the callback reads it: the top 2C+2 eigenvalues by Lanczos and an SLQ density of "
+        f"{slq['num_probes']} probes x {slq['num_steps']} steps deflated by them. **Isolated** counts the eigenvalues "
+        "isolated from the bulk (`bulk_outliers`): from the bulk's edge, read from the density, walk up through "
+        "the remaining SLQ nodes and the top eigenvalues; the first one at least twice the one below it and all "
+        "above it are the outliers; the bulk edge is the point below that step (lambda_1 when nothing is isolated). "
+        "**Largest gap** is the former reading (`outlier_gap`): the index of the largest "
+        "ratio between consecutive top eigenvalues, if at least 1.5. **Dense** is the isolated count of every "
+        "eigenvalue of the dense float64 Hessian (`dense_outliers` of `eigvalsh`), the exact answer to what the "
+        "estimate reads from 2C+2 eigenvalues and a few quadrature nodes.",
         "",
-        "| C | seed | train loss | test acc | init: outliers (max ratio) | trained: top C+1 | ratios "
-        "lambda_{C-1}/lambda_C, lambda_C/lambda_{C+1} | outliers | gap ratio | near-zero (SLQ) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *_hit_rate_table(section["hit_rates"]),
+    ]
+    init = next(r for r in section["hit_rates"] if r["point"] == "init")
+    lines += [
+        "",
+        f"At initialization the isolated count was 0 in {init['new_zero']} of {init['runs']} digits nets; the "
+        f"largest gap reached 1.5 in {init['runs'] - init['old_zero']} of them.",
+        "",
+        "| C | seed | train loss | test acc | init: isolated (largest gap) | trained: top C+1 | bulk edge "
+        "| isolated | ratio across the gap | largest gap (ratio) | dense | near-zero (SLQ) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in section["digits"]:
-        c, init, trained = r["classes"], r["init"], r["trained"]
-        ratios = trained["ratios"]
+        c, init_row, t = r["classes"], r["init"], r["trained"]
         lines.append(
-            f"| {c} | {r['seed']} | {r['train_loss']:.4f} | {r['test_acc']:.3f} | {init['outliers']} "
-            f"({max(init['ratios']):.2f}) | {_fmt(trained['top'][:c + 1])} | {ratios[c - 2]:.2f}, {ratios[c - 1]:.2f} "
-            f"| {trained['outliers']} | {trained['gap_ratio']:.2f} | {trained['slq_near_zero_fraction']:.3f} |"
+            f"| {c} | {r['seed']} | {r['train_loss']:.4f} | {r['test_acc']:.3f} | {init_row['outliers']} "
+            f"({init_row['gap_outliers']}) | {_fmt(t['top'][:c + 1])} | {t['bulk_edge']:.3g} | {t['outliers']} | "
+            f"{t['isolation']:.2f} | {t['gap_outliers']} ({t['gap_ratio']:.2f}) | {_dense_cell(t)} | "
+            f"{t['slq_near_zero_fraction']:.3f} |"
         )
-    misses = [f"C = {r['classes']}, seed {r['seed']}: gap at {r['trained']['outliers']}" for r in section["digits"]
-              if r["trained"]["outliers"] not in (r["classes"] - 1, r["classes"])]
+    misses = [f"C = {r['classes']}, seed {r['seed']}: {r['trained']['outliers']}" for r in section["digits"]
+              if r["trained"]["outliers"] != r["classes"] - 1]
     if misses:
-        lines += ["", "Runs whose largest gap is not at C-1 or C: " + "; ".join(misses) + "."]
-    worst = max(section["digits"], key=lambda r: max(r["init"]["ratios"]))
-    gaps = sum(r["init"]["outliers"] > 0 for r in section["digits"])
+        lines += ["", "Digits runs whose isolated count is not C-1: " + "; ".join(misses) + "."]
     lines += [
         "",
-        f"At initialization the largest ratio between consecutive top eigenvalues was "
-        f"{max(worst['init']['ratios']):.2f} (C = {worst['classes']}, seed {worst['seed']}); `outlier_gap` found a "
-        f"gap of at least 1.5 in {gaps} of {len(section['digits'])} initial points.",
-    ]
-    lines += [
+        "Reading the misses: the count exceeds C - 1 when eigenvalues below the class outliers are themselves a "
+        "factor 1.75 above the bulk (the cross-class outliers of Papyan 2019, C(C-1) of them, show most clearly for "
+        "C = 2), and it falls short or reads 0 when the outliers descend to the bulk in steps smaller than 2 "
+        "(overlapping mixtures; digits nets that end at a higher loss; separable mixtures at near-zero loss, whose "
+        "top is a smooth tail). Where the dense "
+        "column agrees, these are properties of the spectra, not errors of the estimate.",
         "",
         f"Gaussian mixtures (`make_blobs`, d = 10, 1,000 training points, MLP 10-20-20-C, full-batch gradient "
         f"descent, {section['mixtures'][0]['steps'] if section['mixtures'] else 0} steps):",
         "",
-        "| C | cluster std | train loss | test acc | top C+1 | outliers | gap ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| C | cluster std | train loss | test acc | top C+1 | bulk edge | isolated | largest gap (ratio) | dense |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in section["mixtures"]:
         t = r["trained"]
         lines.append(f"| {r['classes']} | {r['cluster_std']:g} | {r['train_loss']:.2g} | {r['test_acc']:.3f} | "
-                     f"{_fmt(t['top'][:r['classes'] + 1])} | {t['outliers']} | {t['gap_ratio']:.2f} |")
+                     f"{_fmt(t['top'][:r['classes'] + 1])} | {t['bulk_edge']:.3g} | {t['outliers']} | "
+                     f"{t['gap_outliers']} ({t['gap_ratio']:.2f}) | {_dense_cell(t)} |")
     return [*lines, "", f"![classes]({figure})"]
 
 

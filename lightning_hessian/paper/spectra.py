@@ -30,6 +30,7 @@ from lightning_hessian.engine import (
     summarize,
     top_eigenvalues,
 )
+from lightning_hessian.engine.spectrum import dense_outliers
 from lightning_hessian.interpolation import evaluate
 from lightning_hessian.paper.models import MLPClassifier
 from lightning_hessian.paper.training import train_sgd
@@ -56,11 +57,17 @@ class Spectrum:
         num_params: M.
         top: ``k`` largest eigenvalues (Lanczos), largest first.
         residuals: their relative residuals.
-        outliers, gap_ratio: :func:`~lightning_hessian.outlier_gap` of ``top``.
+        outliers: eigenvalues isolated from the bulk (:func:`~lightning_hessian.engine.spectrum.bulk_outliers`
+            of ``top`` and the SLQ density deflated by it); without a density, ``gap_outliers``.
+        gap_outliers, gap_ratio: :func:`~lightning_hessian.outlier_gap` of ``top`` (the largest ratio gap).
         ratios: ``top[i] / top[i + 1]``.
-        slq_near_zero_fraction: SLQ mass with ``|lambda| < 1e-2 lambda_1``.
+        slq_near_zero_fraction: SLQ mass with ``|lambda| <= 1e-2 lambda_1``.
         slq_trace: Hutchinson trace from the SLQ probes.
+        bulk_edge, isolation, saturated: the top of the bulk, the lowest outlier over it (1.0 without
+            outliers), and whether the gap fell among the deflated eigenvalues (NaN, 1.0, False without a
+            density).
         exact: every eigenvalue (dense Hessian, ``eigvalsh``), largest first, or ``None``.
+        exact_outliers: :func:`~lightning_hessian.engine.spectrum.dense_outliers` of ``exact`` (-1 without).
         near_zero_fraction: exact fraction with ``|lambda| < 1e-3 lambda_1`` (NaN without ``exact``).
         exact_near_zero_fraction_coarse: exact fraction with ``|lambda| < 1e-2 lambda_1`` (vs SLQ).
         negative_count, lambda_min: exact count of negative eigenvalues and the smallest one.
@@ -72,11 +79,16 @@ class Spectrum:
     top: list[float]
     residuals: list[float]
     outliers: int
+    gap_outliers: int
     gap_ratio: float
     ratios: list[float]
     slq_near_zero_fraction: float
     slq_trace: float
+    bulk_edge: float = math.nan
+    isolation: float = 1.0
+    saturated: bool = False
     exact: list[float] | None = None
+    exact_outliers: int = -1
     near_zero_fraction: float = math.nan
     exact_near_zero_fraction_coarse: float = math.nan
     negative_count: int = -1
@@ -165,7 +177,8 @@ def measure(
         model, x, y: the net and its training set; the Hessian is that of the mean loss over it.
         k: top eigenvalues wanted.
         num_probes, num_steps: SLQ probes and Lanczos steps per probe.
-        density: estimate the SLQ density (else its fields are NaN).
+        density: estimate the SLQ density, deflated by the top k as the callback does, and count the
+            outliers from it (else its fields are NaN and the outliers are the ratio-gap count).
         exact: also compute the dense Hessian and all its eigenvalues.
         hessian: a dense Hessian of this model already computed (used instead of a new one).
 
@@ -177,18 +190,21 @@ def measure(
     top = top_eigenvalues(op, k, tol=TOL, max_matvecs=min(op.num_params, 20 * k + 200))
     values = top.eigenvalues
     count, ratio = outlier_gap(values)
-    near_zero = trace = math.nan
+    spectrum = Spectrum(op.num_params, values.tolist(), top.residuals.tolist(), count, count, ratio,
+                        (values[:-1] / values[1:]).tolist(), math.nan, math.nan)
     if density:
-        slq = spectral_density(op, num_probes=num_probes, num_steps=num_steps, seed=0)
-        near_zero = summarize(values, slq, near_zero_tol=SLQ_NEAR_ZERO_TOL).near_zero_fraction
-        trace = slq.trace
-    spectrum = Spectrum(op.num_params, values.tolist(), top.residuals.tolist(), count, ratio,
-                        (values[:-1] / values[1:]).tolist(), near_zero, trace)
+        deflate = top if top.all_converged and k < op.num_params else None
+        slq = spectral_density(op, num_probes=num_probes, num_steps=num_steps, seed=0, deflate=deflate)
+        summary = summarize(values, slq, near_zero_tol=SLQ_NEAR_ZERO_TOL)
+        spectrum.outliers, spectrum.bulk_edge = summary.outliers, summary.bulk_edge
+        spectrum.isolation, spectrum.saturated = summary.gap_ratio, summary.saturated
+        spectrum.slq_near_zero_fraction, spectrum.slq_trace = summary.near_zero_fraction, slq.trace
     if exact:
         hessian = dense_hessian(model, cross_entropy, [(x, y)]) if hessian is None else hessian
         full = torch.linalg.eigvalsh(hessian).flip(0)
         scale = float(full[0])
         spectrum.exact = full.tolist()
+        spectrum.exact_outliers = dense_outliers(full)
         spectrum.near_zero_fraction = float((full.abs() < NEAR_ZERO_TOL * scale).double().mean())
         spectrum.exact_near_zero_fraction_coarse = float((full.abs() < SLQ_NEAR_ZERO_TOL * scale).double().mean())
         spectrum.negative_count = int((full < 0).sum())

@@ -173,16 +173,17 @@ def test_outliers_that_do_not_fit_or_did_not_converge_are_rejected():
     assert op.num_matvecs == 3
 
 
-def test_float32_products_give_the_float64_quadrature_to_their_precision():
-    """SLQ keeps float32 bases only semi-orthogonal to float32's precision: nodes and weights still
-    agree with a float64 run on the same probes to that precision."""
+def test_float32_products_give_a_quadrature_as_accurate_as_float64():
+    """The plain recursion in float32 (vectors in the products' dtype, a third of float64's memory with
+    no stored basis) is as close to the exact spectrum as in float64, on the same probes (measured
+    W1/range 2.6e-3 against 2.4e-3), and the trace agrees to float32 precision."""
     spectrum = torch.cat([torch.tensor([8.0, 6.0, 4.0], dtype=F64), torch.linspace(-0.2, 0.6, 297, dtype=F64)])
     matrix = cases.matrix_with_spectrum(spectrum, seed=4)
     exact = spectral_density(cases.MatrixOperator(matrix), num_probes=3, num_steps=40, seed=1)
     single = spectral_density(cases.MatrixOperator(matrix.float()), num_probes=3, num_steps=40, seed=1)
     for estimate in (exact, single):
         assert _w1(estimate, spectrum.sort().values) <= 5e-3
-    assert abs(_w1(single, spectrum.sort().values) - _w1(exact, spectrum.sort().values)) <= 1e-5
+    assert _w1(single, spectrum.sort().values) <= 1.25 * _w1(exact, spectrum.sort().values)
     assert single.trace == pytest.approx(exact.trace, rel=1e-5)
 
 
@@ -209,3 +210,13 @@ def test_a_probe_inside_the_deflated_space_counts_for_nothing():
     assert density.mass(0.5, 1.5) == pytest.approx(0.5, abs=1e-12)
     assert density.mass(2.5, 3.5) == pytest.approx(0.5, abs=1e-12)
     assert density.trace == pytest.approx(4.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("reorthogonalize", [False, True])
+def test_a_zero_operator_gives_all_mass_at_zero(reorthogonalize):
+    """Every step breaks down; the fresh directions are drawn against the vectors written so far only."""
+    for seed in range(10):
+        density = spectral_density(cases.MatrixOperator(torch.zeros(30, 30, dtype=F64)), num_probes=2, num_steps=6,
+                                   seed=seed, reorthogonalize=reorthogonalize)
+        assert torch.isfinite(density.nodes).all() and density.mass(-1e-12, 1e-12) == pytest.approx(1.0)
+        assert density.trace == 0.0

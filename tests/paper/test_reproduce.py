@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lightning_hessian.cli import main
+from lightning_hessian.engine.spectrum import dense_outliers
 from lightning_hessian.paper.data import gaussian_mixture_tensors
 from lightning_hessian.paper.spectra import compare_ggn, measure, train_net
 
@@ -36,11 +37,20 @@ def test_no_gap_at_initialization_and_a_bulk_at_zero_after_training(quick):
 
 
 def test_outliers_track_the_number_of_classes(quick):
-    digits = quick[1]["classes"]["digits"]
-    assert sorted(r["classes"] for r in digits) == [2, 4, 10]
-    for row in digits:
-        assert row["trained"]["outliers"] in (row["classes"] - 1, row["classes"]), row["classes"]
-    assert len(quick[1]["classes"]["mixtures"]) == 3
+    section = quick[1]["classes"]
+    digits = {r["classes"]: r for r in section["digits"]}
+    assert sorted(digits) == [2, 4, 10]
+    # C = 4 and 10: C-1 isolated eigenvalues. C = 2 also isolates its cross-class eigenvalues (0.07, 0.031, 0.018 are
+    # each a factor 2 or more above the next, down to the bulk at 0.009).
+    assert (digits[4]["trained"]["outliers"], digits[10]["trained"]["outliers"]) == (3, 9)
+    assert digits[2]["trained"]["outliers"] == 4 and digits[2]["trained"]["gap_outliers"] == 1
+    for row in section["digits"]:
+        assert row["init"]["outliers"] == 0 and not row["trained"]["saturated"]
+        assert row["trained"]["bulk_edge"] < row["trained"]["top"][row["trained"]["outliers"] - 1] / 2
+    assert len(section["mixtures"]) == 3
+    rates = {(r["data"], r["point"]): r for r in section["hit_rates"]}
+    assert rates[("digits", "trained")]["new_c_minus_1"] == 2 and rates[("digits", "init")]["new_zero"] == 3
+    assert rates[("digits", "trained")]["exact_runs"] == 0  # --quick builds no dense matrices
 
 
 def test_width_scales_the_bulk_not_the_outliers(quick):
@@ -95,6 +105,7 @@ def test_exact_spectrum_agrees_with_the_engine(small_net):
     torch.testing.assert_close(exact, torch.linalg.eigvalsh(hessian).flip(0))
     assert hessian.shape == (129, 129) and spectrum.num_params == 129
     assert spectrum.lanczos_error < 1e-8
+    assert spectrum.exact_outliers == dense_outliers(exact) and spectrum.outliers == spectrum.exact_outliers
     assert spectrum.negative_count == int((exact < 0).sum())
     near_zero = float((exact.abs() < 1e-3 * exact[0]).double().mean())
     assert spectrum.near_zero_fraction == pytest.approx(near_zero)

@@ -1,0 +1,339 @@
+"""The callback at the sizes people train: one default call's cost and memory, warm starts, the budget.
+
+Usage::
+
+    python -m benchmarks.scale                       # all workloads, writes benchmarks/RESULTS-scale.md
+    python -m benchmarks.scale --workloads mlp cnn   # a subset
+    python -m benchmarks.scale --smoke --out /tmp/s.md   # tiny sizes, seconds
+
+Symbols: P parameters, t the wall time of one training step, C that of one callback call.
+
+Workloads (CPU, one torch thread, synthetic data, each a LightningModule whose loss the callback
+takes from ``training_step``, as a new user's would be):
+
+- ``cnn``: a ResNet-18 layout at width 16 on 3x32x32 images with BatchNorm, batch 64;
+- ``mlp``: an MLP 3072-512-512-10 (1.84 M parameters), batch 64;
+- ``transformer``: Lightning's demo ``Transformer`` at its default size (vocabulary 33,278; 14.6 M
+  parameters) on random token sequences of length 35, batch 16.
+
+For each: the training step's time; the first (cold) call of ``HessianSpectrumCallback()`` and
+the next (warm) one at defaults, with their products and seconds; the process's resident memory
+before a call and its peak during it; the memory of the kept graphs (measured by the engine's
+saved-tensor count) and the rest per parameter; the top-k products of warm calls along a short
+training run; and, where a run long enough for four budgeted measurements takes minutes rather
+than hours, that run's overhead against the same run without the callback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from benchmarks.measure import PeakMemory
+from benchmarks.resnet import resnet18
+from lightning_hessian import HessianOperator, HessianSpectrumCallback
+from lightning_hessian.engine.layers import parameter_layout
+
+RESULTS = Path(__file__).with_name("RESULTS-scale.md")
+PROBE_SAMPLES = 512  # the callback's default num_samples
+TARGET_PRODUCTS = 60
+TARGET_BYTES_PER_PARAM = 100
+WARM_CALLS = 6
+
+
+class Classifier(pl.LightningModule):
+    """A network trained with SGD on the mean cross-entropy of ``(x, y)`` batches."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.05) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class TokenTransformer(pl.LightningModule):
+    """Lightning's demo ``Transformer`` with the demo's loss (NLL of its log-probabilities)."""
+
+    def __init__(self, vocab_size: int, ninp: int = 200) -> None:
+        super().__init__()
+        from pytorch_lightning.demos import Transformer
+
+        self.model = Transformer(vocab_size=vocab_size, ninp=ninp, nhid=ninp)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        inputs, target = batch
+        return F.nll_loss(self.model(inputs, target), target.reshape(-1))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@dataclass
+class Workload:
+    """A module, its data and its batch size."""
+
+    name: str
+    description: str
+    build: Callable[[], pl.LightningModule]
+    data: TensorDataset
+    batch_size: int
+    overhead_run: bool
+
+    def loader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(0))
+
+
+def _images(count: int, side: int) -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (count,), generator=generator)
+    # Class-dependent means make the task learnable, so the spectrum is a trained network's.
+    means = torch.randn(10, 3, 1, 1, generator=generator)
+    return TensorDataset(means[labels] + torch.randn(count, 3, side, side, generator=generator), labels)
+
+
+def workloads(smoke: bool) -> dict[str, Workload]:
+    """The suite's workloads (tiny versions with ``smoke``)."""
+    side, width, hidden, vocab = (8, 4, 32, 200) if smoke else (32, 16, 512, 33278)
+    count = 256 if smoke else 4096
+    images = _images(count, side)
+    flat = TensorDataset(images.tensors[0].flatten(1), images.tensors[1])
+    tokens = torch.randint(0, vocab, (count // 4, 2, 35), generator=torch.Generator().manual_seed(1))
+    return {
+        "cnn": Workload("cnn", f"ResNet-18 layout, width {width}, BatchNorm, 3x{side}x{side} images, batch 64",
+                        lambda: Classifier(resnet18(10, width)), images, 64, overhead_run=True),
+        "mlp": Workload("mlp", f"MLP {3 * side * side}-{hidden}-{hidden}-10, batch 64",
+                        lambda: Classifier(nn.Sequential(nn.Linear(3 * side * side, hidden), nn.ReLU(),
+                                                         nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))),
+                        flat, 64, overhead_run=True),
+        "transformer": Workload("transformer", f"Lightning's demo Transformer, vocabulary {vocab}, sequences of 35 "
+                                "tokens, batch 16", lambda: TokenTransformer(vocab, ninp=16 if smoke else 200),
+                                TensorDataset(tokens[:, 0], tokens[:, 1]), 16, overhead_run=False),
+    }
+
+
+def _trainer(callbacks: list[Any], max_steps: int) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks,
+                      num_sanity_val_steps=0)
+
+
+def step_seconds(workload: Workload, steps: int) -> float:
+    """Median wall time of a training step (after two warm-up steps), without the callback."""
+    times: list[float] = []
+
+    class Clock(pl.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            self.started = time.perf_counter()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            times.append(time.perf_counter() - self.started)
+
+    pl.seed_everything(0, verbose=False)
+    _trainer([Clock()], steps + 2).fit(workload.build(), workload.loader())
+    return statistics.median(times[2:])
+
+
+class Probed(HessianSpectrumCallback):
+    """The default callback, with the peak resident memory of each call recorded."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.memory: list[tuple[int, int]] = []  # (resident before, peak increase during)
+
+    def _run(self, trainer: Any, pl_module: Any, stage: str) -> Any:
+        before = _resident()
+        with PeakMemory() as peak:
+            result = super()._run(trainer, pl_module, stage)
+        self.memory.append((before, peak.bytes or 0))
+        return result
+
+
+def _resident() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * 4096
+
+
+def kept_graph_bytes(module: pl.LightningModule, batches: list[Any]) -> int:
+    """Bytes of the gradient graphs a default call keeps (all probe batches', as memory allows)."""
+    from lightning_hessian._measure import training_step_loss
+
+    op = HessianOperator(module, training_step_loss, batches, dtype=torch.float32, keep_graph="auto")
+    op.matvec(torch.zeros(op.num_params))
+    kept = op.keep_graph if isinstance(op.keep_graph, int) and not isinstance(op.keep_graph, bool) else len(batches)
+    return int(op.graph_nbytes or 0) * kept
+
+
+def default_calls(workload: Workload, calls: int, **settings: Any) -> dict[str, Any]:
+    """``calls`` default measurements, one after every 5 training steps (a cold one, then warm ones);
+    ``settings`` change the defaults (smoke runs only)."""
+    pl.seed_everything(0, verbose=False)
+    module = workload.build()
+    callback = Probed(every_n_steps=5, progress=False, **settings)
+    _trainer([callback], 5 * (calls - 1)).fit(module, workload.loader())
+    num_params = sum(size for _, size in parameter_layout(module))
+    graphs = kept_graph_bytes(module, callback.probe_batches)
+    first, *rest = callback.history
+    before, peak = callback.memory[0]
+    return {
+        "num_params": num_params, "probe_samples": first.num_samples, "cold_seconds": first.seconds,
+        "cold_products": first.num_matvecs, "warm_seconds": statistics.median(r.seconds for r in rest),
+        "warm_products": [r.num_matvecs for r in rest],
+        "warm_top_k": [r.hessian.num_matvecs - (r.hessian.density.num_matvecs if r.hessian.density else 0)
+                       for r in rest],
+        "cold_top_k": first.hessian.num_matvecs - first.hessian.density.num_matvecs,
+        "resident_before": before, "peak_increase": max(p for _, p in callback.memory), "first_peak": peak,
+        "graph_bytes": graphs, "k": callback.config.k, "num_probes": first.hessian.density.nodes.shape[0],
+        "max_error_bound": max(r.hessian.max_error_bound for r in callback.history),
+        "converged": all(all(r.hessian.converged) for r in callback.history),
+    }
+
+
+def overhead_run(workload: Workload, call_seconds: float, step: float, max_steps: int | None = None,
+                 **settings: Any) -> dict[str, Any]:
+    """A default run long enough for at least four budgeted measurements, against the same run without
+    (``max_steps`` caps its length and ``settings`` change the defaults, for smoke runs)."""
+    steps = max(50, math.ceil(60 * call_seconds / step))
+    steps = steps if max_steps is None else min(steps, max_steps)
+    results = {}
+    for name, callbacks in (("without", []), ("with", [HessianSpectrumCallback(progress=False, **settings)])):
+        pl.seed_everything(0, verbose=False)
+        started = time.perf_counter()
+        _trainer(callbacks, steps).fit(workload.build(), workload.loader())
+        results[name] = time.perf_counter() - started
+        if callbacks:
+            results["measurements"] = [r.step for r in callbacks[0].history]
+            results["reported"] = callbacks[0].history[-1].overhead
+            results["plan"] = callbacks[0].plan
+    results["steps"] = steps
+    results["overhead"] = (results["with"] - results["without"]) / results["with"]
+    return results
+
+
+def _gib(value: float) -> str:
+    return f"{value / 2**30:.2f} GiB"
+
+
+def report(rows: dict[str, dict[str, Any]], descriptions: dict[str, str], command: str, seconds: float) -> str:
+    """RESULTS-scale.md: the machine, the command, a table per measure and the verdicts."""
+    lines = [
+        "# The callback at scale (CPU)",
+        "",
+        f"- Command: `{command}`",
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s); "
+        f"torch {torch.__version__}, Python {platform.python_version()}",
+        f"- Total run time: {seconds / 60:.1f} min",
+        "",
+        "| workload | description | P | training step |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {name} | {descriptions[name]} | {r['num_params']:,} | {r['step'] * 1e3:.1f} ms |"
+              for name, r in rows.items()]
+    lines += ["", "## One default call", "",
+              "| workload | probe samples | probes | cold: products (top-k) | cold: seconds | cold: training steps "
+              "| warm: products | warm: seconds | max eigenvalue error bound |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['probe_samples']} | {r['num_probes']} | {r['cold_products']} ({r['cold_top_k']}) "
+                     f"| {r['cold_seconds']:.1f} | {r['cold_seconds'] / r['step']:,.0f} | "
+                     f"{', '.join(map(str, r['warm_products']))} | {r['warm_seconds']:.1f} | "
+                     f"{r['max_error_bound']:.1e} |")
+    lines += ["", "## Memory of a call", "",
+              "Resident memory (RSS) of the process before the first call and its peak increase over all calls; the "
+              "kept graphs (the engine's count of the tensors autograd saved, and the first derivatives); the rest "
+              "per parameter.", "",
+              "| workload | RSS before | peak increase | kept graphs | rest | bytes per parameter beyond the graphs |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in rows.items():
+        rest = max(r["peak_increase"] - r["graph_bytes"], 0)
+        lines.append(f"| {name} | {_gib(r['resident_before'])} | {_gib(r['peak_increase'])} | {_gib(r['graph_bytes'])} "
+                     f"| {_gib(rest)} | {rest / r['num_params']:.0f} |")
+    lines += ["", "## Warm starts along training", "",
+              "Top-k products of the calls after the first, one call every 5 training steps (k = 5).", "",
+              "| workload | cold top-k | warm top-k | median warm | 2k |", "| --- | --- | --- | --- | --- |"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['cold_top_k']} | {', '.join(map(str, r['warm_top_k']))} | "
+                     f"{statistics.median(r['warm_top_k'])} | {2 * r['k']} |")
+    runs = {name: r["run"] for name, r in rows.items() if "run" in r}
+    if runs:
+        lines += ["", "## A default run with the budget", "",
+                  "| workload | steps | measured at | without | with | overhead | reported | budget + one call |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, run in runs.items():
+            one_call = rows[name]["warm_seconds"] / run["with"]
+            lines.append(f"| {name} | {run['steps']:,} | {', '.join(map(str, run['measurements']))} | "
+                         f"{run['without']:.0f} s | {run['with']:.0f} s | {run['overhead']:.1%} | "
+                         f"{run['reported']:.1%} | {0.05 + one_call:.1%} |")
+        lines += [""] + [f"- {name}: {run['plan']}" for name, run in runs.items() if run.get("plan")]
+    lines += ["", "## Verdicts", "", "| workload | target | measured | met |", "| --- | --- | --- | --- |"]
+    for name, r in rows.items():
+        worst = max([r["cold_products"], *r["warm_products"]])
+        rest = max(r["peak_increase"] - r["graph_bytes"], 0) / r["num_params"]
+        median_warm = statistics.median(r["warm_top_k"])
+        verdicts = [
+            (f"at most {TARGET_PRODUCTS} products per default call", f"{worst} (cold {r['cold_products']})",
+             worst <= TARGET_PRODUCTS or r["num_params"] <= 1e5),
+            (f"at most {TARGET_BYTES_PER_PARAM} bytes per parameter beyond the kept graphs", f"{rest:.0f}",
+             rest <= TARGET_BYTES_PER_PARAM),
+            ("median warm top-k at most 2k products", f"{median_warm} (2k = {2 * r['k']})", median_warm <= 2 * r["k"]),
+        ]
+        if "run" in r:
+            run = r["run"]
+            bound = 0.05 + r["warm_seconds"] / run["with"]
+            verdicts.append(("overhead of a default run at most the budget plus one call",
+                             f"{run['overhead']:.1%} (bound {bound:.1%}, {len(run['measurements'])} measurements)",
+                             run["overhead"] <= bound and len(run["measurements"]) >= 4))
+        lines += [f"| {name} | {target} | {value} | {'yes' if met else 'no'} |" for target, value, met in verdicts]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", default=["cnn", "mlp", "transformer"])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script, not the figures")
+    parser.add_argument("--no-overhead-run", action="store_true", help="skip the budgeted runs (the longest part)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    suite = workloads(args.smoke)
+    rows = {}
+    for name in args.workloads:
+        workload = suite[name]
+        row = {"step": step_seconds(workload, 5 if args.smoke else 20)}
+        smoke = {"num_samples": 64, "num_probes": 1, "num_steps": 8} if args.smoke else {}
+        row.update(default_calls(workload, 3 if args.smoke else WARM_CALLS, **smoke))
+        if workload.overhead_run and not args.no_overhead_run:
+            row["run"] = overhead_run(workload, row["warm_seconds"], row["step"], 100 if args.smoke else None, **smoke)
+        rows[name] = row
+        print(f"scale: {name} done ({time.perf_counter() - started:.0f} s)", flush=True)
+    command = "python -m benchmarks.scale " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = report(rows, {n: suite[n].description for n in rows}, command.strip(), time.perf_counter() - started)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""A progress line for long measurements: which solver runs, products done and expected.
+
+Nothing is printed for calls shorter than ``DELAY_SECONDS`` (tqdm's ``delay``); longer ones show one
+line on standard error, on rank zero, which disappears when the call ends.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+# Calls shorter than this print nothing.
+DELAY_SECONDS = 2.0
+
+
+class ProgressOperator:
+    """An operator that forwards to ``op`` and counts its products on a progress line.
+
+    Args:
+        op: the operator (engine or DDP-summed).
+        bar: the progress line, or ``None`` for none.
+
+    Example:
+        >>> from lightning_hessian.engine.eigen import DiagonalOperator
+        >>> counted = ProgressOperator(DiagonalOperator([1.0, 2.0]), bar=None)
+        >>> counted.matmat(torch.ones(2, 3, dtype=torch.float64)).shape, counted.num_params
+        (torch.Size([2, 3]), 2)
+    """
+
+    def __init__(self, op: Any, bar: tqdm | None) -> None:
+        self.op = op
+        self.bar = bar
+
+    @property
+    def num_params(self) -> int:
+        return self.op.num_params
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.op.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.op.device
+
+    @property
+    def vectorize(self) -> bool:
+        return bool(getattr(self.op, "vectorize", False))
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        """The wrapped operator's product; advances the line by the number of vectors."""
+        product = self.op.matmat(vectors)
+        if self.bar is not None:
+            self.bar.update(1 if vectors.dim() == 1 else vectors.shape[1])
+        return product
+
+    def gradient(self) -> Tensor:
+        """The wrapped operator's gradient."""
+        return self.op.gradient()
+
+
+def progress_line(name: str, expected: int, enabled: bool) -> tqdm | None:
+    """A progress line for a measurement expected to take about ``expected`` products, or ``None``.
+
+    Example:
+        >>> progress_line("hessian", 60, enabled=False) is None
+        True
+    """
+    if not enabled:
+        return None
+    return tqdm(total=expected, desc=f"{name}: measuring", unit="product", delay=DELAY_SECONDS, leave=False,
+                file=sys.stderr, dynamic_ncols=True)

@@ -1,0 +1,145 @@
+"""When to measure: explicit step and epoch schedules, and the budget that spaces calls by their cost.
+
+Symbols: S the run's optimizer steps (``trainer.estimated_stepping_batches``), s a step, b the budget
+(a fraction of the run's wall time), C the wall time of one call (numerics and logging), t the wall
+time of one training step.
+
+The budget schedule. Over a run of S steps the callback may spend ``B = b / (1 - b) * S * t``
+seconds, i.e. about ``n = B / C`` calls. It spreads them evenly in ``u(s) = (log(1 + s) / log(1 + S)
++ s / S) / 2``: half log-spaced (dense early, when the spectrum changes fastest) and half evenly
+spaced (so the late run is not starved). After every call the remaining budget is divided again
+over the remaining part of ``u``, with C and t measured on the run itself, so the plan follows the
+real costs. A call is also held back while it would lift the overhead so far above ``2 b`` (the
+call at step 0 excepted), so a run stopped early has spent at most twice its share. The call after the last
+step (``at_end``) is one more: a run spends at most b plus one call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Early calls may lift the overhead so far up to this multiple of the budget: room for the log-spaced
+# start of the plan, while a run stopped early has spent at most twice its share.
+OVERHEAD_CAP = 2.0
+
+
+def crossed_multiple(previous: int, step: int, every: int, *, log_spaced: bool = False) -> bool:
+    """Whether a multiple of ``every`` lies in ``(previous, step]`` (with ``log_spaced``, a multiple
+    ``every * 2**j``): a schedule that still fires when the step advances by more than one at a time.
+
+    Example:
+        >>> [s for s in (2, 4, 6, 8, 10, 12) if crossed_multiple(s - 2, s, 5)]
+        [6, 10]
+        >>> [crossed_multiple(a, b, 2, log_spaced=True) for a, b in ((3, 9), (9, 15), (15, 17))]  # 2 * 2**j
+        [True, False, True]
+    """
+    first, last = previous // every + 1, step // every
+    if first > last:
+        return False
+    if not log_spaced:
+        return True
+    power = 1 << (last.bit_length() - 1)  # the largest power of two <= last
+    return power >= first
+
+
+def blended_position(step: float, total: int) -> float:
+    """``u(s)``: where a step sits in the run, half on a log scale and half on a linear one, in [0, 1].
+
+    Example:
+        >>> round(blended_position(0, 1000), 3), round(blended_position(1000, 1000), 3)
+        (0.0, 1.0)
+    """
+    step = min(max(step, 0.0), float(total))
+    return 0.5 * math.log1p(step) / math.log1p(total) + 0.5 * step / total
+
+
+def step_at(position: float, total: int) -> int:
+    """The first step ``s`` with ``u(s) >= position`` (``u`` increases, so a bisection finds it).
+
+    Example:
+        >>> step_at(blended_position(300, 1000), 1000)
+        300
+    """
+    low, high = 0, total
+    while low < high:
+        middle = (low + high) // 2
+        if blended_position(middle, total) >= position:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+@dataclass
+class Budget:
+    """The budget schedule's bookkeeping for one run (all times in seconds).
+
+    Attributes:
+        fraction: b.
+        total_steps: S, or ``None`` when the run's length is unknown (then only the overhead cap decides).
+        start_step: the step the run (or its resumption) started at.
+        spent: wall time spent in the callback so far.
+        first_cost: what the call at the start cost (not held against the overhead cap).
+        last_step: the step of the latest call.
+        call_seconds: C, the latest call's cost.
+
+    Example:
+        >>> budget = Budget(fraction=0.05, total_steps=10_000)
+        >>> budget.record_call(step=0, seconds=2.0)
+        >>> budget.next_step(step=100, training_seconds=1.0)  # a call costs 200 steps of 10 ms: 1.6 calls left
+        1839
+    """
+
+    fraction: float
+    total_steps: int | None
+    start_step: int = 0
+    spent: float = 0.0
+    first_cost: float = 0.0
+    last_step: int = 0
+    call_seconds: float = 0.0
+    calls: int = 0
+
+    def record_call(self, step: int, seconds: float) -> None:
+        """A call at ``step`` that took ``seconds`` (numerics and logging)."""
+        if self.calls == 0 and step == self.start_step:
+            self.first_cost = seconds
+        self.spent += seconds
+        self.call_seconds = seconds
+        self.last_step = step
+        self.calls += 1
+
+    def overhead(self, training_seconds: float) -> float:
+        """Fraction of the run's wall time spent in the callback so far."""
+        return self.spent / max(training_seconds + self.spent, 1e-12)
+
+    def affordable_calls(self, step: int, training_seconds: float) -> float:
+        """How many more calls of cost C the budget affords over the whole run (projected from the steps so far)."""
+        steps = max(step - self.start_step, 1)
+        per_step = training_seconds / steps
+        total = self.total_steps if self.total_steps is not None else step
+        budget = self.fraction / (1 - self.fraction) * (total - self.start_step) * per_step
+        return (budget - self.spent) / max(self.call_seconds, 1e-12)
+
+    def next_step(self, step: int, training_seconds: float) -> int:
+        """The first step, from ``step`` on, at which the budget allows the next call.
+
+        Args:
+            step: the current optimizer step (at least one step after the run's start).
+            training_seconds: wall time of training so far, the callback's own time excluded.
+        """
+        steps = max(step - self.start_step, 1)
+        per_step = max(training_seconds / steps, 1e-12)
+        # The overhead cap: wait until one more call keeps the overhead so far within OVERHEAD_CAP b.
+        held = self.spent - self.first_cost + self.call_seconds
+        needed = held / (OVERHEAD_CAP * self.fraction) - held - self.first_cost
+        capped = self.start_step + math.ceil(max(needed, 0.0) / per_step)
+        if self.total_steps is None:
+            return max(step, capped)
+        calls = self.affordable_calls(step, training_seconds)
+        if calls < 1:
+            return self.total_steps + 1  # nothing left before the end
+        total = self.total_steps
+        last = blended_position(self.last_step, total)
+        planned = step_at(last + (1 - last) / (math.floor(calls) + 1), total)
+        return max(step, capped, planned)

@@ -1,0 +1,510 @@
+"""Extreme eigenpairs of a symmetric operator with residual certificates, in a basis of bounded size.
+
+Symbols: P parameters (``op.num_params``), k wanted eigenpairs, b block size (1 from a random start,
+the number of warm-start vectors otherwise), c the basis capacity (``max_basis``), m the basis size.
+
+The method is a thick-restart block Krylov-Schur iteration (Stewart, SIAM J. Matrix Anal. Appl. 23,
+2002; Wu and Simon, SIAM J. Matrix Anal. Appl. 22, 2000). The solver keeps an orthonormal basis V
+(at most c vectors, so memory is ``c P`` numbers whatever the number of products), the projected
+matrix ``M = V^T H V`` and a pending block U of new directions, with the exact relation
+
+    H V = V M + U E
+
+for the products as computed. Each step multiplies U (b products), orthogonalizes the results
+against the whole basis (classical Gram-Schmidt, repeated where the first pass cancelled much of a
+vector: "twice is enough"), and appends U to V. The Ritz pairs ``(theta, V y)`` of the symmetric part
+of M then have the residual norm ``sqrt(||E y||^2 + ||(M - M_sym) y||^2)``: the first term is the
+Krylov residual, the second what rounding made asymmetric; both are computed, so every reported
+residual is the true one up to the rounding of the products themselves. When the basis is full,
+the best Ritz vectors are kept (a thick restart): V shrinks, M becomes diagonal, and the relation
+carries on, so the solver can spend any number of products in c vectors.
+
+A warm start ``v0`` (e.g. the previous call's eigenvectors) is the first block: if the eigenvectors
+moved little, one block of k products gives the Rayleigh-Ritz pairs on their span and the next
+block, grown from their residuals, usually certifies them (2k products). When the Krylov space of
+the block is invariant (a start that is an eigenvector, a low-rank operator, warm vectors that span
+an invariant subspace), the solver continues from a fresh random direction orthogonal to the basis
+and stops only once the wanted pairs of that fresh part have converged too, so an invariant start
+cannot hide a larger eigenvalue.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_hessian.engine.checks import check_choice, check_count, check_fraction
+from lightning_hessian.engine.lanczos import LinearOperator, rademacher
+
+Which = Literal["largest", "smallest"]
+
+# A new direction whose norm, after orthogonalization, falls below this fraction of ||H|| carries
+# no information: the Krylov space is invariant in that direction, and it is dropped.
+_BREAKDOWN_FRACTION = 1e-10
+# A second Gram-Schmidt pass runs for a vector that the first pass shrank below 1/sqrt(2) of its norm.
+_REORTHOGONALIZE_AGAIN = 2**-0.5
+# A pair stops once its Krylov residual is below this fraction of the rounding part of its residual...
+_FLOOR_FRACTION = 0.1
+# ... provided the rounding part is within this many unit roundoffs (times sqrt(m)) of ||H||:
+# more products cannot lower it (float32 products leave about 1e-7 to 1e-6 of ||H||).
+_FLOOR_ROUNDINGS = 100.0
+# Rows allocated at first when the basis may grow (it doubles when full).
+_INITIAL_ROWS = 32
+# Columns of the basis transformed at once by a restart: bounds the temporary memory to this many
+# numbers per basis vector.
+_RESTART_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Extreme eigenpairs of a curvature operator with their certificates.
+
+    Attributes:
+        eigenvalues: ``(k,)`` float64; largest first for ``which="largest"``, smallest first for
+            ``which="smallest"``.
+        eigenvectors: ``(k, P)`` orthonormal vectors (in the basis dtype); row i belongs to
+            ``eigenvalues[i]``.
+        residuals: ``(k,)`` float64 relative residuals ``||H v - theta v|| / ||H||``, with ``||H||``
+            estimated by the largest absolute Ritz value: an eigenvalue of H lies within
+            ``residuals[i] * ||H||`` of ``eigenvalues[i]``.
+        converged: ``(k,)`` bool, ``residuals <= tol``.
+        num_matvecs: operator products used.
+        seconds: wall time of the call.
+        which: ``"largest"`` or ``"smallest"``.
+        error_bounds: ``(k,)`` float64 estimated absolute eigenvalue errors,
+            ``min(r, r**2 / gap)`` with ``r = residuals * ||H||`` and the gap read from the
+            neighbouring Ritz values (a Kato-Temple bound whose gap is an estimate).
+
+    Example:
+        >>> result = top_eigenvalues(DiagonalOperator([3.0, 2.0, 1.0]), k=1)
+        >>> float(result.eigenvalues[0]), result.all_converged
+        (3.0, True)
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    converged: Tensor
+    num_matvecs: int
+    seconds: float
+    which: Which
+    error_bounds: Tensor
+
+    @property
+    def all_converged(self) -> bool:
+        """Whether every returned pair met the tolerance."""
+        return bool(self.converged.all())
+
+    def converged_part(self) -> EigenResult | None:
+        """The pairs that met the tolerance, as an :class:`EigenResult` (``None`` when none did).
+
+        Example:
+            >>> operator = DiagonalOperator([100.0] + [1.0 - 0.01 * i for i in range(30)])
+            >>> result = top_eigenvalues(operator, k=2, max_matvecs=4)  # too few products for the second
+            >>> result.converged.tolist(), result.converged_part().eigenvalues.round(decimals=6).tolist()
+            ([True, False], [100.0])
+        """
+        if not bool(self.converged.any()):
+            return None
+        kept = self.converged
+        return EigenResult(
+            eigenvalues=self.eigenvalues[kept], eigenvectors=self.eigenvectors[kept.to(self.eigenvectors.device)],
+            residuals=self.residuals[kept], converged=self.converged[kept], num_matvecs=self.num_matvecs,
+            seconds=self.seconds, which=self.which, error_bounds=self.error_bounds[kept],
+        )
+
+
+class DiagonalOperator:
+    """A diagonal matrix as an operator (float64, CPU): for examples and quick checks.
+
+    Example:
+        >>> DiagonalOperator([2.0, 1.0]).matmat(torch.ones(2, 1, dtype=torch.float64))
+        tensor([[2.],
+                [1.]], dtype=torch.float64)
+    """
+
+    def __init__(self, diagonal: list[float] | Tensor) -> None:
+        self.diagonal = torch.as_tensor(diagonal, dtype=torch.float64)
+        self.num_params = self.diagonal.numel()
+        self.dtype = torch.float64
+        self.device = torch.device("cpu")
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        """``[P, S] -> [P, S]``."""
+        return self.diagonal[:, None] * vectors
+
+
+def lean_max_basis(k: int) -> int:
+    """A basis capacity for large models: ``max(2 k + 2, 8)`` vectors.
+
+    ARPACK's rule for its Lanczos basis is ``max(2 k + 1, 20)``; ``2 k + 2`` leaves room for the k
+    wanted Ritz vectors, as many more to converge them with, and the pending vector and its product.
+    Tight clusters and the smallest eigenvalues of a trained network (a negative tail against the
+    bulk at zero) converge in fewer products with a larger basis.
+
+    Example:
+        >>> lean_max_basis(5), lean_max_basis(2)
+        (12, 8)
+    """
+    return max(2 * k + 2, 8)
+
+
+class _KrylovSchur:
+    """The solver's state: basis, projected matrix, pending block and the bookkeeping of restarts."""
+
+    def __init__(self, op: LinearOperator, start: Tensor, *, capacity: int, dtype: torch.dtype,
+                 device: torch.device, generator: torch.Generator) -> None:
+        self.op = op
+        self.generator = generator
+        self.num_params = op.num_params
+        self.capacity = capacity
+        initial = min(capacity, max(2 * start.shape[0] + 1, _INITIAL_ROWS))
+        self.rows = torch.empty(initial, self.num_params, dtype=dtype, device=device)
+        self.num_matvecs = 0
+        self.scale = 0.0  # largest ||H u|| seen: an estimate of ||H|| from below
+        self.n = 0
+        self.M = np.zeros((0, 0))
+        self.defects: list[np.ndarray] = []  # rounding parts of restarts past, in current coordinates
+        self.fresh = np.zeros(0, dtype=bool)  # basis coordinates grown from the newest fresh direction
+        self.fresh_pending = False  # whether that fresh part must still converge its own pairs
+        self.explorations = 0
+        self.unit_roundoff = max(torch.finfo(dtype).eps, torch.finfo(op.dtype).eps)
+        block = start.to(device=device, dtype=dtype)
+        block = block[block.norm(dim=1) > 0]
+        self.rows[: block.shape[0]] = block
+        self.b = self._orthonormalize_rows(0, block.shape[0], reference=block.norm(dim=1), threshold=0.0)[0]
+        if self.b == 0:
+            self.rows[0] = self._fresh_direction(0)
+            self.b = 1
+        self.E = np.zeros((self.b, 0))
+        self.u_fresh = False
+
+    # --- products and orthogonalization ----------------------------------------------------
+
+    def _multiply(self, block: Tensor, out: Tensor) -> None:
+        """``out[i] = H block[i]``: the block's products, one column at a time unless the operator batches."""
+        op = self.op
+        if getattr(op, "vectorize", False) and block.shape[0] > 1:
+            out.copy_(op.matmat(block.T.to(device=op.device, dtype=op.dtype)).T)
+        else:
+            for i in range(block.shape[0]):
+                out[i] = op.matmat(block[i].reshape(-1, 1).to(device=op.device, dtype=op.dtype))[:, 0]
+        self.num_matvecs += block.shape[0]
+
+    def _orthonormalize_rows(self, offset: int, count: int, *, reference: Tensor,
+                             threshold: float) -> tuple[int, np.ndarray, np.ndarray]:
+        """Orthonormalize ``rows[offset:offset + count]`` in place, against ``rows[:offset]`` and among
+        themselves; the r independent directions end up in ``rows[offset:offset + r]``.
+
+        Args:
+            offset: where the block starts; the rows before it are orthonormal already.
+            count: b, the rows of the block.
+            reference: ``(b,)`` norms of the rows before any orthogonalization.
+            threshold: a direction whose norm falls to this is dependent and dropped.
+
+        Returns:
+            ``(r, C, R)``: the coefficients ``C`` ``(offset, b)`` on the rows before and ``R``
+            ``(r, b)`` on the new directions, so that the block as given equals
+            ``C^T rows[:offset] + R^T rows[offset:offset + r]``.
+        """
+        existing, work = self.rows[:offset], self.rows[offset:offset + count]
+        coefficients = existing @ work.T
+        if offset:
+            work.addmm_(coefficients.T, existing, alpha=-1.0)
+            if bool((work.norm(dim=1) < _REORTHOGONALIZE_AGAIN * reference).any()):
+                extra = existing @ work.T
+                work.addmm_(extra.T, existing, alpha=-1.0)
+                coefficients += extra
+        r, R = 0, np.zeros((count, count))
+        for i in range(count):  # Gram-Schmidt within the block; row offset + r is free once row i is read
+            vector = work[i].clone()
+            if r:
+                accepted = self.rows[offset:offset + r]
+                for _ in range(2):
+                    projection = accepted @ vector
+                    vector.addmv_(accepted.T, projection, alpha=-1.0)
+                    R[:r, i] += projection.double().cpu().numpy()
+            norm = float(vector.norm())
+            if norm <= threshold or norm == 0.0:
+                continue
+            self.rows[offset + r] = vector / norm
+            R[r, i] = norm
+            r += 1
+        return r, coefficients.double().cpu().numpy(), R[:r]
+
+    def _fresh_direction(self, offset: int) -> Tensor:
+        """A random unit vector orthogonal to ``rows[:offset]`` (two Gram-Schmidt passes)."""
+        vector = torch.randn(self.num_params, generator=self.generator, dtype=torch.float64)
+        vector = vector.to(device=self.rows.device, dtype=self.rows.dtype)
+        existing = self.rows[:offset]
+        for _ in range(2):
+            if offset:
+                vector = vector - (existing @ vector) @ existing
+        return vector / vector.norm()
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def _reserve(self, count: int) -> None:
+        """Room for ``count`` rows: the storage doubles (up to the capacity) when it is short."""
+        if count <= self.rows.shape[0]:
+            return
+        grown = torch.empty(min(self.capacity, max(count, 2 * self.rows.shape[0])), self.num_params,
+                            dtype=self.rows.dtype, device=self.rows.device)
+        used = self.n + self.b
+        grown[:used] = self.rows[:used]
+        self.rows = grown
+
+    def step(self) -> None:
+        """Multiply the pending block, orthogonalize, and append it to the basis (b products)."""
+        n, b = self.n, self.b
+        m = n + b
+        self._reserve(m + b + 1)
+        self._multiply(self.rows[n:m], self.rows[m:m + b])
+        before = self.rows[m:m + b].norm(dim=1)
+        self.scale = max(self.scale, float(before.max()))
+        # The products become the new directions in place; C holds their coefficients on the basis and
+        # on the block itself (the new column of M), R those on the new directions.
+        r, C, R = self._orthonormalize_rows(m, b, reference=before,
+                                            threshold=_BREAKDOWN_FRACTION * max(self.scale, 1e-300))
+        M = np.zeros((m, m))
+        M[:n, :n] = self.M
+        M[n:, :n] = self.E
+        M[:, n:] = C
+        self.M = M
+        self.fresh = np.concatenate([self.fresh, np.full(b, self.u_fresh)])
+        self.defects = [np.pad(defect, ((0, 0), (0, b))) for defect in self.defects]
+        self.n = m
+        # r = 0: the basis spans an invariant subspace (the whole space when m = P); no block pends.
+        self.E = np.zeros((r, m))
+        self.E[:, n:] = R
+        self.b = r
+
+    def explore(self) -> None:
+        """Continue from a fresh random direction orthogonal to the basis, uncoupled from it.
+
+        A pending block is dropped: its coupling (every pair's Krylov residual, all within ``tol``
+        when this is called) moves into the rounding part of the residuals, so they stay the true ones.
+        """
+        if self.b:
+            self.defects.append(self.E)
+        self.rows[self.n] = self._fresh_direction(self.n)
+        self.E = np.zeros((1, self.n))
+        self.b = 1
+        self.fresh[:] = False
+        self.u_fresh = self.fresh_pending = True
+        self.explorations += 1
+
+    # --- Ritz pairs ----------------------------------------------------------------------------
+
+    def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Ritz values ``(m,)`` ascending, their M-eigenvectors ``(m, m)``, and the Krylov and rounding parts
+        ``(m,)`` of each pair's absolute residual."""
+        symmetric = (self.M + self.M.T) / 2
+        values, vectors = np.linalg.eigh(symmetric)
+        krylov = np.linalg.norm(self.E @ vectors, axis=0)
+        rounding = np.linalg.norm((self.M - symmetric) @ vectors, axis=0)
+        for defect in self.defects:
+            rounding = rounding + np.linalg.norm(defect @ vectors, axis=0)
+        return values, vectors, krylov, rounding
+
+    def fresh_settled(self, k: int, which: Which, tol: float, scale: float) -> bool:
+        """Whether the part grown from the newest fresh direction has converged its own wanted pairs."""
+        if not self.fresh_pending:
+            return True
+        index = np.flatnonzero(self.fresh)
+        if index.size == 0:
+            return False
+        part = self.M[np.ix_(index, index)]
+        values, vectors = np.linalg.eigh((part + part.T) / 2)
+        wanted = _wanted(values, min(k, values.size), which)
+        residuals = np.linalg.norm(self.E[:, index] @ vectors[:, wanted], axis=0)
+        settled = bool((residuals <= tol * scale).all())
+        self.fresh_pending = not settled
+        return settled
+
+    # --- restart -------------------------------------------------------------------------------
+
+    def restart(self, keep: int, which: Which) -> None:
+        """Keep the ``keep`` best Ritz vectors: V <- V Y, M <- diag(theta), E <- E Y (a thick restart)."""
+        symmetric = (self.M + self.M.T) / 2
+        values, vectors = np.linalg.eigh(symmetric)
+        chosen = vectors[:, _wanted(values, keep, which)]
+        n, b = self.n, self.b
+        transform = torch.from_numpy(np.ascontiguousarray(chosen.T)).to(device=self.rows.device,
+                                                                         dtype=self.rows.dtype)
+        for start in range(0, self.num_params, _RESTART_CHUNK):
+            columns = slice(start, start + _RESTART_CHUNK)
+            self.rows[:keep, columns] = transform @ self.rows[:n, columns]
+        for i in range(b):  # the pending block moves down; keep < n, so no row is overwritten before it is read
+            self.rows[keep + i] = self.rows[n + i]
+        self.defects = [defect @ chosen for defect in self.defects] + [(self.M - symmetric) @ chosen]
+        mass = (chosen[self.fresh] ** 2).sum(axis=0) if self.fresh.any() else np.zeros(keep)
+        self.fresh = mass > 0.5
+        self.M = np.diag(values[_wanted(values, keep, which)])
+        self.E = self.E @ chosen
+        self.n = keep
+
+    def eigenvectors(self, vectors: np.ndarray) -> Tensor:
+        """``(k, P)`` Ritz vectors ``V y`` for M-eigenvectors given as ``(m, k)`` columns."""
+        transform = torch.from_numpy(np.ascontiguousarray(vectors.T)).to(device=self.rows.device,
+                                                                          dtype=self.rows.dtype)
+        return transform @ self.rows[: self.n]
+
+
+def _wanted(values: np.ndarray, count: int, which: Which) -> np.ndarray:
+    """Indices of the ``count`` wanted values of an ascending array, best first."""
+    order = np.arange(values.size)
+    return order[::-1][:count] if which == "largest" else order[:count]
+
+
+def _start_block(v0: Tensor | None, num_params: int, generator: torch.Generator, limit: int,
+                 dtype: torch.dtype) -> Tensor:
+    """The first block: up to ``limit`` rows of ``v0`` (a vector or a block), or one Rademacher vector."""
+    if v0 is None:
+        return rademacher((1, num_params), generator, dtype)
+    block = v0.reshape(-1, v0.shape[-1]).detach()
+    if block.shape[1] != num_params:
+        raise ValueError(f"v0 has length {block.shape[1]}, the operator has num_params={num_params}")
+    block = block[torch.isfinite(block).all(dim=1)][:limit]
+    if block.shape[0] == 0 or not bool((block.norm(dim=1) > 0).any()):
+        return rademacher((1, num_params), generator, dtype)
+    return block
+
+
+def top_eigenvalues(
+    op: LinearOperator,
+    k: int = 5,
+    *,
+    tol: float = 1e-6,
+    which: Which = "largest",
+    v0: Tensor | None = None,
+    max_matvecs: int | None = None,
+    seed: int = 0,
+    basis_dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
+    max_basis: int | None = None,
+    guard_invariant: bool = True,
+) -> EigenResult:
+    """The k largest (or smallest) eigenvalues of a symmetric operator, with certificates.
+
+    A thick-restart block Krylov-Schur iteration (see the module docstring), checked after every
+    block: it stops as soon as each of the k wanted Ritz pairs has relative residual
+    ``||H v - theta v|| / ||H|| <= tol`` or sits at the rounding floor of the products (float32
+    products can leave about 1e-7 to 1e-6 of ``||H||`` that no step removes), or when
+    ``max_matvecs`` products are spent; ``converged`` says which pairs met ``tol``.
+
+    Args:
+        op: the operator (``HessianOperator``, ``GGNOperator``, anything with ``num_params``,
+            ``dtype``, ``device`` and ``matmat`` on ``[P, S]`` columns).
+        k: number of eigenpairs, ``1 <= k <= P``.
+        tol: relative residual at which a pair counts as converged (default 1e-6; the eigenvalue
+            error is then at most ``tol * ||H||`` and, away from other eigenvalues, about
+            ``tol**2 * ||H||**2 / gap``: see ``EigenResult.error_bounds``).
+        which: ``"largest"`` (algebraically largest first) or ``"smallest"`` (smallest first).
+        v0: warm start: a vector ``(P,)`` or a block ``(b, P)``, e.g. the eigenvectors of a previous
+            call; its rows are the first block of the iteration.
+        max_matvecs: cap on products (default ``min(P, 20 k + 100)``, and never less than the size
+            of the first block).
+        seed: seed of the random start and of fresh directions (a private ``torch.Generator``; the
+            global RNG is not touched).
+        basis_dtype: dtype of the basis (default float64; float32 halves its memory, and with
+            float32 products costs no accuracy above their rounding floor).
+        basis_device: device of the basis (default the operator's; ``"cpu"`` keeps it off the GPU
+            for a transfer of the products).
+        max_basis: basis capacity c in vectors: the basis then takes at most ``c P`` numbers whatever
+            the number of products, and thick restarts keep it there (:func:`lean_max_basis` is a good
+            choice for large models). At least ``k + 2``; a warm-start block is cut to
+            ``(c - k) // 2`` rows. Default ``None``: no restart; the basis grows with the products
+            (doubling its storage when full), which converges in the fewest products.
+        guard_invariant: when every pair of the basis has converged, its span is an invariant
+            subspace, and a start inside one (an eigenvector, warm-start vectors that span one, a
+            low-rank operator) could hide a larger eigenvalue: look once more from a fresh random
+            direction and stop only when that part has converged its own pairs too. ``False`` saves
+            those products for callers that check otherwise (the callback checks with its density
+            run, whose probes are random).
+
+    Returns:
+        An :class:`EigenResult`.
+
+    Raises:
+        ValueError: if ``k``, ``tol``, ``max_matvecs`` or ``max_basis`` is out of range, ``which``
+            is unknown, or ``v0`` has the wrong length.
+        NonFiniteError: if a product is not finite.
+
+    Example:
+        >>> result = top_eigenvalues(DiagonalOperator([4.0, 3.0, 2.0, 1.0]), k=2)
+        >>> result.eigenvalues.round(decimals=8), result.all_converged
+        (tensor([4., 3.], dtype=torch.float64), True)
+    """
+    started = time.perf_counter()
+    num_params = op.num_params
+    k = check_count("k", k)
+    if k > num_params:
+        raise ValueError(f"k={k!r} must be an integer between 1 and the number of parameters ({num_params})")
+    tol = check_fraction("tol", tol)
+    check_choice("which", which, ("largest", "smallest"))
+    cap = min(num_params, 20 * k + 100) if max_matvecs is None else check_count("max_matvecs", max_matvecs, minimum=k)
+    bounded = max_basis is not None
+    limit = max(1, (check_count("max_basis", max_basis, minimum=k + 2) - k) // 2) if bounded else k
+    generator = torch.Generator().manual_seed(seed)
+    dtype = torch.float64 if basis_dtype is None else basis_dtype
+    start = _start_block(v0, num_params, generator, limit, dtype)
+    cap = max(cap, start.shape[0])
+    # Rows: the basis (at most P vectors), the pending block and its products.
+    capacity = min(max_basis, num_params + 2 * limit) if bounded else min(cap, num_params) + 2 * start.shape[0] + 1
+    device = torch.device(basis_device) if basis_device is not None else op.device
+    solver = _KrylovSchur(op, start, capacity=capacity, dtype=dtype, device=device, generator=generator)
+    while True:
+        solver.step()
+        values, vectors, krylov, rounding = solver.ritz()
+        scale = max(float(np.abs(values).max()), np.finfo(np.float64).tiny)
+        wanted = _wanted(values, k, which)
+        absolute = np.hypot(krylov, rounding)
+        if wanted.size == k and solver.fresh_settled(k, which, tol, scale):
+            floor = _FLOOR_ROUNDINGS * math.sqrt(solver.num_matvecs) * solver.unit_roundoff * scale
+            at_floor = (krylov[wanted] < _FLOOR_FRACTION * rounding[wanted]) & (rounding[wanted] <= floor)
+            if bool(((absolute[wanted] <= tol * scale) | at_floor).all()):
+                # Every pair of the basis converged: its span is invariant to tol, and a start inside an
+                # invariant subspace could hide a larger eigenvalue. Look once from a fresh direction.
+                invariant = solver.b == 0 or bool((absolute <= tol * scale).all())
+                if not (guard_invariant and invariant and solver.explorations == 0 and solver.n < num_params):
+                    break
+                solver.explore()
+        if solver.b == 0:  # invariant, but the wanted pairs are not all there yet
+            if solver.n >= num_params:
+                break
+            solver.explore()
+        if solver.num_matvecs + solver.b > cap:
+            break
+        if solver.n + 2 * solver.b > capacity:
+            solver.restart(max(k, k + (capacity - 2 * solver.b - k) // 2), which)
+    wanted = _wanted(values, min(k, values.size), which)
+    residuals = torch.from_numpy(absolute[wanted] / scale)
+    return EigenResult(
+        eigenvalues=torch.from_numpy(values[wanted].copy()),
+        eigenvectors=solver.eigenvectors(vectors[:, wanted]),
+        residuals=residuals,
+        converged=residuals <= tol,
+        num_matvecs=solver.num_matvecs,
+        seconds=time.perf_counter() - started,
+        which=which,
+        error_bounds=torch.from_numpy(_error_bounds(values, absolute, wanted)),
+    )
+
+
+def _error_bounds(values: np.ndarray, residuals: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """``min(r, r**2 / gap)`` per wanted Ritz value, the gap being the distance to the other Ritz values
+    minus their own residuals (zero gap: the residual alone)."""
+    bounds = []
+    for index in wanted:
+        others = np.delete(np.arange(values.size), index)
+        gap = float(np.min(np.abs(values[others] - values[index]) - residuals[others])) if others.size else 0.0
+        r = float(residuals[index])
+        bounds.append(min(r, r * r / gap) if gap > 0 else r)
+    return np.asarray(bounds)
