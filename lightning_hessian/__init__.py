@@ -4,7 +4,8 @@ The package has three wings: :mod:`lightning_hessian.engine` (pure PyTorch numer
 without Lightning), the Lightning face at the top level (the callback, its configuration and
 measurements, the loggers, linear interpolation, the command line) and
 :mod:`lightning_hessian.paper` (the reproduction of Sagun et al. 2017). The face is imported on
-first use, so ``import lightning_hessian.engine`` loads no Lightning module.
+first use, so ``import lightning_hessian.engine`` loads no Lightning module; every name of the engine's
+``__all__`` is available here too.
 """
 
 from __future__ import annotations
@@ -12,24 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from lightning_hessian.engine import (
-    ClassStructure,
-    CurvatureOperator,
-    EigenResult,
-    GGNOperator,
-    HessianOperator,
-    ModelSnapshot,
-    NonFiniteError,
-    SpectralDensity,
-    SpectrumSummary,
-    class_structure,
-    dense_ggn,
-    dense_hessian,
-    outlier_gap,
-    spectral_density,
-    summarize,
-    top_eigenvalues,
-)
+from lightning_hessian import engine
 
 __version__ = "0.1.0"
 
@@ -45,44 +29,18 @@ _FACE = {
     "linear_interpolation": "lightning_hessian.interpolation",
 }
 
-__all__ = [
-    # the Lightning face
-    "CallbackConfig",
-    "GaussNewtonModule",
-    "HessianLossModule",
-    "HessianSpectrumCallback",
-    "InterpolationResult",
-    "MatrixMeasurement",
-    "Measurement",
-    "linear_interpolation",
-    # engine: operators
-    "CurvatureOperator",
-    "GGNOperator",
-    "HessianOperator",
-    "ModelSnapshot",
-    # engine: solvers and results
-    "EigenResult",
-    "NonFiniteError",
-    "SpectralDensity",
-    "SpectrumSummary",
-    "outlier_gap",
-    "spectral_density",
-    "summarize",
-    "top_eigenvalues",
-    # engine: dense matrices and class structure
-    "ClassStructure",
-    "class_structure",
-    "dense_ggn",
-    "dense_hessian",
-]
+__all__ = [*_FACE, *engine.__all__]
 
 
 def __getattr__(name: str) -> Any:
     if name in _FACE:
         value = getattr(importlib.import_module(_FACE[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lightning_hessian' has no attribute {name!r}")
+    elif name in engine.__all__:
+        value = getattr(engine, name)
+    else:
+        raise AttributeError(f"module 'lightning_hessian' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import torch
 from torch import Tensor
 from tqdm import tqdm
 
@@ -25,6 +24,7 @@ class ProgressOperator:
         bar: the progress line, or ``None`` for none.
 
     Example:
+        >>> import torch
         >>> from lightning_hessian.engine.eigen import DiagonalOperator
         >>> counted = ProgressOperator(DiagonalOperator([1.0, 2.0]), bar=None)
         >>> counted.matmat(torch.ones(2, 3, dtype=torch.float64)).shape, counted.num_params
@@ -35,21 +35,9 @@ class ProgressOperator:
         self.op = op
         self.bar = bar
 
-    @property
-    def num_params(self) -> int:
-        return self.op.num_params
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.op.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.op.device
-
-    @property
-    def vectorize(self) -> bool:
-        return bool(getattr(self.op, "vectorize", False))
+    def __getattr__(self, name: str) -> Any:
+        """Everything but ``matmat`` is the wrapped operator's (``num_params``, ``dtype``, ``gradient``, ...)."""
+        return getattr(self.op, name)
 
     def matmat(self, vectors: Tensor) -> Tensor:
         """The wrapped operator's product; advances the line by the number of vectors."""
@@ -57,10 +45,6 @@ class ProgressOperator:
         if self.bar is not None:
             self.bar.update(1 if vectors.dim() == 1 else vectors.shape[1])
         return product
-
-    def gradient(self) -> Tensor:
-        """The wrapped operator's gradient."""
-        return self.op.gradient()
 
 
 def progress_line(name: str, expected: int, enabled: bool) -> tqdm | None:

@@ -135,8 +135,9 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             most 60 products), else and for the smallest eigenvalue and the layer blocks the engine's
             ``20 k + 100``. Pairs that have not met ``tol`` by then are reported with their
             residuals, ``converged`` false.
-        num_probes: S, SLQ probe vectors (default: from 10 for small models down to 1 above 200,000
-            parameters; one probe's quadrature concentrates as P grows).
+        num_probes: S, SLQ probe vectors (default: 4, 2 or 1 as P passes 10,000 and 100,000; one
+            probe's quadrature concentrates as P grows, and more probes than that buy little at 32
+            steps: ``benchmarks/RESULTS-probes.md``).
         num_steps: m, Lanczos steps per SLQ probe (default 32).
         warm_start: start each top-k solve from the previous call's eigenvectors; the density's
             random probes check that no larger eigenvalue was missed (if one was, the top k are
@@ -570,8 +571,8 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         self._num_probes = config.num_probes or default_num_probes(num_params)
         basis = {"float32": torch.float32, "float64": torch.float64}.get(config.basis_dtype or "", dtype)
         solver = MatrixSolver(
-            k=config.k, tol=config.tol, max_matvecs=config.max_matvecs, top_k_matvecs=top_k_matvecs(config.k, config.tol),
-            smallest=config.smallest,
+            k=config.k, tol=config.tol, max_matvecs=config.max_matvecs,
+            top_k_matvecs=top_k_matvecs(config.k, config.tol), smallest=config.smallest,
             density=config.density, num_probes=self._num_probes, num_steps=config.num_steps, layers=config.layers,
             layer_views=config.layer_views, grad_overlap=config.grad_overlap, seed=config.seed, basis_dtype=basis,
             basis_device=config.basis_device, max_basis=config.max_basis, reorthogonalize=config.reorthogonalize,

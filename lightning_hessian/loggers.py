@@ -141,8 +141,7 @@ def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int) -> None:
         >>> import tempfile
         >>> import pytorch_lightning as pl
         >>> from pytorch_lightning.loggers import CSVLogger
-        >>> trainer = pl.Trainer(logger=CSVLogger(tempfile.mkdtemp()), accelerator="cpu", enable_progress_bar=False,
-        ...                      enable_model_summary=False, enable_checkpointing=False)
+        >>> trainer = pl.Trainer(logger=CSVLogger(tempfile.mkdtemp()), accelerator="cpu", enable_progress_bar=False)
         >>> log_scalars(trainer, {"hessian/eig_1": 2.0}, step=5)
         >>> trainer.callback_metrics
         {'hessian/eig_1': tensor(2.)}
@@ -163,8 +162,7 @@ def log_measurement(trainer: Any, measurement: Measurement, prefix: str) -> None
         >>> import pytorch_lightning as pl
         >>> from pytorch_lightning.loggers import CSVLogger
         >>> from lightning_hessian.engine import SpectrumSummary
-        >>> trainer = pl.Trainer(logger=CSVLogger(tempfile.mkdtemp()), accelerator="cpu", enable_progress_bar=False,
-        ...                      enable_model_summary=False, enable_checkpointing=False)
+        >>> trainer = pl.Trainer(logger=CSVLogger(tempfile.mkdtemp()), accelerator="cpu", enable_progress_bar=False)
         >>> summary = SpectrumSummary(1, 4.0, 0.5, float("nan"), float("nan"))
         >>> hessian = MatrixMeasurement("hessian", 10, (2.0, 0.5), (1e-7, 1e-6), (True, True), 20, summary)
         >>> call = Measurement(7, 0, "fit", "eval", "float32", 16, 0.1, 0.5, 20, hessian=hessian)
@@ -186,8 +184,7 @@ def log_no_spectrum(trainer: Any, prefix: str, step: int, costs: Mapping[str, fl
         >>> import tempfile
         >>> import pytorch_lightning as pl
         >>> from pytorch_lightning.loggers import CSVLogger
-        >>> trainer = pl.Trainer(logger=CSVLogger(tempfile.mkdtemp()), accelerator="cpu", enable_progress_bar=False,
-        ...                      enable_model_summary=False, enable_checkpointing=False)
+        >>> trainer = pl.Trainer(logger=CSVLogger(tempfile.mkdtemp()), accelerator="cpu", enable_progress_bar=False)
         >>> log_scalars(trainer, {"hessian/eig_1": 2.0, "hessian/seconds": 0.5}, step=0)
         >>> log_no_spectrum(trainer, "hessian", step=10, costs={"seconds": 0.25, "nonfinite": 1})
         >>> trainer.callback_metrics
@@ -229,8 +226,7 @@ def log_run_start(trainer: Any, config: CallbackConfig) -> None:
         >>> from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
         >>> from tensorboard.plugins.custom_scalar.layout_pb2 import Layout
         >>> logger = TensorBoardLogger(tempfile.mkdtemp())
-        >>> trainer = pl.Trainer(logger=logger, accelerator="cpu", enable_progress_bar=False,
-        ...                      enable_model_summary=False, enable_checkpointing=False)
+        >>> trainer = pl.Trainer(logger=logger, accelerator="cpu", enable_progress_bar=False)
         >>> log_run_start(trainer, CallbackConfig(k=3))
         >>> logger.experiment.flush()
         >>> events = EventAccumulator(logger.log_dir)
@@ -357,8 +353,7 @@ def log_hyperparams(trainer: Any, params: Mapping[str, Any]) -> None:
         >>> import tempfile
         >>> import pytorch_lightning as pl
         >>> from pytorch_lightning.loggers import CSVLogger
-        >>> trainer = pl.Trainer(logger=CSVLogger(tempfile.mkdtemp()), accelerator="cpu", enable_progress_bar=False,
-        ...                      enable_model_summary=False, enable_checkpointing=False)
+        >>> trainer = pl.Trainer(logger=CSVLogger(tempfile.mkdtemp()), accelerator="cpu", enable_progress_bar=False)
         >>> log_hyperparams(trainer, CallbackConfig(k=3).hparams())
         >>> trainer.logger.save()  # writes hparams.yaml
         >>> with open(os.path.join(trainer.logger.log_dir, "hparams.yaml")) as handle:
@@ -455,12 +450,11 @@ def bulk_histogram(density: SpectralDensity, eigenvalues: Sequence[float],
         bulk can be told apart honestly).
 
     Example:
-        >>> from lightning_hessian.engine import spectral_density, top_eigenvalues
-        >>> from lightning_hessian.engine.eigen import DiagonalOperator
-        >>> op = DiagonalOperator([0.0] * 6 + [1.0, 5.0])
-        >>> top = top_eigenvalues(op, k=1)
-        >>> density = spectral_density(op, num_probes=2, num_steps=3, deflate=top)
-        >>> edges, counts = bulk_histogram(density, top.eigenvalues.tolist())
+        >>> nodes = torch.tensor([[0.0, 1.0, 5.0]], dtype=torch.float64)  # 8 eigenvalues: 0 (x6), 1 and 5
+        >>> weights = torch.tensor([[6 / 8, 1 / 8, 1 / 8]], dtype=torch.float64)  # 5 placed exactly
+        >>> density = SpectralDensity(nodes, weights, trace=6.0, trace_stderr=0.0, num_params=8, num_matvecs=0,
+        ...                           seconds=0.0)
+        >>> edges, counts = bulk_histogram(density, [5.0])
         >>> round(float(counts.sum()), 1), round(float(edges[0]), 2), round(float(edges[-1]), 2)  # 7 in [0, 1]
         (7.0, -0.03, 1.03)
         >>> bulk_histogram(density, [4.0]) is None  # not deflated: no bulk to tell apart
@@ -603,8 +597,7 @@ def log_spectra(trainer: Any, measurement: Measurement, prefix: str) -> None:
         >>> from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
         >>> from lightning_hessian.engine import SpectrumSummary
         >>> logger = TensorBoardLogger(tempfile.mkdtemp())
-        >>> trainer = pl.Trainer(logger=logger, accelerator="cpu", enable_progress_bar=False,
-        ...                      enable_model_summary=False, enable_checkpointing=False)
+        >>> trainer = pl.Trainer(logger=logger, accelerator="cpu", enable_progress_bar=False)
         >>> density = SpectralDensity(  # one probe: 3 of the P = 4 eigenvalues at 0, one at 2
         ...     nodes=torch.tensor([[0.0, 2.0]], dtype=torch.float64),
         ...     weights=torch.tensor([[0.75, 0.25]], dtype=torch.float64),

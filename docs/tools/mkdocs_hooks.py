@@ -2,7 +2,7 @@
 
 A page in ``docs/`` links to a report or a figure as it lies in the repository
 (``../reports/REPORT.md``), so the link works when the page is read in the repository. These hooks add
-those files (``reports/``, ``benchmarks/RESULTS.md``) to the site under the same relative paths and
+those files (``reports/``, ``benchmarks/RESULTS*.md``) to the site under the same relative paths and
 drop the one ``../`` that leaves ``docs/``, so the link works on the site too. A link to any other
 file outside ``docs/`` is left alone, and ``mkdocs build --strict`` fails on it.
 """
@@ -17,7 +17,7 @@ from typing import Any
 from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[2]
-PUBLISHED = ("reports/REPORT.md", "reports/*.png", "benchmarks/RESULTS.md")
+PUBLISHED = ("reports/REPORT.md", "reports/*.png", "benchmarks/RESULTS*.md")
 _LINK = re.compile(r"(\]\()([^)\s]+)")
 
 

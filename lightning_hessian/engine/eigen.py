@@ -222,8 +222,10 @@ class _KrylovSchur:
                 work.addmm_(extra.T, existing, alpha=-1.0)
                 coefficients += extra
         r, R = 0, np.zeros((count, count))
-        for i in range(count):  # Gram-Schmidt within the block; row offset + r is free once row i is read
-            vector = work[i].clone()
+        for i in range(count):  # Gram-Schmidt within the block, in place: row offset + r is free once row i is read
+            if r < i:
+                self.rows[offset + r] = work[i]
+            vector = self.rows[offset + r]
             if r:
                 accepted = self.rows[offset:offset + r]
                 for _ in range(2):
@@ -233,7 +235,7 @@ class _KrylovSchur:
             norm = float(vector.norm())
             if norm <= threshold or norm == 0.0:
                 continue
-            self.rows[offset + r] = vector / norm
+            vector.div_(norm)
             R[r, i] = norm
             r += 1
         return r, coefficients.double().cpu().numpy(), R[:r]
@@ -252,7 +254,7 @@ class _KrylovSchur:
 
     def _reserve(self, count: int) -> None:
         """Room for ``count`` rows: the storage doubles (up to the capacity) when it is short."""
-        if count <= self.rows.shape[0]:
+        if count <= self.rows.shape[0] or self.rows.shape[0] >= self.capacity:
             return
         grown = torch.empty(min(self.capacity, max(count, 2 * self.rows.shape[0])), self.num_params,
                             dtype=self.rows.dtype, device=self.rows.device)
@@ -264,7 +266,7 @@ class _KrylovSchur:
         """Multiply the pending block, orthogonalize, and append it to the basis (b products)."""
         n, b = self.n, self.b
         m = n + b
-        self._reserve(m + b + 1)
+        self._reserve(m + b)
         self._multiply(self.rows[n:m], self.rows[m:m + b])
         before = self.rows[m:m + b].norm(dim=1)
         self.scale = max(self.scale, float(before.max()))
@@ -460,6 +462,7 @@ def top_eigenvalues(
     capacity = min(max_basis, num_params + 2 * limit) if bounded else min(cap, num_params) + 2 * start.shape[0] + 1
     device = torch.device(basis_device) if basis_device is not None else op.device
     solver = _KrylovSchur(op, start, capacity=capacity, dtype=dtype, device=device, generator=generator)
+    del start  # copied into the basis
     while True:
         solver.step()
         values, vectors, krylov, rounding = solver.ritz()

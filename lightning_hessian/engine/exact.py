@@ -15,8 +15,8 @@ flattening, not only their arithmetic. Memory: the matrix takes ``8 P^2`` bytes 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,10 @@ from torch.func import grad, jacrev
 
 from lightning_hessian.engine.errors import NonFiniteError
 from lightning_hessian.engine.operators import LossFn, OutputFn, OutputLossFn, scalar_loss
-from lightning_hessian.engine.snapshot import Mode, ModelSnapshot
+from lightning_hessian.engine.snapshot import ModelSnapshot, SnapshotOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 # Hessian rows computed per vectorized pass: bounds the memory of the batched backward passes.
 _ROWS_PER_PASS = 256
@@ -34,10 +37,7 @@ def dense_hessian(
     model: nn.Module,
     loss_fn: LossFn,
     batches: Iterable[Any],
-    *,
-    params: Sequence[str] | None = None,
-    dtype: torch.dtype = torch.float64,
-    mode: Mode = "eval",
+    **options: Unpack[SnapshotOptions],
 ) -> Tensor:
     """The full Hessian of the mean loss over all samples in ``batches``.
 
@@ -45,9 +45,9 @@ def dense_hessian(
         model: the network; never modified.
         loss_fn: ``loss_fn(model, batch) -> scalar``, the mean loss of a batch.
         batches: a re-iterable of batches; weighted by their sample counts.
-        params: name patterns selecting parameters (default all with ``requires_grad``).
-        dtype: dtype of the computation and result (default float64).
-        mode: ``"eval"`` (default) or ``"train"`` (batch statistics, dropout off), as in the operators.
+        **options: the snapshot's (:class:`~lightning_hessian.engine.snapshot.SnapshotOptions`):
+            ``params`` (name patterns; default all with ``requires_grad``), ``dtype`` of the computation
+            and result (default float64 here), ``mode`` (``"eval"`` or ``"train"``), as in the operators.
 
     Returns:
         ``(P, P)`` symmetric matrix, parameters in ``named_parameters()`` order.
@@ -63,16 +63,15 @@ def dense_hessian(
         tensor([[1., 0.],
                 [0., 1.]], dtype=torch.float64)
     """
-    snapshot = ModelSnapshot(model, batches, params=params, dtype=dtype, mode=mode)
-    flat = snapshot.flat_parameters()
-    hessian = torch.zeros(snapshot.num_params, snapshot.num_params, dtype=dtype, device=flat.device)
-    for batch, size in zip(snapshot.batches, snapshot.batch_sizes, strict=True):
+    snapshot = ModelSnapshot(model, batches, **{"dtype": torch.float64, **options})
 
-        def loss(theta: Tensor, batch: Any = batch) -> Tensor:
+    def batch_hessian(flat: Tensor, batch: Any) -> Tensor:
+        def loss(theta: Tensor) -> Tensor:
             return scalar_loss(snapshot.call(loss_fn, batch, leaves=snapshot.parameters_of(theta)), "loss_fn")
 
-        hessian += jacrev(grad(loss), chunk_size=_ROWS_PER_PASS)(flat) * (size / snapshot.num_samples)
-    return _finite((hessian + hessian.T) / 2, "Hessian")
+        return jacrev(grad(loss), chunk_size=_ROWS_PER_PASS)(flat)
+
+    return _finite(_sample_average(snapshot, batch_hessian), "Hessian")
 
 
 def dense_ggn(
@@ -80,10 +79,7 @@ def dense_ggn(
     output_fn: OutputFn,
     output_loss_fn: OutputLossFn,
     batches: Iterable[Any],
-    *,
-    params: Sequence[str] | None = None,
-    dtype: torch.dtype = torch.float64,
-    mode: Mode = "eval",
+    **options: Unpack[SnapshotOptions],
 ) -> Tensor:
     """The full generalized Gauss-Newton matrix ``G = (1/N) sum_b n_b J_b^T (d^2 L_b / df^2) J_b``.
 
@@ -91,7 +87,8 @@ def dense_ggn(
         model: the network; never modified.
         output_fn: ``output_fn(model, batch) -> outputs``.
         output_loss_fn: ``output_loss_fn(outputs, batch) -> scalar``, the batch's mean loss.
-        batches, params, dtype, mode: as in :func:`dense_hessian`.
+        batches: a re-iterable of batches; weighted by their sample counts.
+        **options: as in :func:`dense_hessian`.
 
     Returns:
         ``(P, P)`` symmetric positive semidefinite matrix (for losses convex in the outputs).
@@ -107,21 +104,29 @@ def dense_ggn(
         tensor([[0.5000, 0.0000],
                 [0.0000, 0.5000]], dtype=torch.float64)
     """
-    snapshot = ModelSnapshot(model, batches, params=params, dtype=dtype, mode=mode)
-    flat = snapshot.flat_parameters()
-    ggn = torch.zeros(snapshot.num_params, snapshot.num_params, dtype=dtype, device=flat.device)
-    for batch, size in zip(snapshot.batches, snapshot.batch_sizes, strict=True):
+    snapshot = ModelSnapshot(model, batches, **{"dtype": torch.float64, **options})
 
-        def outputs_of(theta: Tensor, batch: Any = batch) -> Tensor:
+    def batch_ggn(flat: Tensor, batch: Any) -> Tensor:
+        def outputs_of(theta: Tensor) -> Tensor:
             return snapshot.call(output_fn, batch, leaves=snapshot.parameters_of(theta))
 
         outputs = outputs_of(flat).detach()
         jacobian = jacrev(outputs_of)(flat).reshape(-1, snapshot.num_params)
         output_hessian = jacrev(grad(
-            lambda f, b=batch, shape=outputs.shape: scalar_loss(output_loss_fn(f.reshape(shape), b), "output_loss_fn")
+            lambda f: scalar_loss(output_loss_fn(f.reshape(outputs.shape), batch), "output_loss_fn")
         ))(outputs.reshape(-1))
-        ggn += jacobian.T @ output_hessian @ jacobian * (size / snapshot.num_samples)
-    return _finite((ggn + ggn.T) / 2, "Gauss-Newton matrix")
+        return jacobian.T @ output_hessian @ jacobian
+
+    return _finite(_sample_average(snapshot, batch_ggn), "Gauss-Newton matrix")
+
+
+def _sample_average(snapshot: ModelSnapshot, per_batch: Callable[[Tensor, Any], Tensor]) -> Tensor:
+    """``(1/N) sum_b n_b per_batch(theta, b)``, symmetrized: the ``(P, P)`` matrix of the whole sample."""
+    flat = snapshot.flat_parameters()
+    total = torch.zeros(snapshot.num_params, snapshot.num_params, dtype=snapshot.dtype, device=flat.device)
+    for batch, size in zip(snapshot.batches, snapshot.batch_sizes, strict=True):
+        total += per_batch(flat, batch) * (size / snapshot.num_samples)
+    return (total + total.T) / 2
 
 
 def _finite(matrix: Tensor, name: str) -> Tensor:

@@ -21,15 +21,24 @@ and ``torch.inference_mode()``. A block of S vectors is ``[P, S]``, one vector p
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_hessian.engine.errors import NonFiniteError
 from lightning_hessian.engine.memory import SavedBytes, available_bytes
-from lightning_hessian.engine.snapshot import Mode, ModelSnapshot, autograd_enabled, stacked, zeros_like_stacked
+from lightning_hessian.engine.snapshot import (
+    ModelSnapshot,
+    SnapshotOptions,
+    autograd_enabled,
+    stacked,
+    zeros_like_stacked,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(model, batch) -> scalar``: the mean loss of one batch."""
@@ -42,6 +51,18 @@ OutputLossFn = Callable[[Tensor, Any], Tensor]
 
 # With keep_graph="auto", the kept graphs may take this fraction of the memory available.
 _GRAPH_MEMORY_FRACTION = 0.5
+
+
+class OperatorOptions(SnapshotOptions, total=False):
+    """The keyword options of the operators: those of the snapshot, and ``keep_graph``.
+
+    Example:
+        >>> options: OperatorOptions = {"dtype": torch.float64, "keep_graph": False}
+        >>> HessianOperator(torch.nn.Linear(2, 1), lambda m, b: m(b).mean(), [torch.ones(3, 2)], **options).dtype
+        torch.float64
+    """
+
+    keep_graph: bool | int | Literal["auto"]
 
 
 def _tensors_of(graph: Any) -> list[Tensor]:
@@ -64,18 +85,18 @@ class CurvatureOperator:
         model: the network; never modified.
         batches: a re-iterable of batches (a list, a DataLoader); each batch is a tensor, tuple,
             list or dict whose first tensor has the samples along dimension 0.
-        params: name patterns selecting parameters; default all with ``requires_grad``.
-        dtype: floating dtype of the products, e.g. ``torch.float64`` for exact small-model work;
-            default the parameters' dtype, promoted to float32 for 16-bit models.
-        mode: ``"eval"`` (default; running statistics, dropout off) or ``"train"`` (batch
-            statistics, running statistics not updated, dropout still off).
         keep_graph: keep each batch's first-derivative graph between products, so that one product
             costs about one backward pass instead of a forward and a double backward, at the memory
             of those graphs; an integer keeps the graphs of that many batches (the first ones) and
             recomputes the others; ``"auto"`` measures the first graph and keeps as many as fit in
             half the memory available on the device (:func:`~lightning_hessian.engine.memory.available_bytes`).
             Dropped with a warning if the device runs out of memory.
-        vectorize: see :class:`~lightning_hessian.engine.snapshot.ModelSnapshot`.
+        **options: the snapshot's (:class:`~lightning_hessian.engine.snapshot.SnapshotOptions`):
+            ``params``, name patterns selecting parameters (default all with ``requires_grad``);
+            ``dtype``, of the products (e.g. ``torch.float64`` for exact small-model work; default
+            the parameters' dtype, float32 for 16-bit models); ``mode``, ``"eval"`` (default;
+            running statistics, dropout off) or ``"train"`` (batch statistics, running statistics not
+            updated, dropout still off); ``vectorize``.
 
     Attributes:
         graph_nbytes: bytes held by one batch's kept graph (the first batch's, measured when it is
@@ -105,13 +126,10 @@ class CurvatureOperator:
         model: nn.Module,
         batches: Iterable[Any],
         *,
-        params: Sequence[str] | None = None,
-        dtype: torch.dtype | None = None,
-        mode: Mode = "eval",
         keep_graph: bool | int | Literal["auto"] = True,
-        vectorize: bool | None = None,
+        **options: Unpack[SnapshotOptions],
     ) -> None:
-        self.snapshot = ModelSnapshot(model, batches, params=params, dtype=dtype, mode=mode, vectorize=vectorize)
+        self.snapshot = ModelSnapshot(model, batches, **options)
         if not (isinstance(keep_graph, (bool, int)) or keep_graph == "auto"):
             raise ValueError(f"keep_graph={keep_graph!r} must be True, False, a number of batches or 'auto'")
         self.keep_graph = keep_graph
@@ -188,12 +206,12 @@ class CurvatureOperator:
         snapshot = self.snapshot
         with autograd_enabled():
             parts = snapshot.unflatten(matrix.detach().to(device=self.device, dtype=self.dtype))
-            total = None
+            total = torch.zeros(matrix.shape[1], self.num_params, dtype=self.dtype, device=self.device)
+            totals = total.split(snapshot.numels, dim=1)  # views: each batch's product is added in place
             for index, size in enumerate(snapshot.batch_sizes):
-                product = snapshot.flatten(self._batch_matmat(index, parts))  # a new tensor: scaled in place
-                if size != snapshot.num_samples:
-                    product.mul_(size / snapshot.num_samples)
-                total = product if total is None else total.add_(product)
+                for accumulated, part in zip(totals, self._batch_matmat(index, parts), strict=True):
+                    accumulated.add_(part.reshape(part.shape[0], -1), alpha=size / snapshot.num_samples)
+            total = total.T
         if not torch.isfinite(total).all():
             raise NonFiniteError(
                 f"the {type(self).__name__} product is not finite (NaN or inf); the loss or its "
@@ -308,7 +326,7 @@ class HessianOperator(CurvatureOperator):
         model: the network; never modified.
         loss_fn: ``loss_fn(model, batch) -> scalar``, the mean loss of a batch.
         batches: a re-iterable of batches.
-        params, dtype, mode, keep_graph, vectorize: see :class:`CurvatureOperator`.
+        **options: ``keep_graph`` and the snapshot's options, as in :class:`CurvatureOperator`.
 
     Example:
         >>> model = torch.nn.Linear(3, 1, bias=False)
@@ -322,15 +340,9 @@ class HessianOperator(CurvatureOperator):
         model: nn.Module,
         loss_fn: LossFn,
         batches: Iterable[Any],
-        *,
-        params: Sequence[str] | None = None,
-        dtype: torch.dtype | None = None,
-        mode: Mode = "eval",
-        keep_graph: bool | int | Literal["auto"] = True,
-        vectorize: bool | None = None,
+        **options: Unpack[OperatorOptions],
     ) -> None:
-        super().__init__(model, batches, params=params, dtype=dtype, mode=mode, keep_graph=keep_graph,
-                         vectorize=vectorize)
+        super().__init__(model, batches, **options)
         self.loss_fn = loss_fn
 
     def _build_graph(self, index: int) -> tuple[Tensor | None, ...]:
@@ -385,7 +397,8 @@ class GGNOperator(CurvatureOperator):
         output_fn: ``output_fn(model, batch) -> outputs``, e.g. ``lambda m, b: m(b[0])``.
         output_loss_fn: ``output_loss_fn(outputs, batch) -> scalar``, the batch's mean loss, e.g.
             ``lambda f, b: torch.nn.functional.cross_entropy(f, b[1])``.
-        batches, params, dtype, mode, keep_graph, vectorize: see :class:`CurvatureOperator`.
+        batches: a re-iterable of batches.
+        **options: ``keep_graph`` and the snapshot's options, as in :class:`CurvatureOperator`.
 
     Example:
         >>> model = torch.nn.Linear(3, 1, bias=False)
@@ -400,15 +413,9 @@ class GGNOperator(CurvatureOperator):
         output_fn: OutputFn,
         output_loss_fn: OutputLossFn,
         batches: Iterable[Any],
-        *,
-        params: Sequence[str] | None = None,
-        dtype: torch.dtype | None = None,
-        mode: Mode = "eval",
-        keep_graph: bool | int | Literal["auto"] = True,
-        vectorize: bool | None = None,
+        **options: Unpack[OperatorOptions],
     ) -> None:
-        super().__init__(model, batches, params=params, dtype=dtype, mode=mode, keep_graph=keep_graph,
-                         vectorize=vectorize)
+        super().__init__(model, batches, **options)
         self.output_fn = output_fn
         self.output_loss_fn = output_loss_fn
 

@@ -19,7 +19,7 @@ import contextlib
 import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,24 @@ from torch.func import functional_call
 from lightning_hessian.engine.batches import count_samples, materialize, move_batch
 
 Mode = Literal["eval", "train"]
+
+
+class SnapshotOptions(TypedDict, total=False):
+    """The keyword options of a :class:`ModelSnapshot`, which the operators and dense matrices pass on.
+
+    ``params`` (name patterns), ``dtype`` (of the computation), ``mode`` (``"eval"`` or ``"train"``)
+    and ``vectorize`` (several vectors per backward pass): see :class:`ModelSnapshot`.
+
+    Example:
+        >>> options: SnapshotOptions = {"dtype": torch.float64, "mode": "eval"}
+        >>> ModelSnapshot(torch.nn.Linear(2, 1), [torch.ones(3, 2)], **options).dtype
+        torch.float64
+    """
+
+    params: Sequence[str] | None
+    dtype: torch.dtype | None
+    mode: Mode
+    vectorize: bool | None
 
 
 class BoundModule(nn.Module):

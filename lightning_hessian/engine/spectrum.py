@@ -329,14 +329,13 @@ def summarize(
         A :class:`SpectrumSummary`.
 
     Example:
-        >>> nodes = torch.tensor([[0.0, 0.1, 0.15, 0.25]], dtype=torch.float64)
-        >>> weights = torch.tensor([[0.90, 0.06, 0.03, 0.01]], dtype=torch.float64)
-        >>> density = SpectralDensity(nodes, weights, trace=0.0, trace_stderr=0.0, num_params=100,
-        ...                           num_matvecs=4, seconds=0.0)
+        >>> two_nodes = torch.tensor([[0.0, 0.2]], dtype=torch.float64)  # 80% of the mass at zero
+        >>> density = SpectralDensity(two_nodes, torch.tensor([[0.8, 0.2]], dtype=torch.float64), trace=0.0,
+        ...                           trace_stderr=0.0, num_params=50, num_matvecs=2, seconds=0.0)
         >>> top = torch.tensor([9.0, 1.5, 0.4, 0.3], dtype=torch.float64)
         >>> summary = summarize(top, density)  # 0.4 -> 1.5 is the first step of 1.75 or more above the bulk
         >>> summary.outliers, summary.gap_ratio, summary.bulk_edge, summary.near_zero_fraction
-        (2, 3.75, 0.4, 0.9)
+        (2, 3.75, 0.4, 0.8)
         >>> summary.gap_outliers, summarize(top).outliers  # the largest ratio, 9 / 1.5, reads 1
         (1, 1)
     """

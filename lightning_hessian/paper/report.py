@@ -10,7 +10,7 @@ import json
 import os
 import platform
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,17 @@ def sblb_markdown(summary: dict[str, Any]) -> str:
 
 
 
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A Markdown table: the header, its rule and one line per row of cells.
+
+    Example:
+        >>> table(["C", "outliers"], [[2, 1], [3, 2]])
+        ['| C | outliers |', '| --- | --- |', '| 2 | 1 |', '| 3 | 2 |']
+    """
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
 def _plt() -> Any:
     import matplotlib
 
@@ -146,17 +157,23 @@ def _histogram(ax: Any, spectrum: dict[str, Any], label: str) -> None:
     ax.set_ylabel("count" + ("" if spectrum["exact"] else " (top-k only)"))
 
 
-def _figure_init_vs_trained(section: dict[str, Any], out: Path) -> str:
+def _figure_spectra(spectra: dict[str, dict[str, Any]], titles: tuple[str, str], path: Path) -> str:
+    """Top eigenvalues (left) and the whole spectrum (right) of named spectra."""
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=_FIGSIZE)
-    for name, spectrum in section["spectra"].items():
-        left.plot(range(1, len(spectrum["top"]) + 1), spectrum["top"], "o-", ms=3, label=name)
-        _histogram(right, spectrum, name)
-    _top_eigenvalue_axes(left, "top eigenvalues (C = 10)")
-    right.set_title("whole spectrum")
+    for label, spectrum in spectra.items():
+        left.plot(range(1, len(spectrum["top"]) + 1), spectrum["top"], "o-", ms=3, label=label)
+        _histogram(right, spectrum, label)
+    _top_eigenvalue_axes(left, titles[0])
+    right.set_title(titles[1])
     left.legend()
     right.legend()
-    return _save(fig, out / "fig1_init_vs_trained.png")
+    return _save(fig, path)
+
+
+def _figure_init_vs_trained(section: dict[str, Any], out: Path) -> str:
+    return _figure_spectra(section["spectra"], ("top eigenvalues (C = 10)", "whole spectrum"),
+                           out / "fig1_init_vs_trained.png")
 
 
 def _figure_classes(section: dict[str, Any], out: Path) -> str:
@@ -190,18 +207,9 @@ def _figure_classes(section: dict[str, Any], out: Path) -> str:
 
 
 def _figure_width(section: dict[str, Any], out: Path) -> str:
-    plt = _plt()
-    fig, (left, right) = plt.subplots(1, 2, figsize=_FIGSIZE)
-    for row in section["rows"]:
-        label = f"h = {row['width']} (M = {row['trained']['num_params']})"
-        top = row["trained"]["top"]
-        left.plot(range(1, len(top) + 1), top, "o-", ms=3, label=label)
-        _histogram(right, row["trained"], label)
-    _top_eigenvalue_axes(left, "top eigenvalues after training")
-    right.set_title("whole spectrum after training")
-    left.legend()
-    right.legend()
-    return _save(fig, out / "fig3_width.png")
+    spectra = {f"h = {row['width']} (M = {row['trained']['num_params']})": row["trained"] for row in section["rows"]}
+    return _figure_spectra(spectra, ("top eigenvalues after training", "whole spectrum after training"),
+                           out / "fig3_width.png")
 
 
 def _figure_ggn(section: dict[str, Any], out: Path) -> str:
@@ -359,47 +367,45 @@ def _section_classes(section: dict[str, Any], figure: str) -> list[str]:
         f"Gaussian mixtures (`make_blobs`, d = 10, 1,000 training points, MLP 10-20-20-C, full-batch gradient "
         f"descent, {section['mixtures'][0]['steps'] if section['mixtures'] else 0} steps):",
         "",
-        "| C | cluster std | train loss | test acc | top C+1 | bulk edge | isolated | largest gap (ratio) | dense |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in section["mixtures"]:
-        t = r["trained"]
-        lines.append(f"| {r['classes']} | {r['cluster_std']:g} | {r['train_loss']:.2g} | {r['test_acc']:.3f} | "
-                     f"{_fmt(t['top'][:r['classes'] + 1])} | {t['bulk_edge']:.3g} | {t['outliers']} | "
-                     f"{t['gap_outliers']} ({t['gap_ratio']:.2f}) | {_dense_cell(t)} |")
+    lines += table(["C", "cluster std", "train loss", "test acc", "top C+1", "bulk edge", "isolated",
+                    "largest gap (ratio)", "dense"],
+                   ([r["classes"], f"{r['cluster_std']:g}", f"{r['train_loss']:.2g}", f"{r['test_acc']:.3f}",
+                     _fmt(r["trained"]["top"][:r["classes"] + 1]), f"{r['trained']['bulk_edge']:.3g}",
+                     r["trained"]["outliers"], f"{r['trained']['gap_outliers']} ({r['trained']['gap_ratio']:.2f})",
+                     _dense_cell(r["trained"])] for r in section["mixtures"]))
     return [*lines, "", f"![classes]({figure})"]
 
 
 def _section_width(section: dict[str, Any], figure: str) -> list[str]:
-    lines = [
-        "| h | M | train loss | test acc | top 10 | outliers | near-zero count, exact (<1e-3 lambda_1) "
-        "| near-zero count, SLQ (<1e-2 lambda_1) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in section["rows"]:
+    def cells(r: dict[str, Any]) -> list[Any]:
         t = r["trained"]
         exact = "n/a" if t["exact"] is None else f"{r['near_zero_count']:.0f} ({t['near_zero_fraction']:.3f})"
-        lines.append(f"| {r['width']} | {t['num_params']} | {r['train_loss']:.4f} | {r['test_acc']:.3f} | "
-                     f"{_fmt(t['top'][:10])} | {t['outliers']} | {exact} | "
-                     f"{r['slq_near_zero_count']:.0f} ({t['slq_near_zero_fraction']:.3f}) |")
+        return [r["width"], t["num_params"], f"{r['train_loss']:.4f}", f"{r['test_acc']:.3f}", _fmt(t["top"][:10]),
+                t["outliers"], exact, f"{r['slq_near_zero_count']:.0f} ({t['slq_near_zero_fraction']:.3f})"]
+
+    lines = table(["h", "M", "train loss", "test acc", "top 10", "outliers",
+                   "near-zero count, exact (<1e-3 lambda_1)", "near-zero count, SLQ (<1e-2 lambda_1)"],
+                  (cells(r) for r in section["rows"]))
     return [*lines, "", f"![width]({figure})"]
 
 
 def _section_ggn(section: dict[str, Any], figure: str) -> list[str]:
+    def cells(r: dict[str, Any]) -> list[Any]:
+        exact = f"{r['exact_residual_norm']:.3g}" if "exact_residual_norm" in r else "n/a"
+        rank = f"{r['ggn_rank']} of {r['num_params']}" if "ggn_rank" in r else "n/a"
+        return [r["point"], r["width"], f"{r['loss']:.4f}", _fmt(r["top_h"][:5]), _fmt(r["top_g"][:5]),
+                f"{r['relative_gap']:.2e}", f"{r['residual_norm']:.3g}", exact,
+                f"{r['residual_norm'] / r['lambda_1']:.3f}", rank]
+
     lines = [
         "Top-10 of H (`HessianOperator`) and of G (`GGNOperator`) by Lanczos; ‖H - G‖₂ by Lanczos on the "
         "difference operator and, where dense matrices were built, exactly (`dense_hessian` - `dense_ggn`).",
         "",
-        "| point | h | train loss | top 5 of H | top 5 of G | max relative difference (top 10) | ‖H - G‖₂ "
-        "| exact ‖H - G‖₂ | ‖H - G‖₂ / lambda_1 | rank G (exact) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in section["rows"]:
-        exact = f"{r['exact_residual_norm']:.3g}" if "exact_residual_norm" in r else "n/a"
-        rank = f"{r['ggn_rank']} of {r['num_params']}" if "ggn_rank" in r else "n/a"
-        lines.append(f"| {r['point']} | {r['width']} | {r['loss']:.4f} | {_fmt(r['top_h'][:5])} | "
-                     f"{_fmt(r['top_g'][:5])} | {r['relative_gap']:.2e} | {r['residual_norm']:.3g} | {exact} | "
-                     f"{r['residual_norm'] / r['lambda_1']:.3f} | {rank} |")
+    lines += table(["point", "h", "train loss", "top 5 of H", "top 5 of G", "max relative difference (top 10)",
+                    "‖H - G‖₂", "exact ‖H - G‖₂", "‖H - G‖₂ / lambda_1", "rank G (exact)"],
+                   (cells(r) for r in section["rows"]))
     return [*lines, "", f"![ggn]({figure})"]
 
 
