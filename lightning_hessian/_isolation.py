@@ -2,8 +2,7 @@
 
 The engine's operators already work on detached copies of parameters and buffers; this module adds
 what a Lightning hook needs around them: the global RNG streams, gradients switched on even under
-``trainer.validate()``'s inference mode, the math kernel for attention (fused kernels have no double
-backward), cuDNN off for RNNs (same reason), the uncompiled forward of a ``torch.compile``d module,
+``trainer.validate()``'s inference mode, the uncompiled forward of a ``torch.compile``d module,
 ``self.log`` and the Trainer's loggers made harmless while ``training_step`` computes a loss, and a
 snapshot of everything the module's code could change: buffers, ``.grad`` and ``requires_grad``,
 module modes, and the plain state of every submodule (its instance attributes: a recurrent hidden
@@ -28,7 +27,6 @@ from typing import Any
 import torch
 from pytorch_lightning.utilities.seed import isolate_rng
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Module methods a measurement swaps out: ``forward``/``training_step`` for their uncompiled
 # originals (Lightning keeps them in ``_compiler_ctx``), ``log``/``log_dict`` for no-ops.
@@ -192,8 +190,6 @@ def isolated(module: nn.Module) -> Iterator[None]:
         stack.enter_context(isolate_rng())
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        stack.enter_context(torch.backends.cudnn.flags(enabled=False))
         buffers = [(b, b.detach().clone()) for b in module.buffers()]
         params = [(p, p.grad, p.requires_grad) for p in module.parameters()]
         modes = [(m, m.training) for m in module.modules()]

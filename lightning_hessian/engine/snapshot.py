@@ -24,6 +24,7 @@ from typing import Any, Literal, TypedDict
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_hessian.engine.batches import count_samples, materialize, move_batch
 
@@ -146,6 +147,28 @@ def module_mode(model: nn.Module, mode: Mode, *, freeze_statistics: bool = False
             m.track_running_stats = tracking
 
 
+@contextlib.contextmanager
+def twice_differentiable(device: torch.device) -> Iterator[None]:
+    """Run a forward whose graph will be differentiated twice: full precision, no fused kernels.
+
+    Autocast off (products in the snapshot's dtype), attention through the math kernel and cuDNN
+    off: the fused attention kernels (flash, memory-efficient, and the CPU flash kernel torch uses by
+    default) and cuDNN's RNNs have no derivative of their backward, so a Hessian-vector product
+    through them fails.
+
+    Example:
+        >>> q = torch.randn(1, 2, 3, 4, requires_grad=True)
+        >>> with twice_differentiable(q.device):
+        ...     out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        >>> (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+        >>> torch.autograd.grad(g.pow(2).sum(), q)[0].shape
+        torch.Size([1, 2, 3, 4])
+    """
+    with torch.autocast(device.type, enabled=False), sdpa_kernel(SDPBackend.MATH), \
+            torch.backends.cudnn.flags(enabled=False):
+        yield
+
+
 def autograd_enabled() -> contextlib.AbstractContextManager[Any]:
     """Gradients on and inference mode off, so that products work under ``no_grad`` and ``inference_mode``.
 
@@ -242,14 +265,14 @@ class ModelSnapshot:
     def call(self, fn: Callable[..., Any], *args: Any, leaves: Sequence[Tensor] | None = None) -> Any:
         """Evaluate ``fn(model, *args)`` with the snapshot's tensors in place of the model's.
 
-        Runs in the snapshot's mode, outside autocast. ``leaves`` replaces the selected parameters
-        (one tensor per parameter, in flat order).
+        Runs in the snapshot's mode, outside autocast, with kernels that can be differentiated twice
+        (see :func:`twice_differentiable`). ``leaves`` replaces the selected parameters (one tensor
+        per parameter, in flat order).
         """
         state = dict(zip(self.param_names, self.leaves if leaves is None else leaves, strict=True))
         state.update(self._others)
         state = {"model." + name: tensor for name, tensor in state.items()}
-        with module_mode(self.model, self.mode, freeze_statistics=True), torch.autocast(self.device.type,
-                                                                                        enabled=False):
+        with module_mode(self.model, self.mode, freeze_statistics=True), twice_differentiable(self.device):
             return functional_call(BoundModule(self.model, fn), state, args, strict=False)
 
     def flat_parameters(self) -> Tensor:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_hessian import HessianOperator, SpectralDensity, dense_hessian, spectral_density
 
@@ -146,6 +147,26 @@ class BatchNormDropoutNet(nn.Module):
         return self.fc2(self.drop(torch.tanh(self.bn(self.fc1(x)))))
 
 
+class AttentionNet(nn.Module):
+    """Self-attention over tokens: ``[N, 2 T]`` inputs as T tokens of 2 features -> C logits.
+
+    Torch runs ``scaled_dot_product_attention`` on a fused kernel by default (on CPU too), whose
+    backward has no derivative: products through it need the engine's choice of the math kernel.
+    """
+
+    def __init__(self, dim: int = 6, width: int = 4, num_classes: int = 3, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Linear(2, width)
+        self.attention = nn.MultiheadAttention(width, num_heads=2, batch_first=True)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.embed(x.reshape(x.shape[0], -1, 2))
+        mixed, _ = self.attention(tokens, tokens, tokens, need_weights=False)
+        return self.head(mixed.mean(1))
+
+
 # --- an explicit matrix as an operator ------------------------------------------------------
 
 
@@ -204,7 +225,8 @@ def autograd_hessian(model: nn.Module, loss_fn: LossFn, batches: Sequence[Any], 
             return functional_call(_LossModule(replica, loss_fn), {"model." + k: v for k, v in state.items()},
                                    (batch64,), strict=False)
 
-        hessian += torch.autograd.functional.hessian(loss_of, flat) * (count_samples(batch) / total)
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+            hessian += torch.autograd.functional.hessian(loss_of, flat) * (count_samples(batch) / total)
     return hessian
 
 
@@ -274,6 +296,8 @@ HESSIAN_CASES = [
     pytest.param(Case(BatchNormDropoutNet, cross_entropy, lambda: split(*gaussian_mixture(40, 3, 6), [16, 24]),
                       mode="train"), id="batchnorm-dropout-train"),
     pytest.param(Case(lambda: mlp((6, 8, 3)), dict_cross_entropy, dict_batches), id="dict-batches"),
+    pytest.param(Case(AttentionNet, cross_entropy, lambda: split(*gaussian_mixture(24, 3, 6), [10, 14])),
+                 id="self-attention"),
     pytest.param(Case(lambda: mlp((10, 12, 4)), cross_entropy, _mixture_batches([30, 34]),
                       kwargs={"keep_graph": False, "vectorize": False}), id="no-keep-graph-no-vectorize"),
 ]

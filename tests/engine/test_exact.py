@@ -28,6 +28,7 @@ def _tiny_batches(sizes):
     pytest.param(cases.Case(cases.WithUnused, cases.cross_entropy, _tiny_batches([20])), id="unused-parameter"),
     pytest.param(cases.Case(lambda: cases.mlp((6, 5, 3)), cases.dict_cross_entropy, cases.dict_batches),
                  id="dict-batches"),
+    pytest.param(cases.Case(cases.AttentionNet, cases.cross_entropy, _tiny_batches([9, 11])), id="self-attention"),
 ])
 def test_dense_hessian_matches_autograd_functional_hessian(case):
     model, batches = case.build(), case.batches()
