@@ -7,7 +7,7 @@ Usage (one prepared script; the peers run first so that the time limit cannot cu
 
 Workloads: the 252,950-parameter digits MLP and the digits CNN of ``benchmarks.workloads``, and a
 ResNet-18 (11.17 M parameters, eval mode) on a fixed batch of 256 random 3x32x32 images with random
-labels, as in the measurement quoted by issue 6 (H200: PyHessian 450 products, 91 s; a plain 40-step
+labels, as in an earlier measurement on an H200 (PyHessian 450 products, 91 s; a plain 40-step
 Lanczos 7.3 s). Each runs with a float32 model and with the same model cast to bfloat16 (our operator
 then multiplies in float32 at the bf16 weights; the peers run in the model's dtype). Figures per
 workload and dtype: top-10 eigenvalues (errors against our float64 Lanczos stopped at relative residual

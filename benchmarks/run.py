@@ -98,8 +98,10 @@ How to read the tables:
   R-operator, which double backward on a kept graph computes) over those of a gradient,
   `(2 F_1 + 6 sum F_l) / (2 F_1 + 3 sum F_l)` with `F_l` the size of weight matrix l (l >= 2 in the
   sums): no exact product route on a kept graph does fewer matrix products.
-- Warm starts: "eigenvectors moved" is the sine of the largest principal angle between the top-k
-  eigenvectors before and after the GD steps.
+- Warm starts: from one vector, the sum of the previous top-k eigenvectors, as the callback starts
+  (the previous eigenvectors as a block pay k products per step once they have moved). "Eigenvectors
+  moved" is the sine of the largest principal angle between the top-k eigenvectors before and after
+  the GD steps.
 - PyHessian runs on one batch with its gradient graph kept (its fastest mode) at its defaults except
   `top_n` (1 by default, 10 here). Its `density()` calls `torch.eig`, removed from PyTorch: that failure
   is the peer's and is recorded as such, not patched.
@@ -208,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         *report.environment(command, available, (load_before, report.load_average())),
         f"Total run time: {minutes:.1f} min. GPU figures: pending — no GPU was available to this run; "
         "`python -m benchmarks.gpu` writes them (see `benchmarks/gpu.py`).", "",
+        "The callback at the sizes people train (a ResNet-18, a 1.84M-parameter MLP, a 14.6M-parameter "
+        "transformer: products and memory per call, warm starts, the budget) is in "
+        "[`RESULTS-scale.md`](RESULTS-scale.md) (`python -m benchmarks.scale`), and the density's error "
+        "against the number of probes in [`RESULTS-probes.md`](RESULTS-probes.md) (`python -m benchmarks.probes`).",
+        "",
         "## Targets, measured in this run", "",
         *report.table(["workload", "target", "measured", "met"], verdicts),
         METHOD_NOTES, *body, "## Memory", "", MEMORY_NOTES,

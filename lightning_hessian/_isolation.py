@@ -83,6 +83,8 @@ class PlainState:
 def _contents(value: Any) -> tuple[Any, int | None]:
     """What restoring ``value`` needs besides its identity: a copy of its items or small tensor, its version."""
     if isinstance(value, torch.Tensor):
+        if value.is_inference():  # made under inference mode: it cannot be changed in place outside it
+            return None, None
         small = value.numel() <= CLONED_ELEMENTS
         return (value.detach().clone() if small else None), value._version
     if isinstance(value, (list, dict, set)):
@@ -92,7 +94,7 @@ def _contents(value: Any) -> tuple[Any, int | None]:
 
 def _put_back(value: Any, contents: Any, version: int | None, name: str) -> None:
     if isinstance(value, torch.Tensor):
-        if value._version == version:
+        if version is None or value._version == version:
             return
         if contents is None:
             warnings.warn(f"HessianSpectrumCallback: the loss changed the large tensor attribute {name} in place, "

@@ -60,10 +60,13 @@ def _without_workers(loader: Iterable[Any]) -> Iterable[Any]:
     """A DataLoader over the same dataset, sampler and collation that loads in this process."""
     if not isinstance(loader, DataLoader) or loader.num_workers == 0:
         return loader
+    # The loader's own generator too: iterating draws the workers' base seed from it, before any shuffle.
+    same = {"collate_fn": loader.collate_fn, "generator": loader.generator}
     if isinstance(loader.dataset, IterableDataset):
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last,
-                          collate_fn=loader.collate_fn)
-    return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, **same)
+    if loader.batch_sampler is None:  # batch_size=None: the dataset yields whole batches
+        return DataLoader(loader.dataset, batch_size=None, sampler=loader.sampler, **same)
+    return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, **same)
 
 
 def _first_batches(loader: Iterable[Any], num_samples: int | None) -> list[Any]:

@@ -36,8 +36,12 @@ class ProgressOperator:
         self.bar = bar
 
     def __getattr__(self, name: str) -> Any:
-        """Everything but ``matmat`` is the wrapped operator's (``num_params``, ``dtype``, ``gradient``, ...)."""
+        """Everything but the products is the wrapped operator's (``num_params``, ``dtype``, ``gradient``, ...)."""
         return getattr(self.op, name)
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        """``[P] -> [P]``, counted like :meth:`matmat`."""
+        return self.matmat(vector.reshape(-1, 1))[:, 0]
 
     def matmat(self, vectors: Tensor) -> Tensor:
         """The wrapped operator's product; advances the line by the number of vectors."""

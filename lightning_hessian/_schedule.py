@@ -39,6 +39,8 @@ def crossed_multiple(previous: int, step: int, every: int, *, log_spaced: bool =
         return False
     if not log_spaced:
         return True
+    if last < 1:  # no every * 2**j at or below zero
+        return False
     power = 1 << (last.bit_length() - 1)  # the largest power of two <= last
     return power >= first
 

@@ -20,8 +20,10 @@ the best Ritz vectors are kept (a thick restart): V shrinks, M becomes diagonal,
 carries on, so the solver can spend any number of products in c vectors.
 
 A warm start ``v0`` (e.g. the previous call's eigenvectors) is the first block: if the eigenvectors
-moved little, one block of k products gives the Rayleigh-Ritz pairs on their span and the next
-block, grown from their residuals, usually certifies them (2k products). When the Krylov space of
+have not moved, one block of k products gives the Rayleigh-Ritz pairs on their span, certified.
+Once they have moved, every further step of a block of b vectors costs b products, and one vector,
+their sum, is usually cheaper: its Krylov space holds the k eigenvectors after k products when they
+are exact and grows one product at a time (the callback warm-starts this way). When the Krylov space of
 the block is invariant (a start that is an eigenvector, a low-rank operator, warm vectors that span
 an invariant subspace), the solver continues from a fresh random direction orthogonal to the basis
 and stops only once the wanted pairs of that fresh part have converged too, so an invariant start
@@ -409,8 +411,9 @@ def top_eigenvalues(
             error is then at most ``tol * ||H||`` and, away from other eigenvalues, about
             ``tol**2 * ||H||**2 / gap``: see ``EigenResult.error_bounds``).
         which: ``"largest"`` (algebraically largest first) or ``"smallest"`` (smallest first).
-        v0: warm start: a vector ``(P,)`` or a block ``(b, P)``, e.g. the eigenvectors of a previous
-            call; its rows are the first block of the iteration.
+        v0: warm start: a vector ``(P,)`` or a block ``(b, P)``; its rows are the first block of the
+            iteration. Previous eigenvectors as a block certify in b products if they are still exact;
+            after the operator changed, their sum as one vector usually takes fewer products.
         max_matvecs: cap on products (default ``min(P, 20 k + 100)``, and never less than the size
             of the first block).
         seed: seed of the random start and of fresh directions (a private ``torch.Generator``; the

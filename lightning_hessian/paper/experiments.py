@@ -42,7 +42,7 @@ from torch import Tensor
 from lightning_hessian import loggers
 from lightning_hessian.engine import GGNOperator, HessianOperator, top_eigenvalues
 from lightning_hessian.engine.class_structure import class_structure
-from lightning_hessian.engine.spectrum import outlier_gap
+from lightning_hessian.engine.spectrum import ISOLATION_RATIO, outlier_gap
 from lightning_hessian.paper import report
 from lightning_hessian.paper.data import digits_tensors, gaussian_mixture_tensors
 from lightning_hessian.paper.report import check
@@ -134,8 +134,8 @@ def section_init_vs_trained(config: ReproduceConfig, net: TrainedNet) -> dict[st
     init, trained = rows["init"], rows["trained"]
     near_zero = trained["near_zero_fraction"] if config.exact else trained["slq_near_zero_fraction"]
     checks = {
-        "no gap at init": check(init["outliers"] == 0, "no top-22 eigenvalue isolated from the bulk (a factor 1.75 "
-                                 "above the eigenvalue below it)"),
+        "no gap at init": check(init["outliers"] == 0, "no top-22 eigenvalue isolated from the bulk (a factor "
+                                 f"{ISOLATION_RATIO:g} above the eigenvalue below it)"),
         "gap after training": check(trained["outliers"] in (9, 10), "isolated eigenvalues: C-1 = 9 or C = 10"),
         "bulk at zero": check(near_zero > 0.5, "near-zero fraction > 0.5 after training"),
     }
@@ -333,7 +333,7 @@ def reproduce(out_dir: str | Path = "reports", config: ReproduceConfig | None = 
     """Run the sections in ``config`` (default :meth:`ReproduceConfig.full`) and write the report.
 
     Torch runs on one thread meanwhile (restored afterwards): for these small nets a second thread
-    only adds synchronization, and on a busy 2-core machine it made every step 10-40x slower.
+    only adds synchronization, and on a machine whose cores are busy it makes every step many times slower.
 
     Args:
         out_dir: where ``REPORT.md``, ``results.json`` (the numbers of the run, without the full exact

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from lightning_hessian.engine.spectrum import ISOLATION_RATIO
+
 # Figures: two panels side by side, small enough to keep a PNG near 50-100 KB.
 _FIGSIZE = (10, 3.6)
 _DPI = 90
@@ -324,7 +326,8 @@ def _section_classes(section: dict[str, Any], figure: str) -> list[str]:
         f"is read as the callback reads it: the top 2C+2 eigenvalues by Lanczos and an SLQ density of "
         f"{slq['num_probes']} probes x {slq['num_steps']} steps deflated by them. **Isolated** counts the eigenvalues "
         "isolated from the bulk (`bulk_outliers`): from the bulk's edge, read from the density, walk up through "
-        "the remaining SLQ nodes and the top eigenvalues; the first one at least twice the one below it and all "
+        f"the remaining SLQ nodes and the top eigenvalues; the first one at least {ISOLATION_RATIO:g} times the one "
+        "below it and all "
         "above it are the outliers; the bulk edge is the point below that step (lambda_1 when nothing is isolated). "
         "**Largest gap** is the former reading (`outlier_gap`): the index of the largest "
         "ratio between consecutive top eigenvalues, if at least 1.5. **Dense** is the isolated count of every "
@@ -358,8 +361,9 @@ def _section_classes(section: dict[str, Any], figure: str) -> list[str]:
     lines += [
         "",
         "Reading the misses: the count exceeds C - 1 when eigenvalues below the class outliers are themselves a "
-        "factor 1.75 above the bulk (the cross-class outliers of Papyan 2019, C(C-1) of them, show most clearly for "
-        "C = 2), and it falls short or reads 0 when the outliers descend to the bulk in steps smaller than 2 "
+        f"factor {ISOLATION_RATIO:g} above the bulk (the cross-class outliers of Papyan 2019, C(C-1) of them, "
+        "show most clearly for C = 2), and it falls short or reads 0 when the outliers descend to the bulk in "
+        f"steps smaller than {ISOLATION_RATIO:g} "
         "(overlapping mixtures; digits nets that end at a higher loss; separable mixtures at near-zero loss, whose "
         "top is a smooth tail). Where the dense "
         "column agrees, these are properties of the spectra, not errors of the estimate.",

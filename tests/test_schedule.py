@@ -1,0 +1,148 @@
+"""When to measure: multiples crossed by jumping steps, the blended position u(s) and the budget's bookkeeping."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from lightning_hessian._schedule import OVERHEAD_CAP, Budget, blended_position, crossed_multiple, step_at
+
+
+@pytest.mark.parametrize(("previous", "step", "expected"), [
+    pytest.param(4, 6, True, id="jumps-over-5"),
+    pytest.param(6, 8, False, id="between-multiples"),
+    pytest.param(8, 10, True, id="lands-on-10"),
+    pytest.param(5, 7, False, id="previous-was-the-multiple"),
+    pytest.param(10, 10, False, id="no-advance"),
+    pytest.param(3, 21, True, id="jumps-over-several"),
+])
+def test_a_multiple_between_the_previous_step_and_this_one_is_crossed(previous, step, expected):
+    assert crossed_multiple(previous, step, 5) is expected
+
+
+def test_a_global_step_that_advances_by_two_meets_every_multiple_once():
+    fired = [step for step in range(2, 32, 2) if crossed_multiple(step - 2, step, 3)]
+    assert fired == [4, 6, 10, 12, 16, 18, 22, 24, 28, 30]
+    assert [step for step in range(1, 31) if crossed_multiple(step - 1, step, 3)] == list(range(3, 31, 3))
+
+
+def test_log_spaced_multiples_are_every_times_a_power_of_two():
+    assert [step for step in range(2, 100, 2) if crossed_multiple(step - 2, step, 3, log_spaced=True)] \
+        == [4, 6, 12, 24, 48, 96]
+    assert crossed_multiple(13, 30, 3, log_spaced=True)
+    assert not crossed_multiple(25, 47, 3, log_spaced=True)
+    assert not crossed_multiple(24, 30, 3, log_spaced=True)
+    assert not crossed_multiple(-1, 0, 3, log_spaced=True)  # step 0 is no power-of-two multiple
+
+
+def test_the_blended_position_is_half_log_half_linear_and_stays_in_zero_one():
+    assert blended_position(0, 999) == 0.0 and blended_position(999, 999) == 1.0
+    assert blended_position(9, 999) == pytest.approx(0.5 / 3 + 0.5 * 9 / 999, rel=1e-12)
+    assert blended_position(-5, 999) == 0.0 and blended_position(5000, 999) == 1.0
+    positions = [blended_position(s, 200) for s in range(201)]
+    assert all(a < b for a, b in itertools.pairwise(positions))
+    assert blended_position(100, 200) > 0.5
+
+
+def test_step_at_is_the_first_step_at_or_after_a_position():
+    total = 200
+    assert [step_at(blended_position(s, total), total) for s in range(total + 1)] == list(range(total + 1))
+    between = (blended_position(40, total) + blended_position(41, total)) / 2
+    assert step_at(between, total) == 41
+    assert step_at(0.0, total) == 0 and step_at(1.0, total) == total and step_at(1.5, total) == total
+
+
+def test_only_a_first_call_at_the_start_step_is_free_of_the_overhead_cap():
+    resumed = Budget(fraction=0.1, total_steps=None, start_step=100)
+    resumed.record_call(step=100, seconds=2.0)
+    resumed.record_call(step=150, seconds=3.0)
+    assert (resumed.first_cost, resumed.spent, resumed.call_seconds, resumed.last_step, resumed.calls) \
+        == (2.0, 5.0, 3.0, 150, 2)
+    late = Budget(fraction=0.1, total_steps=None, start_step=100)
+    late.record_call(step=150, seconds=2.0)
+    assert late.first_cost == 0.0 and late.calls == 1
+
+
+def test_the_overhead_is_the_callbacks_share_of_the_wall_time():
+    budget = Budget(fraction=0.1, total_steps=None)
+    assert budget.overhead(training_seconds=0.0) == 0.0
+    budget.record_call(step=0, seconds=1.0)
+    budget.record_call(step=5, seconds=3.0)
+    assert budget.overhead(training_seconds=16.0) == pytest.approx(0.2)
+
+
+def test_affordable_calls_project_the_budget_over_the_whole_run():
+    budget = Budget(fraction=0.05, total_steps=10_000)
+    budget.record_call(step=0, seconds=2.0)
+    # 100 steps took 1 s: the run takes 100 s, of which 0.05 / 0.95 * 100 s may go to calls of 2 s
+    assert budget.affordable_calls(step=100, training_seconds=1.0) == pytest.approx((5 / 0.95 - 2.0) / 2.0)
+    assert budget.next_step(step=100, training_seconds=1.0) == 1839
+
+
+def _share_after_one_more_call(budget: Budget, step: int, seconds_per_step: float) -> float:
+    """The overhead the cap bounds: every call but the free first one, plus the next, over the wall time so far."""
+    held = budget.spent - budget.first_cost + budget.call_seconds
+    return held / ((step - budget.start_step) * seconds_per_step + budget.spent + budget.call_seconds)
+
+
+@pytest.mark.parametrize("total_steps", [None, 10_000], ids=["unknown-length", "known-length"])
+def test_a_call_is_held_back_until_the_share_so_far_fits_under_the_cap(total_steps):
+    budget = Budget(fraction=0.1, total_steps=total_steps)
+    budget.record_call(step=0, seconds=1.0)
+    budget.record_call(step=10, seconds=5.0)
+    due = budget.next_step(step=11, training_seconds=11.0)
+    assert due >= 39
+    assert _share_after_one_more_call(budget, 39, 1.0) <= OVERHEAD_CAP * budget.fraction
+    assert _share_after_one_more_call(budget, 38, 1.0) > OVERHEAD_CAP * budget.fraction
+    if total_steps is None:
+        assert due == 39
+        assert budget.next_step(step=60, training_seconds=60.0) == 60
+
+
+def test_nothing_is_planned_once_the_budget_is_spent():
+    budget = Budget(fraction=0.05, total_steps=1000)
+    budget.record_call(step=0, seconds=100.0)
+    assert budget.affordable_calls(step=10, training_seconds=0.1) < 1
+    assert budget.next_step(step=10, training_seconds=0.1) == 1001
+
+
+def _simulate(fraction: float, total_steps: int, step_seconds: float, call_seconds: float):
+    """The callback's loop: ask at every step from the due one on, call when due, record the cost."""
+    budget = Budget(fraction=fraction, total_steps=total_steps)
+    budget.record_call(step=0, seconds=call_seconds)
+    calls, shares, due = [0], [], 1
+    for step in range(1, total_steps + 1):
+        if step < due:
+            continue
+        due = budget.next_step(step, step * step_seconds)
+        if due <= step:
+            shares.append(_share_after_one_more_call(budget, step, step_seconds))
+            budget.record_call(step, call_seconds)
+            calls.append(step)
+    return budget, calls, shares
+
+
+@pytest.mark.parametrize(("fraction", "total_steps", "step_seconds", "call_seconds"), [
+    pytest.param(0.05, 10_000, 0.01, 0.5, id="ten-calls"),
+    pytest.param(0.05, 10_000, 0.01, 0.05, id="a-hundred-calls"),
+    pytest.param(0.1, 2000, 0.1, 1.0, id="ten-percent"),
+])
+def test_the_plan_spends_about_the_budget_and_never_more_than_the_cap_on_the_way(fraction, total_steps,
+                                                                                  step_seconds, call_seconds):
+    budget, calls, shares = _simulate(fraction, total_steps, step_seconds, call_seconds)
+    training = total_steps * step_seconds
+    affordable = fraction / (1 - fraction) * training / call_seconds
+    assert affordable - 2 <= len(calls) <= affordable + 1
+    assert 0.8 * fraction <= budget.overhead(training) <= fraction
+    assert max(shares) <= OVERHEAD_CAP * fraction + 1e-12
+
+
+def test_after_the_capped_start_the_calls_are_evenly_spaced_in_the_blended_position():
+    total = 10_000
+    _, calls, _ = _simulate(0.05, total, 0.01, 0.5)
+    assert len(calls) == 10
+    gaps = [blended_position(b, total) - blended_position(a, total) for a, b in itertools.pairwise(calls[1:])]
+    assert max(gaps) - min(gaps) < 0.05 * min(gaps)
+    steps = [b - a for a, b in itertools.pairwise(calls[1:])]
+    assert all(a < b for a, b in itertools.pairwise(steps))
