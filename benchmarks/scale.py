@@ -52,7 +52,8 @@ RESULTS = Path(__file__).with_name("RESULTS-scale.md")
 PROBE_SAMPLES = 512  # the callback's default num_samples
 TARGET_PRODUCTS = 60
 TARGET_BYTES_PER_PARAM = 100
-WARM_CALLS = 6
+# A default run this many calls long holds at least four budgeted measurements (0.05 x 60 = 3 calls, and the last).
+OVERHEAD_RUN_CALLS = 60
 
 
 class Classifier(pl.LightningModule):
@@ -98,6 +99,7 @@ class Workload:
     data: TensorDataset
     batch_size: int
     overhead_run: bool
+    calls: int = 6
 
     def loader(self) -> DataLoader:
         return DataLoader(self.data, batch_size=self.batch_size, shuffle=True,
@@ -121,14 +123,14 @@ def workloads(smoke: bool) -> dict[str, Workload]:
     tokens = torch.randint(0, vocab, (count // 4, 2, 35), generator=torch.Generator().manual_seed(1))
     return {
         "cnn": Workload("cnn", f"ResNet-18 layout, width {width}, BatchNorm, 3x{side}x{side} images, batch 64",
-                        lambda: Classifier(resnet18(10, width)), images, 64, overhead_run=True),
+                        lambda: Classifier(resnet18(10, width)), images, 64, overhead_run=False, calls=4),
         "mlp": Workload("mlp", f"MLP {3 * side * side}-{hidden}-{hidden}-10, batch 64",
                         lambda: Classifier(nn.Sequential(nn.Linear(3 * side * side, hidden), nn.ReLU(),
                                                          nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))),
                         flat, 64, overhead_run=True),
         "transformer": Workload("transformer", f"Lightning's demo Transformer, vocabulary {vocab}, sequences of 35 "
                                 "tokens, batch 16", lambda: TokenTransformer(vocab, ninp=16 if smoke else 200),
-                                TensorDataset(tokens[:, 0], tokens[:, 1]), 16, overhead_run=False),
+                                TensorDataset(tokens[:, 0], tokens[:, 1]), 16, overhead_run=False, calls=4),
     }
 
 
@@ -213,7 +215,7 @@ def overhead_run(workload: Workload, call_seconds: float, step: float, max_steps
                  **settings: Any) -> dict[str, Any]:
     """A default run long enough for at least four budgeted measurements, against the same run without
     (``max_steps`` caps its length and ``settings`` change the defaults, for smoke runs)."""
-    steps = max(50, math.ceil(60 * call_seconds / step))
+    steps = max(50, math.ceil(OVERHEAD_RUN_CALLS * call_seconds / step))
     steps = steps if max_steps is None else min(steps, max_steps)
     results = {}
     for name, callbacks in (("without", []), ("with", [HessianSpectrumCallback(progress=False, **settings)])):
@@ -286,6 +288,15 @@ def report(rows: dict[str, dict[str, Any]], descriptions: dict[str, str], comman
                          f"{run['without']:.0f} s | {run['with']:.0f} s | {run['overhead']:.1%} | "
                          f"{run['reported']:.1%} | {0.05 + one_call:.1%} |")
         lines += [""] + [f"- {name}: {run['plan']}" for name, run in runs.items() if run.get("plan")]
+    unrun = [name for name, r in rows.items() if "run" not in r]
+    if unrun:
+        lines += ["", "Not run, for want of hours: a run long enough for four measurements at the default budget "
+                  f"of 5% lasts about {OVERHEAD_RUN_CALLS} warm calls of training:", ""]
+        for name in unrun:
+            r = rows[name]
+            steps = OVERHEAD_RUN_CALLS * r["warm_seconds"] / r["step"]
+            lines.append(f"- {name}: about {steps:,.0f} training steps, "
+                         f"{OVERHEAD_RUN_CALLS * r['warm_seconds'] / 3600:.1f} h on this machine")
     lines += ["", "## Verdicts", "", "| workload | target | measured | met |", "| --- | --- | --- | --- |"]
     for name, r in rows.items():
         worst = max([r["cold_products"], *r["warm_products"]])
@@ -323,14 +334,15 @@ def main(argv: list[str] | None = None) -> int:
         workload = suite[name]
         row = {"step": step_seconds(workload, 5 if args.smoke else 20)}
         smoke = {"num_samples": 64, "num_probes": 1, "num_steps": 8} if args.smoke else {}
-        row.update(default_calls(workload, 3 if args.smoke else WARM_CALLS, **smoke))
+        row.update(default_calls(workload, 3 if args.smoke else workload.calls, **smoke))
         if workload.overhead_run and not args.no_overhead_run:
             row["run"] = overhead_run(workload, row["warm_seconds"], row["step"], 100 if args.smoke else None, **smoke)
         rows[name] = row
         print(f"scale: {name} done ({time.perf_counter() - started:.0f} s)", flush=True)
-    command = "python -m benchmarks.scale " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = report(rows, {n: suite[n].description for n in rows}, command.strip(), time.perf_counter() - started)
-    args.out.write_text(text)
+        # Written after every workload, so that a run stopped early keeps what it measured.
+        command = "python -m benchmarks.scale " + " ".join(sys.argv[1:] if argv is None else argv)
+        text = report(rows, {n: suite[n].description for n in rows}, command.strip(), time.perf_counter() - started)
+        args.out.write_text(text)
     print(text)
     return 0
 

@@ -9,9 +9,11 @@ seconds, i.e. about ``n = B / C`` calls. It spreads them evenly in ``u(s) = (log
 + s / S) / 2``: half log-spaced (dense early, when the spectrum changes fastest) and half evenly
 spaced (so the late run is not starved). After every call the remaining budget is divided again
 over the remaining part of ``u``, with C and t measured on the run itself, so the plan follows the
-real costs. A call is also held back while it would lift the overhead so far above ``2 b`` (the
-call at step 0 excepted), so a run stopped early has spent at most twice its share. The call after the last
-step (``at_end``) is one more: a run spends at most b plus one call.
+real costs; t is timed from the end of the first training step on (the first carries the loop's
+warm-up), over at least ``TIMED_STEPS`` steps before the first planned call. A call is also held
+back while it would lift the overhead so far above ``2 b`` (the call at step 0 excepted), so a run
+stopped early has spent at most twice its share. The call after the last step (``at_end``) is one
+more: a run spends at most b plus one call.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 # Early calls may lift the overhead so far up to this multiple of the budget: room for the log-spaced
 # start of the plan, while a run stopped early has spent at most twice its share.
 OVERHEAD_CAP = 2.0
+# Training steps timed (after the first) before the budget plans a call.
+TIMED_STEPS = 5
 
 
 def crossed_multiple(previous: int, step: int, every: int, *, log_spaced: bool = False) -> bool:
@@ -85,11 +89,15 @@ class Budget:
         first_cost: what the call at the start cost (not held against the overhead cap).
         last_step: the step of the latest call.
         call_seconds: C, the latest call's cost.
+        timed_from: ``(step, training seconds)`` at the first check after the first step: where t is
+            timed from.
 
     Example:
         >>> budget = Budget(fraction=0.05, total_steps=10_000)
         >>> budget.record_call(step=0, seconds=2.0)
-        >>> budget.next_step(step=100, training_seconds=1.0)  # a call costs 200 steps of 10 ms: 1.6 calls left
+        >>> budget.next_step(step=1, training_seconds=0.5)  # the first step, with the loop's warm-up
+        6
+        >>> budget.next_step(step=101, training_seconds=1.5)  # t = 10 ms, a call 200 steps: 1.6 calls left
         1839
     """
 
@@ -101,6 +109,7 @@ class Budget:
     last_step: int = 0
     call_seconds: float = 0.0
     calls: int = 0
+    timed_from: tuple[int, float] | None = None
 
     def record_call(self, step: int, seconds: float) -> None:
         """A call at ``step`` that took ``seconds`` (numerics and logging)."""
@@ -115,10 +124,22 @@ class Budget:
         """Fraction of the run's wall time spent in the callback so far."""
         return self.spent / max(training_seconds + self.spent, 1e-12)
 
+    def step_seconds(self, step: int, training_seconds: float) -> float | None:
+        """t, timed from :attr:`timed_from`; ``None`` before ``TIMED_STEPS`` steps are timed (the first
+        check sets :attr:`timed_from`)."""
+        if self.timed_from is None:
+            self.timed_from = (step, training_seconds)
+        timed_step, timed_seconds = self.timed_from
+        if step - timed_step < TIMED_STEPS:
+            return None
+        return max(training_seconds - timed_seconds, 0.0) / (step - timed_step)
+
     def affordable_calls(self, step: int, training_seconds: float) -> float:
-        """How many more calls of cost C the budget affords over the whole run (projected from the steps so far)."""
-        steps = max(step - self.start_step, 1)
-        per_step = training_seconds / steps
+        """How many more calls of cost C the budget affords over the whole run (projected from the steps so
+        far; ``inf`` before t is known)."""
+        per_step = self.step_seconds(step, training_seconds)
+        if per_step is None:
+            return math.inf
         total = self.total_steps if self.total_steps is not None else step
         budget = self.fraction / (1 - self.fraction) * (total - self.start_step) * per_step
         return (budget - self.spent) / max(self.call_seconds, 1e-12)
@@ -130,8 +151,11 @@ class Budget:
             step: the current optimizer step (at least one step after the run's start).
             training_seconds: wall time of training so far, the callback's own time excluded.
         """
-        steps = max(step - self.start_step, 1)
-        per_step = max(training_seconds / steps, 1e-12)
+        per_step = self.step_seconds(step, training_seconds)
+        if per_step is None:
+            assert self.timed_from is not None
+            return self.timed_from[0] + TIMED_STEPS
+        per_step = max(per_step, 1e-12)
         # The overhead cap: wait until one more call keeps the overhead so far within OVERHEAD_CAP b.
         held = self.spent - self.first_cost + self.call_seconds
         needed = held / (OVERHEAD_CAP * self.fraction) - held - self.first_cost

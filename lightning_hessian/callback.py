@@ -438,15 +438,18 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         budget = self._budget
         if self.plan is not None or budget is None or not budget.calls:
             return
-        per_step = self._training_seconds() / max(step - budget.start_step, 1)
+        per_step = budget.step_seconds(step, self._training_seconds())
+        if per_step is None:  # the training steps are not timed yet
+            return
         calls = max(budget.affordable_calls(step, self._training_seconds()), 0.0)
         length = f"{budget.total_steps:,} steps" if budget.total_steps is not None else "the run"
+        more = math.floor(calls)
+        what = (f"it measures about {more} more times, log-spaced early and evenly later (next at step {due:,}), "
+                "and after the last step" if more >= 1 else "it measures again only after the last step")
         self.plan = (
             f"HessianSpectrumCallback: one measurement takes {budget.call_seconds:.2g} s, about "
             f"{budget.call_seconds / max(per_step, 1e-12):,.0f} training steps; to keep its cost near "
-            f"{budget.fraction:.0%} of {length} it measures about {math.floor(calls)} more times, log-spaced early "
-            f"and evenly later (next at step {due:,}), and after the last step; "
-            f"{self.config.name}/overhead logs the real share"
+            f"{budget.fraction:.0%} of {length} {what}; {self.config.name}/overhead logs the real share"
         )
         rank_zero_info(self.plan)
 

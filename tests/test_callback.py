@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
+import time
 import types
 
 import pytest
@@ -360,6 +362,27 @@ def test_nonfinite_loss_is_reported_and_training_continues():
     assert [r.step for r in callback.history] == [0, 2]
     assert [(e.step, e.reason) for e in callback.events] == [(4, "nonfinite"), (6, "nonfinite")]
     assert float(run.callback_metrics["hessian/nonfinite"]) == 1.0
+
+
+class SlowStepMLP(TinyMLP):
+    """A training step of at least 5 ms, so that a call costs a steady handful of steps."""
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(0.005)
+        return super().training_step(batch, batch_idx)
+
+
+def test_the_default_budget_measures_at_start_says_its_plan_once_and_spaces_the_calls(caplog):
+    callback = HessianSpectrumCallback(budget=0.2, k=2, num_samples=16, density=False)  # no explicit schedule
+    with caplog.at_level(logging.INFO):
+        trainer(max_steps=300, callbacks=[callback]).fit(SlowStepMLP(), DataLoader(dataset(), batch_size=8))
+    steps = [r.step for r in callback.history]
+    assert steps[0] == 0 and steps[-1] == 300  # the spectrum at initialization and after the last step
+    assert 3 <= len(steps) < 100 and steps == sorted(set(steps))  # some calls between, not one per step
+    assert callback.plan.startswith("HessianSpectrumCallback: one measurement takes")
+    assert "training steps; to keep its cost near 20% of 300 steps" in callback.plan
+    assert sum("one measurement takes" in record.getMessage() for record in caplog.records) == 1
+    assert 0 < callback.history[-1].overhead < 1
 
 
 def test_every_n_epochs_and_max_overhead():

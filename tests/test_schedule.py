@@ -6,7 +6,14 @@ import itertools
 
 import pytest
 
-from lightning_hessian._schedule import OVERHEAD_CAP, Budget, blended_position, crossed_multiple, step_at
+from lightning_hessian._schedule import (
+    OVERHEAD_CAP,
+    TIMED_STEPS,
+    Budget,
+    blended_position,
+    crossed_multiple,
+    step_at,
+)
 
 
 @pytest.mark.parametrize(("previous", "step", "expected"), [
@@ -75,9 +82,22 @@ def test_the_overhead_is_the_callbacks_share_of_the_wall_time():
 def test_affordable_calls_project_the_budget_over_the_whole_run():
     budget = Budget(fraction=0.05, total_steps=10_000)
     budget.record_call(step=0, seconds=2.0)
-    # 100 steps took 1 s: the run takes 100 s, of which 0.05 / 0.95 * 100 s may go to calls of 2 s
-    assert budget.affordable_calls(step=100, training_seconds=1.0) == pytest.approx((5 / 0.95 - 2.0) / 2.0)
-    assert budget.next_step(step=100, training_seconds=1.0) == 1839
+    assert budget.next_step(step=1, training_seconds=0.5) == 1 + TIMED_STEPS  # t is timed from here on
+    # 100 steps after the first took 1 s: the run takes 100 s, of which 0.05 / 0.95 * 100 s may go to calls of 2 s
+    assert budget.affordable_calls(step=101, training_seconds=1.5) == pytest.approx((5 / 0.95 - 2.0) / 2.0)
+    assert budget.next_step(step=101, training_seconds=1.5) == 1839
+
+
+def test_a_slow_first_step_does_not_make_the_calls_look_cheap():
+    """The first step carries the loop's warm-up; timed with it, a call of 0.1 s would look like one step."""
+    budget = Budget(fraction=0.05, total_steps=1000)
+    budget.record_call(step=0, seconds=0.1)
+    assert budget.step_seconds(step=1, training_seconds=0.1) is None
+    for step in range(2, 1 + TIMED_STEPS):
+        assert budget.step_seconds(step, 0.1 + 0.01 * (step - 1)) is None
+    assert budget.step_seconds(1 + TIMED_STEPS, 0.1 + 0.01 * TIMED_STEPS) == pytest.approx(0.01)
+    assert budget.affordable_calls(1 + TIMED_STEPS, 0.1 + 0.01 * TIMED_STEPS) == pytest.approx(
+        (0.05 / 0.95 * 1000 * 0.01 - 0.1) / 0.1)
 
 
 def _share_after_one_more_call(budget: Budget, step: int, seconds_per_step: float) -> float:
@@ -88,7 +108,7 @@ def _share_after_one_more_call(budget: Budget, step: int, seconds_per_step: floa
 
 @pytest.mark.parametrize("total_steps", [None, 10_000], ids=["unknown-length", "known-length"])
 def test_a_call_is_held_back_until_the_share_so_far_fits_under_the_cap(total_steps):
-    budget = Budget(fraction=0.1, total_steps=total_steps)
+    budget = Budget(fraction=0.1, total_steps=total_steps, timed_from=(1, 1.0))
     budget.record_call(step=0, seconds=1.0)
     budget.record_call(step=10, seconds=5.0)
     due = budget.next_step(step=11, training_seconds=11.0)
@@ -101,7 +121,7 @@ def test_a_call_is_held_back_until_the_share_so_far_fits_under_the_cap(total_ste
 
 
 def test_nothing_is_planned_once_the_budget_is_spent():
-    budget = Budget(fraction=0.05, total_steps=1000)
+    budget = Budget(fraction=0.05, total_steps=1000, timed_from=(1, 0.01))
     budget.record_call(step=0, seconds=100.0)
     assert budget.affordable_calls(step=10, training_seconds=0.1) < 1
     assert budget.next_step(step=10, training_seconds=0.1) == 1001
