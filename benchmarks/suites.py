@@ -29,6 +29,7 @@ from benchmarks.measure import certificate_check, measure, relative_errors, wass
 from benchmarks.peers import DensityOutput, EigOutput, TraceOutput
 from benchmarks.workloads import Workload
 from lightning_hessian import spectral_density, top_eigenvalues
+from lightning_hessian.engine.density import default_num_probes
 
 OURS = "lightning-hessian"
 SCIPY_ON_OURS = "scipy eigsh on our product"
@@ -192,15 +193,20 @@ def density_cases(workload: Workload, available: dict[str, str | None]) -> list[
     """SLQ settings: ours with each speed lever on and off and with the top eigenpairs deflated, and the
     peers' defaults and tightened settings."""
     w = workload
+    probes = default_num_probes(w.num_params)
     cases = [
-        Case(OURS, "spectral_density() defaults: 10 probes x 80 steps, 10 per pass, graph kept",
-             lambda seed: _ours_density(w, seed)),
+        Case(OURS, f"spectral_density() defaults: {probes} probes (by P) x 80 steps, all in one pass, plain "
+             "recurrence, graph kept", lambda seed: _ours_density(w, seed)),
         Case(OURS, "probes_per_pass=1 (graph kept)", lambda seed: _ours_density(w, seed, probes_per_pass=1)),
-        Case(OURS, "keep_graph=False (10 per pass)", lambda seed: _ours_density(w, seed, keep_graph=False)),
+        Case(OURS, "keep_graph=False (all probes per pass)", lambda seed: _ours_density(w, seed, keep_graph=False)),
         Case(OURS, "probes_per_pass=1, keep_graph=False (neither lever)",
              lambda seed: _ours_density(w, seed, probes_per_pass=1, keep_graph=False)),
-        Case(OURS, "vectorize=False (10 per pass, looped)", lambda seed: _ours_density(w, seed, vectorize=False)),
-        *(Case(OURS, f"deflate=top_eigenvalues(op, {DEFLATE}), 10 probes x {steps} steps (top-{DEFLATE} included)",
+        Case(OURS, "vectorize=False (all probes per pass, looped)",
+             lambda seed: _ours_density(w, seed, vectorize=False)),
+        Case(OURS, "reorthogonalize=True (full reorthogonalization)",
+             lambda seed: _ours_density(w, seed, reorthogonalize=True)),
+        *(Case(OURS, f"deflate=top_eigenvalues(op, {DEFLATE}), {probes} probes x {steps} steps "
+               f"(top-{DEFLATE} included)",
                lambda seed, m=steps: _ours_density(w, seed, deflate=DEFLATE, num_steps=m)) for steps in (40, 80)),
     ]
     if available.get("PyHessian"):
