@@ -1,7 +1,8 @@
-"""A progress line for long measurements: which solver runs, products done and expected.
+"""The operator of a measurement: a progress line for long calls, and host memory handed back.
 
 Nothing is printed for calls shorter than ``DELAY_SECONDS`` (tqdm's ``delay``); longer ones show one
-line on standard error, on rank zero, which disappears when the call ends.
+line on standard error, on rank zero, which disappears when the call ends. After every product on
+the CPU the free heap is returned to the system (:mod:`lightning_hessian._heap`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from typing import Any
 from torch import Tensor
 from tqdm import tqdm
 
+from lightning_hessian._heap import release_free_heap
+
 # Calls shorter than this print nothing.
 DELAY_SECONDS = 2.0
 
 
 class ProgressOperator:
-    """An operator that forwards to ``op`` and counts its products on a progress line.
+    """An operator that forwards to ``op``, counts its products on a progress line and, when ``op``
+    computes on the CPU, releases the free heap after each product.
 
     Args:
         op: the operator (engine or DDP-summed).
@@ -34,6 +38,7 @@ class ProgressOperator:
     def __init__(self, op: Any, bar: tqdm | None) -> None:
         self.op = op
         self.bar = bar
+        self.on_host = op.device.type == "cpu"
 
     def __getattr__(self, name: str) -> Any:
         """Everything but the products is the wrapped operator's (``num_params``, ``dtype``, ``gradient``, ...)."""
@@ -46,6 +51,8 @@ class ProgressOperator:
     def matmat(self, vectors: Tensor) -> Tensor:
         """The wrapped operator's product; advances the line by the number of vectors."""
         product = self.op.matmat(vectors)
+        if self.on_host:
+            release_free_heap()
         if self.bar is not None:
             self.bar.update(1 if vectors.dim() == 1 else vectors.shape[1])
         return product

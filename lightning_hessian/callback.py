@@ -148,7 +148,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             dtype).
         basis_device: device of the Lanczos vectors, e.g. ``"cpu"`` to keep them off the GPU
             (default the model's).
-        max_basis: top-k basis capacity in vectors (default ``max(3 k, 12)``; thick restarts keep it
+        max_basis: top-k basis capacity in vectors (default ``max(2 k + 2, 8)``; thick restarts keep it
             there whatever the number of products).
         keep_graph: keep each probe batch's gradient graph between products (a product then costs
             about one backward pass): ``"auto"`` (default) keeps as many as fit in half the memory
