@@ -199,15 +199,17 @@ def default_calls(workload: Workload, calls: int, **settings: Any) -> dict[str, 
     ``settings`` change the defaults (smoke runs only)."""
     pl.seed_everything(0, verbose=False)
     module = workload.build()
-    callback = Probed(every_n_steps=5, progress=False, **settings)
-    _trainer([callback], 5 * (calls - 1)).fit(module, workload.loader())
+    # One call: at step 0 of a one-step run, none after it.
+    callback = Probed(every_n_steps=5, progress=False, at_end=calls > 1, **settings)
+    _trainer([callback], max(5 * (calls - 1), 1)).fit(module, workload.loader())
     num_params = sum(size for _, size in parameter_layout(module))
     graphs = kept_graph_bytes(module, callback.probe_batches)
     first, *rest = callback.history
     before, peak = callback.memory[0]
     return {
         "num_params": num_params, "probe_samples": first.num_samples, "cold_seconds": first.seconds,
-        "cold_products": first.num_matvecs, "warm_seconds": statistics.median(r.seconds for r in rest),
+        "cold_products": first.num_matvecs,
+        "warm_seconds": statistics.median(r.seconds for r in rest) if rest else None,
         "warm_products": [r.num_matvecs for r in rest],
         "warm_top_k": [r.hessian.num_matvecs - (r.hessian.density.num_matvecs if r.hessian.density else 0)
                        for r in rest],
@@ -218,6 +220,26 @@ def default_calls(workload: Workload, calls: int, **settings: Any) -> dict[str, 
                                         for r in callback.history),
         "converged": all(all(r.hessian.converged) for r in callback.history),
     }
+
+
+def working_memory(workload: Workload) -> dict[str, int]:
+    """Peak bytes of one training step's forward and backward on a probe batch, and of one product with
+    the probe batches' graphs kept: a product's double backward needs memory in proportion to the
+    activations, as the training step's backward does, beyond the parameter-sized vectors."""
+    pl.seed_everything(0, verbose=False)
+    module, stream = workload.build(), iter(workload.loader())
+    batches = [next(stream) for _ in range(min(PROBE_SAMPLES // workload.batch_size, len(stream)))]
+    with PeakMemory() as step:
+        module.training_step(batches[0], 0).backward()
+    module.zero_grad(set_to_none=True)
+    from lightning_hessian._measure import training_step_loss
+
+    op = HessianOperator(module, training_step_loss, batches, dtype=torch.float32, keep_graph="auto")
+    op.matvec(torch.zeros(op.num_params))
+    vector = torch.randn(op.num_params, generator=torch.Generator().manual_seed(0))
+    with PeakMemory() as product:
+        op.matvec(vector)
+    return {"training_step": step.bytes or 0, "product": product.bytes or 0, "num_params": op.num_params}
 
 
 def allocation_rest(name: str, smoke: bool) -> int:
@@ -254,6 +276,15 @@ def _gib(value: float) -> str:
     return f"{value / 2**30:.2f} GiB"
 
 
+def _warm_seconds(row: dict[str, Any]) -> float:
+    """A warm call's seconds, or the cold call's when only one call ran."""
+    return row["warm_seconds"] if row["warm_seconds"] is not None else row["cold_seconds"]
+
+
+def _per_param(value: int | None, num_params: int) -> str:
+    return "not run" if value is None else f"{value / num_params:.0f}"
+
+
 def report(rows: dict[str, dict[str, Any]], descriptions: dict[str, str], command: str, seconds: float) -> str:
     """RESULTS-scale.md: the machine, the command, a table per measure and the verdicts."""
     lines = [
@@ -277,7 +308,8 @@ def report(rows: dict[str, dict[str, Any]], descriptions: dict[str, str], comman
     for name, r in rows.items():
         lines.append(f"| {name} | {r['probe_samples']} | {r['num_probes']} | {r['cold_products']} ({r['cold_top_k']}) "
                      f"| {r['cold_seconds']:.1f} | {r['cold_seconds'] / r['step']:,.0f} | "
-                     f"{', '.join(map(str, r['warm_products']))} | {r['warm_seconds']:.1f} | "
+                     f"{', '.join(map(str, r['warm_products'])) or 'not run'} | "
+                     f"{'not run' if r['warm_seconds'] is None else format(r['warm_seconds'], '.1f')} | "
                      f"{r['max_relative_error_bound']:.1e} |")
     lines += ["", "## Memory of a call", "",
               "Resident memory (RSS) of the process before the first call and its peak increase over all calls; the "
@@ -292,20 +324,22 @@ def report(rows: dict[str, dict[str, Any]], descriptions: dict[str, str], comman
     for name, r in rows.items():
         rest = max(r["peak_increase"] - r["graph_bytes"], 0)
         lines.append(f"| {name} | {_gib(r['resident_before'])} | {_gib(r['peak_increase'])} | {_gib(r['graph_bytes'])} "
-                     f"| {_gib(rest)} | {rest / r['num_params']:.0f} | {r['allocated_rest'] / r['num_params']:.0f} |")
+                     f"| {_gib(rest)} | {rest / r['num_params']:.0f} | "
+                     f"{_per_param(r['allocated_rest'], r['num_params'])} |")
     lines += ["", "## Warm starts along training", "",
               "Top-k products of the calls after the first, one call every 5 training steps (k = 5).", "",
               "| workload | cold top-k | warm top-k | median warm | 2k |", "| --- | --- | --- | --- | --- |"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['cold_top_k']} | {', '.join(map(str, r['warm_top_k']))} | "
-                     f"{statistics.median(r['warm_top_k'])} | {2 * r['k']} |")
+        if r["warm_top_k"]:
+            lines.append(f"| {name} | {r['cold_top_k']} | {', '.join(map(str, r['warm_top_k']))} | "
+                         f"{statistics.median(r['warm_top_k'])} | {2 * r['k']} |")
     runs = {name: r["run"] for name, r in rows.items() if "run" in r}
     if runs:
         lines += ["", "## A default run with the budget", "",
                   "| workload | steps | measured at | without | with | overhead | reported | budget + one call |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, run in runs.items():
-            one_call = rows[name]["warm_seconds"] / run["with"]
+            one_call = _warm_seconds(rows[name]) / run["with"]
             lines.append(f"| {name} | {run['steps']:,} | {', '.join(map(str, run['measurements']))} | "
                          f"{run['without']:.0f} s | {run['with']:.0f} s | {run['overhead']:.1%} | "
                          f"{run['reported']:.1%} | {0.05 + one_call:.1%} |")
@@ -316,25 +350,29 @@ def report(rows: dict[str, dict[str, Any]], descriptions: dict[str, str], comman
                   f"of 5% lasts about {OVERHEAD_RUN_CALLS} warm calls of training:", ""]
         for name in unrun:
             r = rows[name]
-            steps = OVERHEAD_RUN_CALLS * r["warm_seconds"] / r["step"]
+            steps = OVERHEAD_RUN_CALLS * _warm_seconds(r) / r["step"]
             lines.append(f"- {name}: about {steps:,.0f} training steps, "
-                         f"{OVERHEAD_RUN_CALLS * r['warm_seconds'] / 3600:.1f} h on this machine")
+                         f"{OVERHEAD_RUN_CALLS * _warm_seconds(r) / 3600:.1f} h on this machine")
     lines += ["", "## Verdicts", "", "| workload | target | measured | met |", "| --- | --- | --- | --- |"]
     for name, r in rows.items():
         worst = max([r["cold_products"], *r["warm_products"]])
         rest = max(r["peak_increase"] - r["graph_bytes"], 0) / r["num_params"]
-        allocated = r["allocated_rest"] / r["num_params"]
-        median_warm = statistics.median(r["warm_top_k"])
+        # The allocation peak where it was measured, else the resident peak (which is never below it).
+        allocated = rest if r["allocated_rest"] is None else r["allocated_rest"] / r["num_params"]
         verdicts = [
             (f"at most {TARGET_PRODUCTS} products per default call", f"{worst} (cold {r['cold_products']})",
              worst <= TARGET_PRODUCTS or r["num_params"] <= 1e5),
             (f"at most {TARGET_BYTES_PER_PARAM} bytes per parameter beyond the kept graphs (allocated; "
-             "default malloc's resident peak)", f"{allocated:.0f} ({rest:.0f})", allocated <= TARGET_BYTES_PER_PARAM),
-            ("median warm top-k at most 2k products", f"{median_warm} (2k = {2 * r['k']})", median_warm <= 2 * r["k"]),
+             "default malloc's resident peak)", f"{_per_param(r['allocated_rest'], r['num_params'])} ({rest:.0f})",
+             allocated <= TARGET_BYTES_PER_PARAM),
         ]
+        if r["warm_top_k"]:
+            median_warm = statistics.median(r["warm_top_k"])
+            verdicts.append(("median warm top-k at most 2k products", f"{median_warm} (2k = {2 * r['k']})",
+                             median_warm <= 2 * r["k"]))
         if "run" in r:
             run = r["run"]
-            bound = 0.05 + r["warm_seconds"] / run["with"]
+            bound = 0.05 + _warm_seconds(r) / run["with"]
             verdicts.append(("overhead of a default run at most the budget plus one call",
                              f"{run['overhead']:.1%} (bound {bound:.1%}, {len(run['measurements'])} measurements)",
                              run["overhead"] <= bound and len(run["measurements"]) >= 4))
@@ -347,11 +385,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", nargs="+", default=["cnn", "mlp", "transformer"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script, not the figures")
     parser.add_argument("--no-overhead-run", action="store_true", help="skip the budgeted runs (the longest part)")
+    parser.add_argument("--calls", type=int, help="default calls per workload (the first cold, the others warm; "
+                        "default: each workload's own, 4 to 6); one call of the demo transformer takes about an hour")
+    parser.add_argument("--no-allocation-peak", action="store_true",
+                        help="skip the fresh process that measures the allocation peak (two more calls)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--allocation-peak", metavar="WORKLOAD", help=argparse.SUPPRESS)
+    parser.add_argument("--working-memory", metavar="WORKLOAD",
+                        help="print the peak memory of one training step and of one product on WORKLOAD, and stop")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     smoke = {"num_samples": 64, "num_probes": 1, "num_steps": 8} if args.smoke else {}
+    if args.working_memory:
+        print(json.dumps(working_memory(workloads(args.smoke)[args.working_memory])))
+        return 0
     if args.allocation_peak:  # the child of allocation_rest
         row = default_calls(workloads(args.smoke)[args.allocation_peak], 2, **smoke)
         print(json.dumps({"rest": max(row["peak_increase"] - row["graph_bytes"], 0)}))
@@ -362,10 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.workloads:
         workload = suite[name]
         row = {"step": step_seconds(workload, 5 if args.smoke else 20)}
-        row.update(default_calls(workload, 3 if args.smoke else workload.calls, **smoke))
-        row["allocated_rest"] = allocation_rest(name, args.smoke)
+        calls = args.calls or (3 if args.smoke else workload.calls)
+        row.update(default_calls(workload, calls, **smoke))
+        row["allocated_rest"] = None if args.no_allocation_peak else allocation_rest(name, args.smoke)
         if workload.overhead_run and not args.no_overhead_run:
-            row["run"] = overhead_run(workload, row["warm_seconds"], row["step"], 100 if args.smoke else None, **smoke)
+            row["run"] = overhead_run(workload, _warm_seconds(row), row["step"], 100 if args.smoke else None, **smoke)
         rows[name] = row
         print(f"scale: {name} done ({time.perf_counter() - started:.0f} s)", flush=True)
         # Written after every workload, so that a run stopped early keeps what it measured.

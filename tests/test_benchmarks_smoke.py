@@ -95,3 +95,42 @@ def test_float32_workloads_survive_other_cpu_kernels(one_thread_build):
     for first, second in zip(one_thread_build, other, strict=True):
         assert first["sha256"] == second["sha256"], first["name"]
         assert second["reference"] == pytest.approx(first["reference"], rel=1e-12), first["name"]
+
+
+def test_scale_suite_writes_every_table_and_a_verdict_per_target(tmp_path):
+    out = tmp_path / "RESULTS-scale.md"
+    command = [sys.executable, "-m", "benchmarks.scale", "--smoke", "--workloads", "mlp", "--no-overhead-run",
+               "--out", str(out)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    text = out.read_text()
+    for heading in ("## One default call", "## Memory of a call", "## Warm starts along training", "## Verdicts"):
+        assert heading in text
+    assert "MALLOC_MMAP_THRESHOLD_=131072" in text
+    verdicts = [line for line in text.splitlines() if line.startswith(("| mlp | at most", "| mlp | median warm"))]
+    assert len(verdicts) == 3, verdicts
+
+
+def test_warm_start_benchmark_tabulates_both_starts_in_both_phases(tmp_path):
+    out = tmp_path / "RESULTS-warm.md"
+    command = [sys.executable, "-m", "benchmarks.warm_start", "--smoke", "--out", str(out)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    text = out.read_text()
+    assert "| from initialization: median |" in text and "| after 300 steps: median |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| after 300 steps | ")]
+    assert len(rows) == 5 and all(int(line.split("|")[5]) >= 5 for line in rows)  # a warm start costs at least k
+
+
+def test_overhead_benchmark_sets_the_steps_that_hold_a_call_apart(tmp_path):
+    out = tmp_path / "RESULTS-overhead.md"
+    command = [sys.executable, "-m", "benchmarks.overhead", "--smoke", "--out", str(out)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| with")]
+    calls = {row[1].strip(): int(row[5]) for row in rows}
+    assert calls == {"without, 1": 0, "with, 1": 3, "without, 2": 0, "with, 2": 3}
+
+
+def test_working_memory_of_a_product_and_of_a_training_step_are_both_measured():
+    command = [sys.executable, "-m", "benchmarks.scale", "--smoke", "--working-memory", "cnn"]
+    done = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["num_params"] > 0 and figures["training_step"] > 0 and figures["product"] > 0
