@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+import torch
 import wandb
 import yaml
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
@@ -37,6 +38,7 @@ def logged_run(tmp_path_factory):
     callback = HessianSpectrumCallback(every_n_steps=2, k=3, smallest=True, num_samples=16, num_steps=8,
                                        num_probes=2, layers=["net.0.*"])
     run = trainer(max_steps=4, logger=[tensorboard, weights_and_biases, comma_separated], callbacks=[callback])
+    torch.manual_seed(0)  # the same weights whichever tests ran before
     run.fit(ProtocolMLP(), DataLoader(dataset(), batch_size=8))
     summary = {key: weights_and_biases.experiment.summary[key] for key in weights_and_biases.experiment.summary.keys()}
     run_dir = weights_and_biases.experiment.dir
@@ -96,7 +98,8 @@ def test_history_file_is_strict_json(logged_run):
     assert saved["settings"]["hessian/k"] == 3
     first = saved["history"][0]["hessian"]
     assert len(first["density"]["nodes"]) == len(first["density"]["weights"]) == 2
-    assert len(first["density"]["nodes"][0]) == 8 + 3 * all(first["converged"])  # 8 SLQ nodes, the top 3 placed exactly
+    # 8 SLQ nodes, and the converged ones of the top 3 placed exactly
+    assert len(first["density"]["nodes"][0]) == 8 + sum(first["converged"])
     assert first["eigenvalues"] == pytest.approx(logged_run["callback"].history[0].hessian.eigenvalues)
 
 

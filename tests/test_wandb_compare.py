@@ -13,10 +13,12 @@ import json
 import os
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import wandb
+from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "compare_runs.py"
@@ -71,10 +73,26 @@ def _flat(items) -> dict[str, object]:
     return {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in items}
 
 
+def _complete_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a finished run's file, once its last one (``exit``) is on disk: W&B's service
+    writes the file in its own process, and on a loaded machine the tail can land after ``finish()``
+    has returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(_records(path))
+        except (DecodeError, struct.error):  # a record half written
+            records = []
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        assert time.monotonic() < deadline, f"{path} holds no exit record {timeout:.0f} s after the run finished"
+        time.sleep(0.2)
+
+
 def _read_run(directory: Path) -> dict[str, object]:
     (path,) = directory.glob("run-*.wandb")
     run, metrics, history, summary, config = None, [], [], {}, {}
-    for record in _records(path):
+    for record in _complete_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
