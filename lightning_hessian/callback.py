@@ -45,10 +45,10 @@ def top_k_matvecs(k: int, tol: float) -> int | None:
     """The default cap on the products of a call's top-k solve: ``4 k + 8`` at ``tol >= 1e-3``, else the
     engine's (``None``: ``20 k + 100``), since tighter tolerances need more products.
 
-    Measured on the scale suite's networks (``benchmarks/RESULTS-scale.md``), the top 5 reach a
-    relative residual of 1e-3 in 10 to 25 products warm and 17 to 25 cold once training has started;
-    at random initialization, where the top eigenvalues cluster, they can take 80 and more, and the
-    cap keeps such a call within 60 products with its residuals reported.
+    Measured on the scale suite's MLP (``benchmarks/RESULTS-warm.md``), the top 5 reach a relative
+    residual of 1e-3 in 9 to 13 products, warm or cold, once training has settled; in its first tens
+    of steps, where the top eigenvalues cluster and move, they take 15 to over 100, and the cap keeps
+    such a call within 60 products with its residuals reported.
 
     Example:
         >>> top_k_matvecs(5, 1e-3), top_k_matvecs(5, 1e-6)
