@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import costs, peers, report, suites
+from benchmarks.measure import command_line
 from benchmarks.resnet import resnet18
 from benchmarks.workloads import BUILDERS, REFERENCE_K, REFERENCE_TOL, Workload, cross_entropy
 from lightning_hessian import HessianOperator, top_eigenvalues
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    command = "python -m benchmarks.gpu" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("benchmarks.gpu", argv)
     minutes = (time.monotonic() - started) / 60
     text = ["# GPU benchmarks", "", f"- Device: {_describe_device(device)}",
             *report.environment(command, available, (load_before, report.load_average()))[:-1],

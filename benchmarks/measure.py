@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -217,3 +219,10 @@ def wasserstein1_grid(grid: Tensor, density: Tensor, eigenvalues: Tensor) -> flo
     masses[:-1] += density[:-1] * steps / 2
     masses[1:] += density[1:] * steps / 2
     return wasserstein1(grid, masses, eigenvalues)
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that ran a benchmark script (``argv`` as given to its ``main``, else the process's),
+    as its results file states it."""
+    arguments = sys.argv[1:] if argv is None else argv
+    return " ".join(["python -m " + module, *map(shlex.quote, arguments)])

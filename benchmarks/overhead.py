@@ -26,7 +26,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from benchmarks.scale import _trainer, workloads
+from benchmarks.measure import command_line
+from benchmarks.scale import trainer, workloads
 from lightning_hessian import HessianSpectrumCallback
 
 RESULTS = Path(__file__).with_name("RESULTS-overhead.md")
@@ -58,7 +59,7 @@ def run(smoke: bool, measuring: bool, steps: int, every: int) -> dict[str, float
         callbacks.append(HessianSpectrumCallback(every_n_steps=every, at_start=False, at_end=False, progress=False,
                                                  **settings))
     started = time.perf_counter()
-    _trainer(callbacks, steps).fit(workload.build(), workload.loader())
+    trainer(callbacks, steps).fit(workload.build(), workload.loader())
     wall = time.perf_counter() - started
     # seconds[i] ends at global step i + 2; a call at step s runs at the end of the step that makes it s.
     calls = {r.step for r in callbacks[1].history} if measuring else set()
@@ -102,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(1, REPEATS + 1):
         rows.append((f"without, {repeat}", run(args.smoke, False, steps, every)))
         rows.append((f"with, {repeat}", run(args.smoke, True, steps, every)))
-    command = "python -m benchmarks.overhead " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = report(rows, steps, every, command.strip())
+    text = report(rows, steps, every, command_line("benchmarks.overhead", argv))
     args.out.write_text(text)
     print(text)
     return 0

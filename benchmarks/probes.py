@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from benchmarks.measure import command_line
 from benchmarks.workloads import BUILDERS, Workload
 from lightning_hessian import spectral_density, top_eigenvalues
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     started = time.perf_counter()
     lines = ["# SLQ probes against the number of parameters", "",
-             f"- Command: `python -m benchmarks.probes {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip(),
+             f"- Command: `{command_line('benchmarks.probes', argv)}`",
              f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, one thread",
              "",
              f"Wasserstein-1 distance to the reference, relative to the spectral range, of a density with the top {K} "

@@ -12,7 +12,6 @@ one is listed as "not installed" and its rows are left out.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import costs, peers, report, suites
+from benchmarks.measure import command_line
 from benchmarks.workloads import BUILDERS, Workload
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         body += lines
         verdicts += found
 
-    command = "python -m benchmarks.run" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = command_line("benchmarks.run", argv)
     minutes = (time.perf_counter() - started) / 60
     text = [
         "# Benchmarks: lightning-hessian against PyHessian, hessian-eigenthings and curvlinops", "",

@@ -46,9 +46,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.measure import PeakMemory
+from benchmarks.measure import PeakMemory, command_line
 from benchmarks.resnet import resnet18
 from lightning_hessian import HessianOperator, HessianSpectrumCallback
+from lightning_hessian._measure import training_step_loss
 from lightning_hessian.engine.layers import parameter_layout
 
 RESULTS = Path(__file__).with_name("RESULTS-scale.md")
@@ -142,7 +143,7 @@ def workloads(smoke: bool) -> dict[str, Workload]:
     }
 
 
-def _trainer(callbacks: list[Any], max_steps: int) -> pl.Trainer:
+def trainer(callbacks: list[Any], max_steps: int) -> pl.Trainer:
     return pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks,
                       num_sanity_val_steps=0)
@@ -160,7 +161,7 @@ def step_seconds(workload: Workload, steps: int) -> float:
             times.append(time.perf_counter() - self.started)
 
     pl.seed_everything(0, verbose=False)
-    _trainer([Clock()], steps + 2).fit(workload.build(), workload.loader())
+    trainer([Clock()], steps + 2).fit(workload.build(), workload.loader())
     return statistics.median(times[2:])
 
 
@@ -184,12 +185,17 @@ def _resident() -> int:
         return int(handle.read().split()[1]) * 4096
 
 
-def kept_graph_bytes(module: pl.LightningModule, batches: list[Any]) -> int:
-    """Bytes of the gradient graphs a default call keeps (all probe batches', as memory allows)."""
-    from lightning_hessian._measure import training_step_loss
-
+def probe_operator(module: pl.LightningModule, batches: list[Any]) -> HessianOperator:
+    """The Hessian of ``training_step``'s loss over ``batches`` as a default call builds it, after one
+    product (which builds and keeps the graphs, as memory allows)."""
     op = HessianOperator(module, training_step_loss, batches, dtype=torch.float32, keep_graph="auto")
     op.matvec(torch.zeros(op.num_params))
+    return op
+
+
+def kept_graph_bytes(module: pl.LightningModule, batches: list[Any]) -> int:
+    """Bytes of the gradient graphs a default call keeps (all probe batches', as memory allows)."""
+    op = probe_operator(module, batches)
     kept = op.keep_graph if isinstance(op.keep_graph, int) and not isinstance(op.keep_graph, bool) else len(batches)
     return int(op.graph_nbytes or 0) * kept
 
@@ -201,7 +207,7 @@ def default_calls(workload: Workload, calls: int, **settings: Any) -> dict[str, 
     module = workload.build()
     # One call: at step 0 of a one-step run, none after it.
     callback = Probed(every_n_steps=5, progress=False, at_end=calls > 1, **settings)
-    _trainer([callback], max(5 * (calls - 1), 1)).fit(module, workload.loader())
+    trainer([callback], max(5 * (calls - 1), 1)).fit(module, workload.loader())
     num_params = sum(size for _, size in parameter_layout(module))
     graphs = kept_graph_bytes(module, callback.probe_batches)
     first, *rest = callback.history
@@ -232,10 +238,7 @@ def working_memory(workload: Workload) -> dict[str, int]:
     with PeakMemory() as step:
         module.training_step(batches[0], 0).backward()
     module.zero_grad(set_to_none=True)
-    from lightning_hessian._measure import training_step_loss
-
-    op = HessianOperator(module, training_step_loss, batches, dtype=torch.float32, keep_graph="auto")
-    op.matvec(torch.zeros(op.num_params))
+    op = probe_operator(module, batches)
     vector = torch.randn(op.num_params, generator=torch.Generator().manual_seed(0))
     with PeakMemory() as product:
         op.matvec(vector)
@@ -261,7 +264,7 @@ def overhead_run(workload: Workload, call_seconds: float, step: float, max_steps
     for name, callbacks in (("without", []), ("with", [HessianSpectrumCallback(progress=False, **settings)])):
         pl.seed_everything(0, verbose=False)
         started = time.perf_counter()
-        _trainer(callbacks, steps).fit(workload.build(), workload.loader())
+        trainer(callbacks, steps).fit(workload.build(), workload.loader())
         results[name] = time.perf_counter() - started
         if callbacks:
             results["measurements"] = [r.step for r in callbacks[0].history]
@@ -417,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = row
         print(f"scale: {name} done ({time.perf_counter() - started:.0f} s)", flush=True)
         # Written after every workload, so that a run stopped early keeps what it measured.
-        command = "python -m benchmarks.scale " + " ".join(sys.argv[1:] if argv is None else argv)
-        text = report(rows, {n: suite[n].description for n in rows}, command.strip(), time.perf_counter() - started)
+        text = report(rows, {n: suite[n].description for n in rows}, command_line("benchmarks.scale", argv),
+                      time.perf_counter() - started)
         args.out.write_text(text)
     print(text)
     return 0

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.measure import command_line
 from benchmarks.scale import workloads
 from lightning_hessian import HessianOperator
 from lightning_hessian._measure import training_step_loss
@@ -100,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     started = time.perf_counter()
     phases = {after: phase(after, smoke=args.smoke) for after in (0, 300)}
-    command = "python -m benchmarks.warm_start " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = report(phases, time.perf_counter() - started, command.strip())
+    text = report(phases, time.perf_counter() - started, command_line("benchmarks.warm_start", argv))
     args.out.write_text(text)
     print(text)
     return 0

@@ -2,10 +2,11 @@
 
 On Linux, glibc's ``malloc`` raises its mmap threshold to the largest block freed so far (up to
 32 MiB). After a few products, blocks of a few parameters' worth (one layer's gradient, one product)
-come from the heap, and the pages of freed ones stay resident until the heap is trimmed: on a
-1.8 M-parameter MLP a call's resident peak is then about 40 bytes per parameter above what it
-allocated. ``malloc_trim(0)`` returns the free pages at once; it takes about 2 ms after a product of
-tens of milliseconds. Elsewhere (macOS, musl, Windows, or an operator on a GPU, whose memory the
+come from the heap, and the pages of freed ones stay resident until the heap is trimmed (on the
+scale benchmark's 1.8 M-parameter MLP a call's resident peak was 129 bytes per parameter beyond the
+kept graphs against 81 allocated; 94 with the heap released after every product:
+``benchmarks/RESULTS-scale.md``). ``malloc_trim(0)`` returns the free pages at once; it walks the
+heap's free chunks, a few microseconds on a small heap. Elsewhere (macOS, musl, Windows, or an operator on a GPU, whose memory the
 caching allocator manages) nothing is done.
 """
 
