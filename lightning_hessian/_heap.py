@@ -6,8 +6,8 @@ come from the heap, and the pages of freed ones stay resident until the heap is 
 scale benchmark's 1.8 M-parameter MLP a call's resident peak was 129 bytes per parameter beyond the
 kept graphs against 81 allocated; 94 with the heap released after every product:
 ``benchmarks/RESULTS-scale.md``). ``malloc_trim(0)`` returns the free pages at once; it walks the
-heap's free chunks, a few microseconds on a small heap. Elsewhere (macOS, musl, Windows, or an operator on a GPU, whose memory the
-caching allocator manages) nothing is done.
+heap's free chunks, which is quick while the heap holds few. Elsewhere (macOS, musl, Windows, or
+an operator on a GPU, whose memory the caching allocator manages) nothing is done.
 """
 
 from __future__ import annotations
