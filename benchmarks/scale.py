@@ -61,8 +61,11 @@ TARGET_BYTES_PER_PARAM = 100
 # large block at once, so that the resident peak follows what was allocated (at a cost in page faults,
 # which is why the timed calls run without it).
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-# A default run this many calls long holds at least four budgeted measurements (0.05 x 60 = 3 calls, and the last).
-OVERHEAD_RUN_CALLS = 60
+# A default run whose training takes as long as this many warm calls holds about five budgeted
+# measurements at 5%, besides the first and the last.
+OVERHEAD_RUN_CALLS = 100
+# Steps of the short run that times Lightning's whole loop per training step (data, hooks, epochs).
+LOOP_TIMING_STEPS = 300
 
 
 class Classifier(pl.LightningModule):
@@ -188,7 +191,8 @@ def _resident() -> int:
 def probe_operator(module: pl.LightningModule, batches: list[Any]) -> HessianOperator:
     """The Hessian of ``training_step``'s loss over ``batches`` as a default call builds it, after one
     product (which builds and keeps the graphs, as memory allows)."""
-    op = HessianOperator(module, training_step_loss, batches, dtype=torch.float32, keep_graph="auto")
+    op = HessianOperator(module, training_step_loss, batches, dtype=torch.float32, keep_graph="auto",
+                         split_batches=True)
     op.matvec(torch.zeros(op.num_params))
     return op
 
@@ -196,7 +200,8 @@ def probe_operator(module: pl.LightningModule, batches: list[Any]) -> HessianOpe
 def kept_graph_bytes(module: pl.LightningModule, batches: list[Any]) -> int:
     """Bytes of the gradient graphs a default call keeps (all probe batches', as memory allows)."""
     op = probe_operator(module, batches)
-    kept = op.keep_graph if isinstance(op.keep_graph, int) and not isinstance(op.keep_graph, bool) else len(batches)
+    kept = op.keep_graph if isinstance(op.keep_graph, int) and not isinstance(op.keep_graph, bool) \
+        else len(op.snapshot.batches)
     return int(op.graph_nbytes or 0) * kept
 
 
@@ -217,9 +222,7 @@ def default_calls(workload: Workload, calls: int, **settings: Any) -> dict[str, 
         "cold_products": first.num_matvecs,
         "warm_seconds": statistics.median(r.seconds for r in rest) if rest else None,
         "warm_products": [r.num_matvecs for r in rest],
-        "warm_top_k": [r.hessian.num_matvecs - (r.hessian.density.num_matvecs if r.hessian.density else 0)
-                       for r in rest],
-        "cold_top_k": first.hessian.num_matvecs - first.hessian.density.num_matvecs,
+        "warm_top_k": [_top_k_products(r) for r in rest], "cold_top_k": _top_k_products(first),
         "resident_before": before, "peak_increase": max(p for _, p in callback.memory), "first_peak": peak,
         "graph_bytes": graphs, "k": callback.config.k, "num_probes": first.hessian.density.nodes.shape[0],
         "max_relative_error_bound": max(r.hessian.max_error_bound / abs(r.hessian.eigenvalues[0])
@@ -228,13 +231,19 @@ def default_calls(workload: Workload, calls: int, **settings: Any) -> dict[str, 
     }
 
 
-def working_memory(workload: Workload) -> dict[str, int]:
+def _top_k_products(measurement: Any) -> int:
+    """The products a call spent on the Hessian's top k (all of its products but the density's)."""
+    hessian = measurement.hessian
+    return hessian.num_matvecs - (hessian.density.num_matvecs if hessian.density else 0)
+
+
+def working_memory(workload: Workload, probe_samples: int = PROBE_SAMPLES) -> dict[str, int]:
     """Peak bytes of one training step's forward and backward on a probe batch, and of one product with
     the probe batches' graphs kept: a product's double backward needs memory in proportion to the
-    activations, as the training step's backward does, beyond the parameter-sized vectors."""
+    activations of a (micro-)batch, as the training step's backward does, beyond the parameter-sized vectors."""
     pl.seed_everything(0, verbose=False)
     module, stream = workload.build(), iter(workload.loader())
-    batches = [next(stream) for _ in range(min(PROBE_SAMPLES // workload.batch_size, len(stream)))]
+    batches = [next(stream) for _ in range(min(max(probe_samples // workload.batch_size, 1), len(stream)))]
     with PeakMemory() as step:
         module.training_step(batches[0], 0).backward()
     module.zero_grad(set_to_none=True)
@@ -242,36 +251,85 @@ def working_memory(workload: Workload) -> dict[str, int]:
     vector = torch.randn(op.num_params, generator=torch.Generator().manual_seed(0))
     with PeakMemory() as product:
         op.matvec(vector)
-    return {"training_step": step.bytes or 0, "product": product.bytes or 0, "num_params": op.num_params}
+    return {"training_step": step.bytes or 0, "product": product.bytes or 0, "num_params": op.num_params,
+            "micro_batch": max(op.snapshot.batch_sizes)}
 
 
-def allocation_rest(name: str, smoke: bool) -> int:
-    """Peak bytes of a cold and a warm call beyond the kept graphs, in a fresh process whose malloc
-    returns freed blocks (:data:`FIXED_MMAP_THRESHOLD`)."""
-    command = [sys.executable, "-m", "benchmarks.scale", "--allocation-peak", name] + (["--smoke"] if smoke else [])
+def _fixed_threshold_child(*arguments: str) -> dict[str, Any]:
+    """The JSON line a ``benchmarks.scale`` child prints, run in a fresh process whose malloc returns
+    freed blocks (:data:`FIXED_MMAP_THRESHOLD`), so that its resident peak follows what it allocated."""
+    command = [sys.executable, "-m", "benchmarks.scale", *arguments]
     done = subprocess.run(command, env={**os.environ, **FIXED_MMAP_THRESHOLD}, capture_output=True, text=True,
                           check=True)
-    return int(json.loads(done.stdout.strip().splitlines()[-1])["rest"])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def overhead_run(workload: Workload, call_seconds: float, step: float, max_steps: int | None = None,
+def allocation_rest(name: str, smoke: bool, probe_samples: int | None = None) -> dict[str, int]:
+    """Peak bytes of a cold and a warm call beyond the kept graphs (``rest``) and those graphs
+    (``graphs``), in a fresh process (:func:`_fixed_threshold_child`)."""
+    return _fixed_threshold_child("--allocation-peak", name, *(["--smoke"] if smoke else []),
+                                  *(["--probe-samples", str(probe_samples)] if probe_samples else []))
+
+
+def memory_report(names: list[str], smoke: bool, probe_samples: int | None, command: str) -> str:
+    """RESULTS-memory.md: each workload's allocation peak of a default call beyond its kept graphs, and
+    the working memory of one product and of one training step, all in fresh processes."""
+    samples = probe_samples or (64 if smoke else PROBE_SAMPLES)
+    lines = ["# Memory of a default call (CPU)", "", f"- Command: `{command}`",
+             f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, one thread",
+             f"- Each figure from a fresh process with `MALLOC_MMAP_THRESHOLD_="
+             f"{FIXED_MMAP_THRESHOLD['MALLOC_MMAP_THRESHOLD_']}`, whose resident peak follows what was allocated; "
+             f"a cold and a warm default call over {samples} probe samples. What a call holds beyond its kept graphs "
+             "(the parameter-sized vectors, and one product's working memory, which follows one micro-batch's "
+             "activations) does not grow with the probe samples; the kept graphs do.", "",
+             "| workload | P | kept graphs | call beyond the graphs | per parameter | micro-batch | one product's "
+             "working memory, per parameter | one training step's, per parameter |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    verdicts = []
+    for name in names:
+        peak = allocation_rest(name, smoke, probe_samples)
+        work = _fixed_threshold_child("--working-memory", name, "--probe-samples", str(samples),
+                                      *(["--smoke"] if smoke else []))
+        per_param = peak["rest"] / work["num_params"]
+        lines.append(f"| {name} | {work['num_params']:,} | {_gib(peak['graphs'])} | {_gib(peak['rest'])} | "
+                     f"{per_param:.0f} | {work['micro_batch']} | {work['product'] / work['num_params']:.0f} | "
+                     f"{work['training_step'] / work['num_params']:.0f} |")
+        verdicts.append(f"| {name} | at most {TARGET_BYTES_PER_PARAM} bytes per parameter beyond the kept graphs "
+                        f"(allocated) | {per_param:.0f} | {'yes' if per_param <= TARGET_BYTES_PER_PARAM else 'no'} |")
+    lines += ["", "## Verdicts", "", "| workload | target | measured | met |", "| --- | --- | --- | --- |", *verdicts]
+    return "\n".join(lines) + "\n"
+
+
+def overhead_run(workload: Workload, call_seconds: float, max_steps: int | None = None,
                  **settings: Any) -> dict[str, Any]:
-    """A default run long enough for at least four budgeted measurements, against the same run without
-    (``max_steps`` caps its length and ``settings`` change the defaults, for smoke runs)."""
-    steps = max(50, math.ceil(OVERHEAD_RUN_CALLS * call_seconds / step))
+    """A default run long enough for at least four budgeted measurements, against the same run without,
+    in the order without, with, with, without (a drift of the machine's speed cancels in the means);
+    wall and CPU time of the process (``max_steps`` caps the length and ``settings`` change the
+    defaults, for smoke runs)."""
+    timing = LOOP_TIMING_STEPS if max_steps is None else min(LOOP_TIMING_STEPS, max_steps)
+    pl.seed_everything(0, verbose=False)
+    started = time.perf_counter()
+    trainer([], timing).fit(workload.build(), workload.loader())
+    loop_step = (time.perf_counter() - started) / timing
+    steps = max(50, math.ceil(OVERHEAD_RUN_CALLS * call_seconds / loop_step))
     steps = steps if max_steps is None else min(steps, max_steps)
-    results = {}
-    for name, callbacks in (("without", []), ("with", [HessianSpectrumCallback(progress=False, **settings)])):
+    results: dict[str, Any] = {"without": [], "with": [], "steps": steps, "loop_step": loop_step}
+    for name in ("without", "with", "with", "without"):
+        callbacks = [HessianSpectrumCallback(progress=False, **settings)] if name == "with" else []
         pl.seed_everything(0, verbose=False)
-        started = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         trainer(callbacks, steps).fit(workload.build(), workload.loader())
-        results[name] = time.perf_counter() - started
+        results[name].append((time.perf_counter() - wall, time.process_time() - cpu))
         if callbacks:
             results["measurements"] = [r.step for r in callbacks[0].history]
+            results["warm_top_k"] = [_top_k_products(r) for r in callbacks[0].history[1:]]
             results["reported"] = callbacks[0].history[-1].overhead
             results["plan"] = callbacks[0].plan
-    results["steps"] = steps
-    results["overhead"] = (results["with"] - results["without"]) / results["with"]
+    for clock, index in (("overhead", 0), ("cpu_overhead", 1)):
+        with_, without = (statistics.mean(t[index] for t in results[n]) for n in ("with", "without"))
+        results[clock] = (with_ - without) / with_
+    walls = [wall for wall, _ in results["without"]]
+    results["noise"] = (max(walls) - min(walls)) / statistics.mean(walls)
     return results
 
 
@@ -282,6 +340,11 @@ def _gib(value: float) -> str:
 def _warm_seconds(row: dict[str, Any]) -> float:
     """A warm call's seconds, or the cold call's when only one call ran."""
     return row["warm_seconds"] if row["warm_seconds"] is not None else row["cold_seconds"]
+
+
+def _overhead_bound(row: dict[str, Any]) -> float:
+    """The budget (5%) plus one warm call, as a share of the mean run with the callback."""
+    return 0.05 + _warm_seconds(row) / statistics.mean(wall for wall, _ in row["run"]["with"])
 
 
 def _per_param(value: int | None, num_params: int) -> str:
@@ -339,14 +402,21 @@ def report(rows: dict[str, dict[str, Any]], descriptions: dict[str, str], comman
     runs = {name: r["run"] for name, r in rows.items() if "run" in r}
     if runs:
         lines += ["", "## A default run with the budget", "",
-                  "| workload | steps | measured at | without | with | overhead | reported | budget + one call |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "Four runs of the same length, without the callback, with it, with it, without it; the overhead "
+                  "compares the means (wall time, and the process's CPU time, which leaves out the time other "
+                  "processes of a shared machine took); the noise is the spread of the two runs without.", "",
+                  "| workload | steps | measured at | without | with | overhead (wall) | overhead (CPU) | noise "
+                  "| reported | budget + one call |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, run in runs.items():
-            one_call = _warm_seconds(rows[name]) / run["with"]
+            walls = {n: ", ".join(f"{wall:.0f} s" for wall, _ in run[n]) for n in ("without", "with")}
             lines.append(f"| {name} | {run['steps']:,} | {', '.join(map(str, run['measurements']))} | "
-                         f"{run['without']:.0f} s | {run['with']:.0f} s | {run['overhead']:.1%} | "
-                         f"{run['reported']:.1%} | {0.05 + one_call:.1%} |")
+                         f"{walls['without']} | {walls['with']} | {run['overhead']:.1%} | {run['cpu_overhead']:.1%} | "
+                         f"{run['noise']:.1%} | {run['reported']:.1%} | {_overhead_bound(rows[name]):.1%} |")
         lines += [""] + [f"- {name}: {run['plan']}" for name, run in runs.items() if run.get("plan")]
+        lines += [f"- {name}: top-k products of the calls after the first along the run (the second run with the "
+                  f"callback): {', '.join(map(str, run['warm_top_k']))}; median {statistics.median(run['warm_top_k'])}"
+                  for name, run in runs.items() if run["warm_top_k"]]
     unrun = [name for name, r in rows.items() if "run" not in r]
     if unrun:
         lines += ["", "Not run, for want of hours: a run long enough for four measurements at the default budget "
@@ -371,13 +441,19 @@ def report(rows: dict[str, dict[str, Any]], descriptions: dict[str, str], comman
         ]
         if r["warm_top_k"]:
             median_warm = statistics.median(r["warm_top_k"])
-            verdicts.append(("median warm top-k at most 2k products", f"{median_warm} (2k = {2 * r['k']})",
+            verdicts.append(("median warm top-k at most 2k products, calls 5 steps apart from initialization",
+                             f"{median_warm} (2k = {2 * r['k']})",
                              median_warm <= 2 * r["k"]))
+        if "run" in r and r["run"]["warm_top_k"]:
+            median_run = statistics.median(r["run"]["warm_top_k"])
+            verdicts.append(("median warm top-k at most 2k products, along the budgeted run",
+                             f"{median_run} (2k = {2 * r['k']})", median_run <= 2 * r["k"]))
         if "run" in r:
             run = r["run"]
-            bound = 0.05 + _warm_seconds(r) / run["with"]
-            verdicts.append(("overhead of a default run at most the budget plus one call",
-                             f"{run['overhead']:.1%} (bound {bound:.1%}, {len(run['measurements'])} measurements)",
+            bound = _overhead_bound(r)
+            verdicts.append(("overhead of a default run at most the budget plus one call (wall; CPU)",
+                             f"{run['overhead']:.1%}; {run['cpu_overhead']:.1%} (bound {bound:.1%}, "
+                             f"{len(run['measurements'])} measurements, noise {run['noise']:.1%})",
                              run["overhead"] <= bound and len(run["measurements"]) >= 4))
         lines += [f"| {name} | {target} | {value} | {'yes' if met else 'no'} |" for target, value, met in verdicts]
     return "\n".join(lines) + "\n"
@@ -396,15 +472,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allocation-peak", metavar="WORKLOAD", help=argparse.SUPPRESS)
     parser.add_argument("--working-memory", metavar="WORKLOAD",
                         help="print the peak memory of one training step and of one product on WORKLOAD, and stop")
+    parser.add_argument("--memory", action="store_true",
+                        help="only the memory of a default call, in fresh processes (writes RESULTS-memory.md)")
+    parser.add_argument("--probe-samples", type=int,
+                        help="probe samples for --memory (default the callback's 512; the memory beyond the kept "
+                        "graphs does not depend on them, and the demo transformer's call is 8x shorter at 64)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     smoke = {"num_samples": 64, "num_probes": 1, "num_steps": 8} if args.smoke else {}
+    if args.probe_samples:
+        smoke["num_samples"] = args.probe_samples
     if args.working_memory:
-        print(json.dumps(working_memory(workloads(args.smoke)[args.working_memory])))
+        print(json.dumps(working_memory(workloads(args.smoke)[args.working_memory],
+                                        smoke.get("num_samples", PROBE_SAMPLES))))
         return 0
     if args.allocation_peak:  # the child of allocation_rest
         row = default_calls(workloads(args.smoke)[args.allocation_peak], 2, **smoke)
-        print(json.dumps({"rest": max(row["peak_increase"] - row["graph_bytes"], 0)}))
+        print(json.dumps({"rest": max(row["peak_increase"] - row["graph_bytes"], 0), "graphs": row["graph_bytes"]}))
+        return 0
+    if args.memory:
+        out = args.out if args.out != RESULTS else RESULTS.with_name("RESULTS-memory.md")
+        text = memory_report(args.workloads, args.smoke, args.probe_samples, command_line("benchmarks.scale", argv))
+        out.write_text(text)
+        print(text)
         return 0
     started = time.perf_counter()
     suite = workloads(args.smoke)
@@ -414,9 +504,9 @@ def main(argv: list[str] | None = None) -> int:
         row = {"step": step_seconds(workload, 5 if args.smoke else 20)}
         calls = args.calls or (3 if args.smoke else workload.calls)
         row.update(default_calls(workload, calls, **smoke))
-        row["allocated_rest"] = None if args.no_allocation_peak else allocation_rest(name, args.smoke)
+        row["allocated_rest"] = None if args.no_allocation_peak else allocation_rest(name, args.smoke)["rest"]
         if workload.overhead_run and not args.no_overhead_run:
-            row["run"] = overhead_run(workload, _warm_seconds(row), row["step"], 100 if args.smoke else None, **smoke)
+            row["run"] = overhead_run(workload, _warm_seconds(row), 100 if args.smoke else None, **smoke)
         rows[name] = row
         print(f"scale: {name} done ({time.perf_counter() - started:.0f} s)", flush=True)
         # Written after every workload, so that a run stopped early keeps what it measured.

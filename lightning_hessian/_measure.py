@@ -97,6 +97,7 @@ def make_operator(
     loss_fn: Callable[[Any, Any], Tensor] | None,
     params: list[str] | None = None,
     keep_graph: bool | str = True,
+    split_batches: bool = False,
 ) -> Any:
     """The ``"hessian"`` or ``"ggn"`` operator over this rank's batches, summed across ranks under DDP.
 
@@ -104,7 +105,8 @@ def make_operator(
     """
     local = None
     if batches:
-        common = {"params": params, "dtype": dtype, "mode": mode, "keep_graph": keep_graph}
+        common = {"params": params, "dtype": dtype, "mode": mode, "keep_graph": keep_graph,
+                  "split_batches": split_batches}
         if matrix == "hessian":
             if loss_fn is None:
                 loss_fn = hessian_loss if callable(getattr(pl_module, "hessian_loss", None)) else training_step_loss

@@ -160,7 +160,10 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         num_samples: probe samples over all ranks, taken in whole batches of the loader (a batch is
             never cut); ``None`` for the whole probe dataloader.
         batch_size: re-batch the probe samples to this size (tensors and per-sample lists are cut);
-            ``None`` (default) keeps the loader's batches, the size training uses.
+            ``None`` (default) keeps the loader's batches, the size training uses, and cuts them into
+            micro-batches for the products where one batch's gradient graph is larger than about 8
+            parameter vectors (a convnet's activations) and the samples do not interact in the loss
+            (checked on the loss values), so that a product needs no more working memory than that.
         dataloader: the probe data, a DataLoader or a list of batches (default: the training
             dataloader, read once more under isolated random streams and without its workers).
         loss_fn: ``loss_fn(pl_module, batch) -> scalar`` mean loss of a batch.
@@ -599,7 +602,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             if config.matrix in (matrix, "both"):
                 make = functools.partial(make_operator, trainer, pl_module, self.probe_batches or [], matrix,
                                          dtype=dtype, mode=config.mode, loss_fn=config.loss_fn,
-                                         keep_graph=config.keep_graph)
+                                         keep_graph=config.keep_graph, split_batches=config.batch_size is None)
                 measured[matrix] = solver.measure(make, matrix, self._warm if config.warm_start else None,
                                                   layout=layout, bar=bar)
         return Measurement(

@@ -129,8 +129,23 @@ def test_overhead_benchmark_sets_the_steps_that_hold_a_call_apart(tmp_path):
     assert calls == {"without, 1": 0, "with, 1": 3, "without, 2": 0, "with, 2": 3}
 
 
-def test_working_memory_of_a_product_and_of_a_training_step_are_both_measured():
-    command = [sys.executable, "-m", "benchmarks.scale", "--smoke", "--working-memory", "cnn"]
-    done = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
-    assert figures["num_params"] > 0 and figures["training_step"] > 0 and figures["product"] > 0
+def test_memory_report_measures_a_call_a_product_and_a_training_step_in_fresh_processes(tmp_path):
+    out = tmp_path / "RESULTS-memory.md"
+    command = [sys.executable, "-m", "benchmarks.scale", "--smoke", "--memory", "--workloads", "cnn", "--out", str(out)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    row = next(line.split("|") for line in out.read_text().splitlines() if line.startswith("| cnn | "))
+    call, micro_batch, product, step = (float(row[i].replace(",", "")) for i in (5, 6, 7, 8))
+    assert call > 0 and product > 0 and step > 0 and 1 <= micro_batch <= 64
+    assert "| cnn | at most 100 bytes per parameter" in out.read_text()
+
+
+def test_budgeted_runs_alternate_and_report_wall_and_cpu_overhead(tmp_path):
+    out = tmp_path / "RESULTS-scale.md"
+    command = [sys.executable, "-m", "benchmarks.scale", "--smoke", "--workloads", "mlp", "--calls", "2",
+               "--no-allocation-peak", "--out", str(out)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    text = out.read_text()
+    row = next(line.split("|") for line in text.splitlines() if line.startswith("| mlp | 100 |"))
+    assert len(row[4].split(",")) == 2 and len(row[5].split(",")) == 2  # two runs without, two with
+    assert "overhead of a default run at most the budget plus one call (wall; CPU)" in text
+    assert "top-k products of the calls after the first along the run" in text

@@ -56,6 +56,10 @@ class SavedBytes:
     def nbytes(self) -> int:
         return sum(self._seen.values())
 
+    def holds(self, tensor: Tensor) -> bool:
+        """Whether ``tensor``'s storage was counted (saved for backward, or added)."""
+        return tensor.untyped_storage().data_ptr() in self._seen
+
     def add(self, tensor: Tensor) -> None:
         """Count ``tensor``'s storage (once)."""
         storage = tensor.untyped_storage()

@@ -20,6 +20,7 @@ and ``torch.inference_mode()``. A block of S vectors is ``[P, S]``, one vector p
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_hessian.engine.batches import take_samples
 from lightning_hessian.engine.errors import NonFiniteError
 from lightning_hessian.engine.memory import SavedBytes, available_bytes
 from lightning_hessian.engine.snapshot import (
@@ -51,6 +53,13 @@ OutputLossFn = Callable[[Tensor, Any], Tensor]
 
 # With keep_graph="auto", the kept graphs may take this fraction of the memory available.
 _GRAPH_MEMORY_FRACTION = 0.5
+# With split_batches, a micro-batch's graph holds at most about this many numbers per parameter: a
+# product's working memory follows the graph of one batch (the activations and their first
+# derivatives), and at this size it stays below that of the solvers' parameter-sized vectors.
+_MICRO_BATCH_GRAPH_NUMBERS = 8
+# ... and the micro-batches are used only if their losses, weighted by samples, give the batch's loss
+# to this relative tolerance: the samples do not interact (no batch statistics, no in-batch pairs).
+_SPLIT_RTOL = 1e-4
 
 
 class OperatorOptions(SnapshotOptions, total=False):
@@ -63,6 +72,7 @@ class OperatorOptions(SnapshotOptions, total=False):
     """
 
     keep_graph: bool | int | Literal["auto"]
+    split_batches: bool
 
 
 def _tensors_of(graph: Any) -> list[Tensor]:
@@ -91,6 +101,14 @@ class CurvatureOperator:
             recomputes the others; ``"auto"`` measures the first graph and keeps as many as fit in
             half the memory available on the device (:func:`~lightning_hessian.engine.memory.available_bytes`).
             Dropped with a warning if the device runs out of memory.
+        split_batches: when the first batch's graph holds more than about 8 numbers per parameter
+            (a convnet's activations on a large batch), cut every batch into micro-batches whose graph
+            holds about that many, so that a product's working memory (which follows one batch's
+            graph) stays near that of a few parameter vectors; the total of the kept graphs does not
+            change, nor the operator (it averages over samples). Done only if the first batch's loss
+            equals its micro-batches' losses weighted by samples (to a relative 1e-4), i.e. when the
+            samples do not interact; batch statistics (``mode="train"``) or a loss over in-batch
+            pairs keep the batches whole. Default ``False``.
         **options: the snapshot's (:class:`~lightning_hessian.engine.snapshot.SnapshotOptions`):
             ``params``, name patterns selecting parameters (default all with ``requires_grad``);
             ``dtype``, of the products (e.g. ``torch.float64`` for exact small-model work; default
@@ -100,7 +118,8 @@ class CurvatureOperator:
 
     Attributes:
         graph_nbytes: bytes held by one batch's kept graph (the first batch's, measured when it is
-            built: the tensors autograd saved and the first derivatives; ``None`` before).
+            built: the tensors autograd saved and the first derivatives; ``None`` before); after a
+            split, the first micro-batch's.
         snapshot: the :class:`~lightning_hessian.engine.snapshot.ModelSnapshot` products run on.
         num_params: P; ``shape``: ``(P, P)``.
         num_samples: N.
@@ -127,12 +146,14 @@ class CurvatureOperator:
         batches: Iterable[Any],
         *,
         keep_graph: bool | int | Literal["auto"] = True,
+        split_batches: bool = False,
         **options: Unpack[SnapshotOptions],
     ) -> None:
         self.snapshot = ModelSnapshot(model, batches, **options)
         if not (isinstance(keep_graph, (bool, int)) or keep_graph == "auto"):
             raise ValueError(f"keep_graph={keep_graph!r} must be True, False, a number of batches or 'auto'")
         self.keep_graph = keep_graph
+        self.split_batches = bool(split_batches)
         self.graph_nbytes: int | None = None
         self.num_matvecs = 0
         self._graphs: list[Any] | None = None
@@ -205,6 +226,7 @@ class CurvatureOperator:
             )
         snapshot = self.snapshot
         with autograd_enabled():
+            self._measure_first()
             parts = snapshot.unflatten(matrix.detach().to(device=self.device, dtype=self.dtype))
             total = torch.zeros(matrix.shape[1], self.num_params, dtype=self.dtype, device=self.device)
             totals = total.split(snapshot.numels, dim=1)  # views: each batch's product is added in place
@@ -241,18 +263,79 @@ class CurvatureOperator:
             return True  # the first graph is kept while it is measured
         return keep if isinstance(keep, bool) else index < keep
 
-    def _measured(self, index: int) -> Any:
-        """Build the graph of batch ``index`` and record its bytes; with ``"auto"``, decide how many to keep."""
+    def _batch_loss(self, model: nn.Module, batch: Any) -> Tensor:
+        """The mean loss of one batch (a scalar), as the graphs compute it (for :meth:`ModelSnapshot.call`)."""
+        raise NotImplementedError
+
+    def _unread(self, graph: Any) -> list[Tensor]:
+        """The tensors of a graph whose values products never read (only their ``grad_fn``)."""
+        return []
+
+    def _counted(self, index: int) -> tuple[Any, int]:
+        """The graph of batch ``index`` and the bytes it holds.
+
+        The values of the graph's tensors that products never read (first derivatives: a parameter
+        vector per batch) are released, unless autograd saved them for the backward pass.
+        """
         snapshot = self.snapshot
         saved = SavedBytes(exclude=[*snapshot.leaves, *snapshot.others])
         with saved.counting():
             graph = self._build_graph(index)
+        for tensor in self._unread(graph):
+            storage = tensor.untyped_storage()
+            if tensor.is_contiguous() and not saved.holds(tensor) and storage.nbytes() == tensor.nbytes:
+                storage.resize_(0)
         for part in _tensors_of(graph):
             saved.add(part)
-        self.graph_nbytes = saved.nbytes
+        return graph, saved.nbytes
+
+    def _measure_first(self) -> None:
+        """Before the first pass over the batches, which a split may change: build and measure batch 0's graph."""
+        if self.split_batches and self.graph_nbytes is None:
+            self._graph(0)
+
+    def _micro_batch_size(self, nbytes: int) -> int | None:
+        """Samples per micro-batch for a first batch whose graph takes ``nbytes``, or ``None`` to keep
+        the batches whole (a small graph, or samples that interact in the loss)."""
+        snapshot = self.snapshot
+        count = snapshot.batch_sizes[0]
+        limit = _MICRO_BATCH_GRAPH_NUMBERS * snapshot.num_params * torch.finfo(self.dtype).bits // 8
+        pieces = min(math.ceil(nbytes / max(limit, 1)), count)
+        if pieces <= 1:
+            return None
+        size = math.ceil(count / pieces)
+        batch = snapshot.batches[0]
+
+        def loss_of(part: Any) -> float:
+            return float(scalar_loss(snapshot.call(self._batch_loss, part), "loss"))
+
+        try:
+            with torch.no_grad():
+                whole = loss_of(batch)
+                combined = sum(min(size, count - start) * loss_of(take_samples(batch, start, start + size))
+                               for start in range(0, count, size)) / count
+        except Exception:
+            return None
+        if not math.isfinite(whole) or abs(combined - whole) > _SPLIT_RTOL * max(abs(whole), 1e-30):
+            return None
+        return size
+
+    def _measured(self, index: int) -> Any:
+        """Build the graph of batch ``index`` and record its bytes; with ``split_batches``, cut the batches
+        into micro-batches where the graph is large (and build the first one's); with ``"auto"``, decide
+        how many graphs to keep."""
+        graph, nbytes = self._counted(index)
+        if self.split_batches and index == 0:
+            size = self._micro_batch_size(nbytes)
+            if size is not None:
+                del graph
+                self.snapshot.split_batches(size)
+                graph, nbytes = self._counted(0)
+        self.graph_nbytes = nbytes
+        snapshot = self.snapshot
         if self.keep_graph == "auto":
             allowance = _GRAPH_MEMORY_FRACTION * available_bytes(self.device)
-            self.keep_graph = int(min(len(snapshot.batches), allowance // max(saved.nbytes, 1)))
+            self.keep_graph = int(min(len(snapshot.batches), allowance // max(nbytes, 1)))
         return graph
 
     def _graph(self, index: int) -> Any:
@@ -262,19 +345,19 @@ class CurvatureOperator:
             if not self._kept(index):
                 return graph
         elif not self._kept(index):
-            return self._build_graph(index)
+            return self._counted(index)[0]
         else:
             graph = None
         if self._graphs is None:
             self._graphs = [None] * len(self.snapshot.batches)
         if self._graphs[index] is None:
             try:
-                self._graphs[index] = graph if graph is not None else self._build_graph(index)
+                self._graphs[index] = graph if graph is not None else self._counted(index)[0]
             except torch.OutOfMemoryError:
                 self._graphs, self.keep_graph = None, False
                 warnings.warn("out of memory while keeping gradient graphs; recomputing them per product",
                               RuntimeWarning, stacklevel=3)
-                return self._build_graph(index)
+                return self._counted(index)[0]
         return self._graphs[index]
 
 
@@ -345,16 +428,27 @@ class HessianOperator(CurvatureOperator):
         super().__init__(model, batches, **options)
         self.loss_fn = loss_fn
 
-    def _build_graph(self, index: int) -> tuple[Tensor | None, ...]:
-        """The gradient of batch ``index``'s loss, with its graph (``create_graph=True``)."""
+    def _batch_loss(self, model: nn.Module, batch: Any) -> Tensor:
+        return self.loss_fn(model, batch)
+
+    def _gradients(self, index: int, *, create_graph: bool) -> tuple[Tensor | None, ...]:
+        """The gradient of batch ``index``'s loss, one tensor per parameter (``None`` where unused)."""
         snapshot = self.snapshot
         loss = checked_loss(snapshot.call(self.loss_fn, snapshot.batches[index]), "loss_fn")
-        return torch.autograd.grad(loss, snapshot.leaves, create_graph=True, allow_unused=True)
+        return torch.autograd.grad(loss, snapshot.leaves, create_graph=create_graph, allow_unused=True)
+
+    def _build_graph(self, index: int) -> tuple[Tensor | None, ...]:
+        """The gradient of batch ``index``'s loss, with its graph (``create_graph=True``)."""
+        return self._gradients(index, create_graph=True)
+
+    def _unread(self, graph: tuple[Tensor | None, ...]) -> list[Tensor]:
+        return [g for g in graph if g is not None]
 
     def gradient(self) -> Tensor:
         """The gradient of the mean loss over all samples, ``[P]``.
 
-        Reuses the kept first-order graphs, so after a product it costs no extra pass.
+        One forward and backward pass over the batches: the kept graphs do not keep the gradient's
+        values (products never read them).
 
         Example:
             >>> model = torch.nn.Linear(2, 1, bias=False)
@@ -363,9 +457,10 @@ class HessianOperator(CurvatureOperator):
         """
         snapshot = self.snapshot
         with autograd_enabled():
+            self._measure_first()
             total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
             for index, size in enumerate(snapshot.batch_sizes):
-                grads = stacked(self._graph(index), snapshot.leaves, 1)
+                grads = stacked(self._gradients(index, create_graph=False), snapshot.leaves, 1)
                 total.add_(snapshot.flatten(grads)[:, 0].detach(), alpha=size / snapshot.num_samples)
         return total
 
@@ -418,6 +513,12 @@ class GGNOperator(CurvatureOperator):
         super().__init__(model, batches, **options)
         self.output_fn = output_fn
         self.output_loss_fn = output_loss_fn
+
+    def _batch_loss(self, model: nn.Module, batch: Any) -> Tensor:
+        return self.output_loss_fn(self.output_fn(model, batch), batch)
+
+    def _unread(self, graph: tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]) -> list[Tensor]:
+        return list(graph[3][1:])  # J^T u: only its graph gives J v
 
     def _build_graph(self, index: int) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
         """Outputs f, the loss gradient dL/df (with graph), a dummy u and J^T u (with graph)."""

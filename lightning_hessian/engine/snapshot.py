@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_hessian.engine.batches import count_samples, materialize, move_batch
+from lightning_hessian.engine.batches import count_samples, materialize, move_batch, take_samples
 
 Mode = Literal["eval", "train"]
 
@@ -274,6 +274,21 @@ class ModelSnapshot:
         state = {"model." + name: tensor for name, tensor in state.items()}
         with module_mode(self.model, self.mode, freeze_statistics=True), twice_differentiable(self.device):
             return functional_call(BoundModule(self.model, fn), state, args, strict=False)
+
+    def split_batches(self, size: int) -> None:
+        """Cut every batch into micro-batches of at most ``size`` samples, in order (see
+        :func:`~lightning_hessian.engine.batches.take_samples`); ``num_samples`` is unchanged.
+
+        Example:
+            >>> snapshot = ModelSnapshot(torch.nn.Linear(3, 2), [torch.ones(5, 3)])
+            >>> snapshot.split_batches(2)
+            >>> snapshot.batch_sizes, snapshot.num_samples
+            ([2, 2, 1], 5)
+        """
+        self.batches = [take_samples(batch, start, start + size)
+                        for batch, count in zip(self.batches, self.batch_sizes, strict=True)
+                        for start in range(0, count, size)]
+        self.batch_sizes = [count_samples(batch) for batch in self.batches]
 
     def flat_parameters(self) -> Tensor:
         """The selected parameters as one ``[P]`` vector (detached)."""

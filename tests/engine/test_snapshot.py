@@ -80,3 +80,81 @@ def test_auto_keeps_as_many_graphs_as_fit_and_gives_the_same_products(monkeypatc
     torch.testing.assert_close(tight.matmat(vectors), expected, rtol=1e-12, atol=1e-14)
     assert tight.keep_graph == 2 and sum(g is not None for g in tight._graphs) == 2
     assert memory.available_bytes(torch.device("cpu")) > 0
+
+
+def _small_convnet() -> torch.nn.Module:
+    """483 parameters and activations far larger than them: a graph of many numbers per parameter."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).double()
+
+
+def _image_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 1, 6, 6, generator=generator, dtype=F64), torch.randint(0, 3, (24,), generator=generator)
+    return [(x[:12], y[:12]), (x[12:], y[12:])]
+
+
+def _pairwise_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A loss over in-batch pairs (the mean squared difference of two samples' outputs): the samples interact."""
+    outputs = model(batch[0])
+    return 2 * (outputs - outputs.mean(dim=0)).pow(2).sum(dim=1).mean()
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_split_batches_cuts_large_graphs_into_micro_batches_and_keeps_the_operator(kind):
+    batches = _image_batches()
+    if kind == "hessian":
+        build = lambda **o: HessianOperator(_small_convnet(), cases.cross_entropy, batches, dtype=F64, **o)  # noqa: E731
+    else:
+        build = lambda **o: operators.GGNOperator(_small_convnet(), cases.outputs_of,  # noqa: E731
+                                                  cases.cross_entropy_on_outputs, batches, dtype=F64, **o)
+    whole, split = build(), build(split_batches=True)
+    vectors = torch.randn(whole.num_params, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    torch.testing.assert_close(split.matmat(vectors), whole.matmat(vectors), rtol=1e-12, atol=1e-14)
+    assert whole.snapshot.batch_sizes == [12, 12]
+    assert len(split.snapshot.batch_sizes) > 2 and sum(split.snapshot.batch_sizes) == 24
+    # The micro-batch's graph holds about 8 numbers per parameter at most (the whole batch's, many more).
+    assert split.graph_nbytes <= 1.5 * 8 * 8 * split.num_params < whole.graph_nbytes
+    if kind == "hessian":
+        torch.testing.assert_close(split.matmat(vectors), cases.autograd_hessian(_small_convnet(), cases.cross_entropy,
+                                                                                batches) @ vectors)
+
+
+@pytest.mark.parametrize(("mode", "loss"), [
+    pytest.param("train", cases.cross_entropy, id="batch-statistics"),
+    pytest.param("eval", _pairwise_loss, id="in-batch-pairs"),
+])
+def test_split_batches_keeps_batches_whole_when_samples_interact(mode, loss):
+    batches = _image_batches()
+    whole = HessianOperator(_small_convnet(), loss, batches, dtype=F64, mode=mode)
+    split = HessianOperator(_small_convnet(), loss, batches, dtype=F64, mode=mode, split_batches=True)
+    vectors = torch.randn(whole.num_params, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    torch.testing.assert_close(split.matmat(vectors), whole.matmat(vectors), rtol=1e-12, atol=1e-14)
+    assert split.snapshot.batch_sizes == [12, 12] and split.graph_nbytes == whole.graph_nbytes
+
+
+def test_split_batches_keeps_small_graphs_whole():
+    model = cases.mlp([64, 256, 10]).double()  # wide, on small batches: a graph of few numbers per parameter
+    batches = [(x.double(), y) for x, y in cases.split(*cases.digits(40), [20, 20])]
+    op = HessianOperator(model, cases.cross_entropy, batches, split_batches=True)
+    torch.testing.assert_close(op.gradient(), HessianOperator(model, cases.cross_entropy, batches).gradient())
+    assert op.snapshot.batch_sizes == [20, 20] and op.graph_nbytes < 8 * 8 * op.num_params
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_kept_graphs_do_not_hold_a_parameter_vector_per_batch(kind):
+    model = cases.mlp([64, 256, 10]).double()  # 19k parameters, 20 samples a batch: activations of 6k numbers
+    batches = [(x.double(), y) for x, y in cases.split(*cases.digits(40), [20, 20])]
+    if kind == "hessian":
+        op = HessianOperator(model, cases.cross_entropy, batches)
+    else:
+        op = operators.GGNOperator(model, cases.outputs_of, cases.cross_entropy_on_outputs, batches)
+    vectors = torch.randn(op.num_params, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    first = op.matmat(vectors)
+    # The first derivatives (for the GGN, J^T u) keep their graphs but not their values.
+    assert op.graph_nbytes < 8 * op.num_params
+    torch.testing.assert_close(op.matmat(vectors), first, rtol=0, atol=0)
+    exact = HessianOperator(model, cases.cross_entropy, batches, keep_graph=False) if kind == "hessian" else \
+        operators.GGNOperator(model, cases.outputs_of, cases.cross_entropy_on_outputs, batches, keep_graph=False)
+    torch.testing.assert_close(first, exact.matmat(vectors), rtol=1e-12, atol=1e-14)
