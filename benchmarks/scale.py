@@ -198,11 +198,37 @@ def probe_operator(module: pl.LightningModule, batches: list[Any]) -> HessianOpe
 
 
 def kept_graph_bytes(module: pl.LightningModule, batches: list[Any]) -> int:
-    """Bytes of the gradient graphs a default call keeps (all probe batches', as memory allows)."""
+    """Bytes of the gradient graphs a default call keeps (all probe batches', as memory allows): every
+    distinct storage that a kept graph's nodes saved, found by walking the graphs (micro-batches are
+    views of their batch, so the first graph's size times their number would count a batch many times)."""
     op = probe_operator(module, batches)
-    kept = op.keep_graph if isinstance(op.keep_graph, int) and not isinstance(op.keep_graph, bool) \
-        else len(op.snapshot.batches)
-    return int(op.graph_nbytes or 0) * kept
+    excluded = {t.untyped_storage().data_ptr() for t in (*op.snapshot.leaves, *op.snapshot.others)}
+    storages: dict[int, int] = {}
+    seen: set[Any] = set()
+    nodes = [t.grad_fn for graph in (op._graphs or []) if graph is not None for t in _graph_tensors(graph)
+             if t.grad_fn is not None]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                for tensor in _graph_tensors(getattr(node, name)):
+                    storage = tensor.untyped_storage()
+                    if storage.data_ptr() not in excluded:
+                        storages[storage.data_ptr()] = storage.nbytes()
+        nodes.extend(next_node for next_node, _ in node.next_functions)
+    return sum(storages.values())
+
+
+def _graph_tensors(value: Any) -> list[Tensor]:
+    """The tensors in a graph's (nested) tuple of outputs, or in a node's saved attribute."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for part in value for t in _graph_tensors(part)]
+    return []
 
 
 def default_calls(workload: Workload, calls: int, **settings: Any) -> dict[str, Any]:

@@ -157,14 +157,16 @@ class MatrixSolver:
         A warm start continues without the engine's invariance guard when the caller checks the result
         (``checked``: the density's Lanczos run, whose probes are random, would reveal a missed pair).
         """
-        v0 = warm.pop(key, None) if warm is not None else None
-        if v0 is not None and v0.numel() != op.num_params:
-            v0 = None
+        stored = warm.get(key) if warm is not None else None
+        warmed = stored is not None and stored.numel() == op.num_params
+        del stored
         cap = self.max_matvecs if self.max_matvecs is not None else max_matvecs
-        result = top_eigenvalues(op, k, tol=self.tol, which=which, v0=v0, max_matvecs=cap,
-                                 seed=self.seed, basis_dtype=self.basis_dtype, basis_device=self.basis_device,
+        # The warm vector is popped into the call, which drops it once the basis holds it (P numbers).
+        result = top_eigenvalues(op, k, tol=self.tol, which=which, v0=warm.pop(key) if warmed else None,
+                                 max_matvecs=cap, seed=self.seed, basis_dtype=self.basis_dtype,
+                                 basis_device=self.basis_device,
                                  max_basis=self.max_basis if self.max_basis is not None else lean_max_basis(k),
-                                 guard_invariant=v0 is None or not checked)
+                                 guard_invariant=not (warmed and checked))
         if warm is not None:
             # One vector, the sum of the unit eigenvectors: it restarts Lanczos in the fewest products
             # (benchmarks/RESULTS.md) and keeps checkpoints small.

@@ -460,6 +460,7 @@ def top_eigenvalues(
     generator = torch.Generator().manual_seed(seed)
     dtype = torch.float64 if basis_dtype is None else basis_dtype
     start = _start_block(v0, num_params, generator, limit, dtype)
+    del v0  # the start block is a copy: the caller's vectors need not stay alive through the products
     cap = max(cap, start.shape[0])
     # Rows: the basis (at most P vectors), the pending block and its products.
     capacity = min(max_basis, num_params + 2 * limit) if bounded else min(cap, num_params) + 2 * start.shape[0] + 1

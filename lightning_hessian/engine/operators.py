@@ -60,6 +60,8 @@ _MICRO_BATCH_GRAPH_NUMBERS = 8
 # ... and the micro-batches are used only if their losses, weighted by samples, give the batch's loss
 # to this relative tolerance: the samples do not interact (no batch statistics, no in-batch pairs).
 _SPLIT_RTOL = 1e-4
+# The bytes per sample of a batch's graph are measured on this fraction of the first batch.
+_TRIAL_PIECES = 8
 
 
 class OperatorOptions(SnapshotOptions, total=False):
@@ -294,43 +296,51 @@ class CurvatureOperator:
         if self.split_batches and self.graph_nbytes is None:
             self._graph(0)
 
-    def _micro_batch_size(self, nbytes: int) -> int | None:
-        """Samples per micro-batch for a first batch whose graph takes ``nbytes``, or ``None`` to keep
-        the batches whole (a small graph, or samples that interact in the loss)."""
+    def _micro_batch_size(self) -> int | None:
+        """Samples per micro-batch, or ``None`` to keep the batches whole (a graph of few numbers per
+        parameter, or samples that interact in the loss).
+
+        The graph of a slice of the first batch (an eighth of it) gives the bytes per sample, so that a
+        batch whose whole graph would be large is never built whole.
+        """
         snapshot = self.snapshot
         count = snapshot.batch_sizes[0]
         limit = _MICRO_BATCH_GRAPH_NUMBERS * snapshot.num_params * torch.finfo(self.dtype).bits // 8
-        pieces = min(math.ceil(nbytes / max(limit, 1)), count)
-        if pieces <= 1:
-            return None
-        size = math.ceil(count / pieces)
-        batch = snapshot.batches[0]
-
-        def loss_of(part: Any) -> float:
-            return float(scalar_loss(snapshot.call(self._batch_loss, part), "loss"))
-
+        whole_batches = snapshot.batches, snapshot.batch_sizes
         try:
+            snapshot.split_batches(math.ceil(count / _TRIAL_PIECES))
+            trial = snapshot.batch_sizes[0]
+            per_sample = self._counted(0)[1] / trial
+            snapshot.batches, snapshot.batch_sizes = whole_batches
+            pieces = min(math.ceil(count * per_sample / max(limit, 1)), count)
+            if pieces <= 1:
+                return None
+            size = math.ceil(count / pieces)
+            batch = snapshot.batches[0]
+
+            def loss_of(part: Any) -> float:
+                return float(scalar_loss(snapshot.call(self._batch_loss, part), "loss"))
+
             with torch.no_grad():
                 whole = loss_of(batch)
                 combined = sum(min(size, count - start) * loss_of(take_samples(batch, start, start + size))
                                for start in range(0, count, size)) / count
-        except Exception:
+        except Exception:  # a module that cannot take smaller batches (a state sized by the batch): keep them
+            snapshot.batches, snapshot.batch_sizes = whole_batches
             return None
         if not math.isfinite(whole) or abs(combined - whole) > _SPLIT_RTOL * max(abs(whole), 1e-30):
             return None
         return size
 
     def _measured(self, index: int) -> Any:
-        """Build the graph of batch ``index`` and record its bytes; with ``split_batches``, cut the batches
-        into micro-batches where the graph is large (and build the first one's); with ``"auto"``, decide
-        how many graphs to keep."""
-        graph, nbytes = self._counted(index)
+        """Build the graph of batch ``index`` and record its bytes; first, with ``split_batches``, cut the
+        batches into micro-batches where one batch's graph would be large; with ``"auto"``, decide how
+        many graphs to keep."""
         if self.split_batches and index == 0:
-            size = self._micro_batch_size(nbytes)
+            size = self._micro_batch_size()
             if size is not None:
-                del graph
                 self.snapshot.split_batches(size)
-                graph, nbytes = self._counted(0)
+        graph, nbytes = self._counted(index)
         self.graph_nbytes = nbytes
         snapshot = self.snapshot
         if self.keep_graph == "auto":
