@@ -70,7 +70,9 @@ class SavedBytes:
     def counting(self) -> Iterator[None]:
         def pack(tensor: Tensor) -> Tensor:
             self.add(tensor)
-            return tensor
+            # An alias without autograd history: the tensor itself would hold its own node when it is the
+            # node's output (a reference cycle that keeps the whole graph alive after it is dropped).
+            return tensor.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             yield

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import cases
 import numpy as np
 import pytest
@@ -158,3 +161,26 @@ def test_kept_graphs_do_not_hold_a_parameter_vector_per_batch(kind):
     exact = HessianOperator(model, cases.cross_entropy, batches, keep_graph=False) if kind == "hessian" else \
         operators.GGNOperator(model, cases.outputs_of, cases.cross_entropy_on_outputs, batches, keep_graph=False)
     torch.testing.assert_close(first, exact.matmat(vectors), rtol=1e-12, atol=1e-14)
+
+
+class _Recorded(torch.nn.Module):
+    """A tanh layer that keeps a weak reference to its last output (which autograd saves for backward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(x)
+        self.output = weakref.ref(y)
+        return y
+
+
+def test_a_dropped_operator_frees_its_graphs():
+    """Counting the saved tensors must not tie a graph to itself: a saved output that referenced its own
+    node kept every measured graph alive for good (one batch of activations per call)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), _Recorded(), torch.nn.Linear(8, 3)).double()
+    batches = [(x.double(), y) for x, y in cases.split(*cases.gaussian_mixture(20, 3, 4), [10, 10])]
+    for keep_graph in (True, "auto", False):
+        op = HessianOperator(model, cases.cross_entropy, batches, keep_graph=keep_graph, split_batches=True)
+        op.matvec(torch.ones(op.num_params, dtype=F64))
+        output = model[1].output
+        del op
+        gc.collect()
+        assert output() is None, keep_graph
