@@ -61,9 +61,9 @@ TARGET_BYTES_PER_PARAM = 100
 # large block at once, so that the resident peak follows what was allocated (at a cost in page faults,
 # which is why the timed calls run without it).
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-# A default run whose training takes as long as this many warm calls holds about two budgeted
+# A default run whose training takes as long as this many warm calls holds about three budgeted
 # measurements at 5%, besides the first and the last, and as many more as warm calls are cheaper.
-OVERHEAD_RUN_CALLS = 40
+OVERHEAD_RUN_CALLS = 70
 # Steps of the short run that times Lightning's whole loop per training step (data, hooks, epochs).
 LOOP_TIMING_STEPS = 300
 
