@@ -52,6 +52,7 @@ from lightning_hessian import HessianOperator, HessianSpectrumCallback
 from lightning_hessian._measure import training_step_loss
 from lightning_hessian.engine.batches import take_samples
 from lightning_hessian.engine.layers import parameter_layout
+from lightning_hessian.engine.operators import tensors_of
 
 RESULTS = Path(__file__).with_name("RESULTS-scale.md")
 PROBE_SAMPLES = 512  # the callback's default num_samples
@@ -206,7 +207,7 @@ def kept_graph_bytes(module: pl.LightningModule, batches: list[Any]) -> int:
     excluded = {t.untyped_storage().data_ptr() for t in (*op.snapshot.leaves, *op.snapshot.others)}
     storages: dict[int, int] = {}
     seen: set[Any] = set()
-    nodes = [t.grad_fn for graph in (op._graphs or []) if graph is not None for t in _graph_tensors(graph)
+    nodes = [t.grad_fn for graph in (op._graphs or []) if graph is not None for t in tensors_of(graph)
              if t.grad_fn is not None]
     while nodes:
         node = nodes.pop()
@@ -215,21 +216,12 @@ def kept_graph_bytes(module: pl.LightningModule, batches: list[Any]) -> int:
         seen.add(node)
         for name in dir(node):
             if name.startswith("_saved_"):
-                for tensor in _graph_tensors(getattr(node, name)):
+                for tensor in tensors_of(getattr(node, name)):
                     storage = tensor.untyped_storage()
                     if storage.data_ptr() not in excluded:
                         storages[storage.data_ptr()] = storage.nbytes()
         nodes.extend(next_node for next_node, _ in node.next_functions)
     return sum(storages.values())
-
-
-def _graph_tensors(value: Any) -> list[Tensor]:
-    """The tensors in a graph's (nested) tuple of outputs, or in a node's saved attribute."""
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for part in value for t in _graph_tensors(part)]
-    return []
 
 
 def default_calls(workload: Workload, calls: int, **settings: Any) -> dict[str, Any]:

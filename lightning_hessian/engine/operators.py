@@ -77,12 +77,17 @@ class OperatorOptions(SnapshotOptions, total=False):
     split_batches: bool
 
 
-def _tensors_of(graph: Any) -> list[Tensor]:
-    """The tensors in a (nested) tuple of graph outputs."""
+def tensors_of(graph: Any) -> list[Tensor]:
+    """The tensors in a (nested) tuple or list: a graph's outputs, or an autograd node's saved attribute.
+
+    Example:
+        >>> [t.tolist() for t in tensors_of((torch.ones(1), [torch.zeros(2), None], 3))]
+        [[1.0], [0.0, 0.0]]
+    """
     if isinstance(graph, Tensor):
         return [graph]
     if isinstance(graph, (tuple, list)):
-        return [t for part in graph for t in _tensors_of(part)]
+        return [t for part in graph for t in tensors_of(part)]
     return []
 
 
@@ -287,7 +292,7 @@ class CurvatureOperator:
             storage = tensor.untyped_storage()
             if tensor.is_contiguous() and not saved.holds(tensor) and storage.nbytes() == tensor.nbytes:
                 storage.resize_(0)
-        for part in _tensors_of(graph):
+        for part in tensors_of(graph):
             saved.add(part)
         return graph, saved.nbytes
 
