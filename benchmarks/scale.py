@@ -50,7 +50,6 @@ from benchmarks.measure import PeakMemory, command_line
 from benchmarks.resnet import resnet18
 from lightning_hessian import HessianOperator, HessianSpectrumCallback
 from lightning_hessian._measure import training_step_loss
-from lightning_hessian.engine.batches import take_samples
 from lightning_hessian.engine.layers import parameter_layout
 from lightning_hessian.engine.operators import tensors_of
 
@@ -60,9 +59,11 @@ TARGET_PRODUCTS = 60
 TARGET_BYTES_PER_PARAM = 100
 # glibc's malloc moves its mmap threshold up to the largest block freed, after which blocks of a few
 # parameters' worth come from the heap and freed ones stay resident; a fixed threshold returns every
-# large block at once, so that the resident peak follows what was allocated (at a cost in page faults,
-# which is why the timed calls run without it).
-FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+# block above it at once, so that the resident peak follows what was allocated (at a cost in page
+# faults, which is why the timed calls run without it). At 16 KiB the small temporaries of a double
+# backward on micro-batches are returned too: at glibc's initial 128 KiB, products on the convnet's kept
+# graphs leave tens of bytes per parameter of freed heap resident while allocating nothing.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "16384"}
 # A default run whose training takes as long as this many warm calls holds about three budgeted
 # measurements at 5%, besides the first and the last, and as many more as warm calls are cheaper.
 OVERHEAD_RUN_CALLS = 70
@@ -264,9 +265,10 @@ def working_memory(workload: Workload, probe_samples: int = PROBE_SAMPLES) -> di
     pl.seed_everything(0, verbose=False)
     module, stream = workload.build(), iter(workload.loader())
     batches = [next(stream) for _ in range(min(max(probe_samples // workload.batch_size, 1), len(stream)))]
-    with PeakMemory() as step:
-        module.training_step(batches[0], 0).backward()
-    module.zero_grad(set_to_none=True)
+    for _ in range(2):  # the second step is measured: the first allocates the kernels' one-time buffers
+        with PeakMemory() as step:
+            module.training_step(batches[0], 0).backward()
+        module.zero_grad(set_to_none=True)
     op = probe_operator(module, batches)
     vector = torch.randn(op.num_params, generator=torch.Generator().manual_seed(0))
     with PeakMemory() as product:
@@ -501,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
                         "graphs does not depend on them, and the demo transformer's call is 8x shorter at 64)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    # Denormal floats flushed to zero: after about 1,000 steps the synthetic MLP's cross-entropy drives
+    # its gradients below float32's normal range, where each step takes several times longer, which would
+    # make the budgeted runs' length and their comparison depend on when that starts.
+    torch.set_flush_denormal(True)
     smoke = {"num_samples": 64, "num_probes": 1, "num_steps": 8} if args.smoke else {}
     if args.probe_samples:
         smoke["num_samples"] = args.probe_samples
@@ -511,11 +517,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.allocation_peak:  # the child of allocation_rest
         workload = workloads(args.smoke)[args.allocation_peak]
         # A training step and a product on a throwaway copy first: the kernels' one-time buffers (caches,
-        # thread pools) belong to the process, allocated by whichever runs them first, once.
+        # thread pools, oneDNN's primitives for each shape) belong to the process, allocated by whichever
+        # runs them first, once. The product runs on a whole batch, so on the micro-batches a call uses
+        # (after a product on a smaller batch, the convnet's first call holds the primitives of its shapes).
         batch = next(iter(workload.loader()))
         throwaway = workload.build()
         throwaway.training_step(batch, 0).backward()
-        probe_operator(throwaway, [take_samples(batch, 0, 2)])
+        probe_operator(throwaway, [batch])
         del throwaway
         row = default_calls(workload, 2, **smoke)
         print(json.dumps({"rest": max(row["peak_increase"] - row["graph_bytes"], 0), "graphs": row["graph_bytes"],

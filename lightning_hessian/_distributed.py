@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_hessian.engine import CurvatureOperator, NonFiniteError
+from lightning_hessian.engine.errors import all_finite
 
 
 class SummedOperator:
@@ -80,7 +81,7 @@ class SummedOperator:
         reduced = self.strategy.reduce(packed.clone(), reduce_op="sum")
         self.num_samples = int(reduced[-1].item())
         total = reduced[:-1].reshape(shape) / self.num_samples
-        if not torch.isfinite(total).all():
+        if not all_finite(total):
             raise NonFiniteError("the curvature product is not finite (NaN or inf) on at least one rank")
         return total
 

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a top-level folder of the repository, not an installed package
 
 from benchmarks.measure import relative_errors, wasserstein1, wasserstein1_grid  # noqa: E402
+from benchmarks.scale import FIXED_MMAP_THRESHOLD  # noqa: E402
 
 
 def test_wasserstein1_of_shifted_spectrum_is_the_shift_over_the_range():
@@ -105,7 +106,7 @@ def test_scale_suite_writes_every_table_and_a_verdict_per_target(tmp_path):
     text = out.read_text()
     for heading in ("## One default call", "## Memory of a call", "## Warm starts along training", "## Verdicts"):
         assert heading in text
-    assert "MALLOC_MMAP_THRESHOLD_=131072" in text
+    assert f"MALLOC_MMAP_THRESHOLD_={FIXED_MMAP_THRESHOLD['MALLOC_MMAP_THRESHOLD_']}" in text
     verdicts = [line for line in text.splitlines() if line.startswith(("| mlp | at most", "| mlp | median warm"))]
     assert len(verdicts) == 3, verdicts
 

@@ -114,6 +114,8 @@ class EigenResult:
         """
         if not bool(self.converged.any()):
             return None
+        if self.all_converged:  # itself: a copy of the eigenvectors would be k more parameter vectors
+            return self
         kept = self.converged
         return EigenResult(
             eigenvalues=self.eigenvalues[kept], eigenvectors=self.eigenvectors[kept.to(self.eigenvectors.device)],

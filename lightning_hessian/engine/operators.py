@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_hessian.engine.batches import take_samples
-from lightning_hessian.engine.errors import NonFiniteError
+from lightning_hessian.engine.errors import NonFiniteError, all_finite
 from lightning_hessian.engine.memory import SavedBytes, available_bytes
 from lightning_hessian.engine.snapshot import (
     ModelSnapshot,
@@ -55,7 +55,9 @@ OutputLossFn = Callable[[Tensor, Any], Tensor]
 _GRAPH_MEMORY_FRACTION = 0.5
 # With split_batches, a micro-batch's graph holds at most about this many numbers per parameter: a
 # product's working memory follows the graph of one batch (the activations and their first
-# derivatives), and at this size it stays below that of the solvers' parameter-sized vectors.
+# derivatives), and at this size it stays below that of the solvers' parameter-sized vectors. A lower
+# cap saves less than it costs: part of that memory is parameter-sized, and smaller micro-batches fill
+# a GPU less well.
 _MICRO_BATCH_GRAPH_NUMBERS = 8
 # ... and the micro-batches are used only if their losses, weighted by samples, give the batch's loss
 # to this relative tolerance: the samples do not interact (no batch statistics, no in-batch pairs).
@@ -241,7 +243,7 @@ class CurvatureOperator:
                 for accumulated, part in zip(totals, self._batch_matmat(index, parts), strict=True):
                     accumulated.add_(part.reshape(part.shape[0], -1), alpha=size / snapshot.num_samples)
             total = total.T
-        if not torch.isfinite(total).all():
+        if not all_finite(total):
             raise NonFiniteError(
                 f"the {type(self).__name__} product is not finite (NaN or inf); the loss or its "
                 "derivatives overflow at these parameters"

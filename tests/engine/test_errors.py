@@ -17,6 +17,7 @@ from lightning_hessian import (
     spectral_density,
     top_eigenvalues,
 )
+from lightning_hessian.engine.errors import all_finite
 
 ENGINE = Path(lightning_hessian.engine.__file__).parent
 
@@ -170,3 +171,13 @@ def test_bad_batches_and_vectors():
     ggn = GGNOperator(model, lambda m, b: (m(b[0]),), cases.cross_entropy_on_outputs, batches)
     with pytest.raises(ValueError, match="output_fn must return a tensor of model outputs, got tuple"):
         ggn.matvec(torch.ones(53))
+
+
+@pytest.mark.parametrize(("values", "finite"), [
+    pytest.param([1.0, -2.0], True, id="finite"), pytest.param([], True, id="empty"),
+    pytest.param([1.0, float("nan")], False, id="nan"), pytest.param([float("inf"), 1.0], False, id="inf"),
+    pytest.param([1.0, -float("inf")], False, id="minus-inf"),
+    pytest.param([float("nan"), float("inf")], False, id="nan-and-inf"),
+])
+def test_all_finite_finds_every_kind_of_non_finite_entry(values, finite):
+    assert all_finite(torch.tensor(values)) is finite

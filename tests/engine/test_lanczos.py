@@ -152,6 +152,16 @@ def test_too_few_products_leave_pairs_unconverged():
     torch.testing.assert_close(result.residuals, true, rtol=1e-3, atol=1e-12)
 
 
+def test_converged_part_keeps_the_converged_pairs_and_copies_nothing_when_all_converged():
+    problem = cases.trained_mixture()
+    partial = top_eigenvalues(_hessian_operator(problem), 10, max_matvecs=12)
+    kept = partial.converged_part()
+    assert kept is not None and len(kept.eigenvalues) == int(partial.converged.sum()) < 10
+    assert torch.equal(kept.eigenvectors, partial.eigenvectors[partial.converged])
+    complete = top_eigenvalues(_hessian_operator(problem), 3)
+    assert complete.all_converged and complete.converged_part() is complete  # no copy of k parameter vectors
+
+
 @pytest.mark.parametrize("which", ["largest", "smallest"])
 def test_tiny_operator_with_repeated_eigenvalues_up_to_k_equal_p(which):
     # Multiplicities make the Krylov space invariant after 6 steps: the recursion must restart.

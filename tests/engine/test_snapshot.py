@@ -117,8 +117,9 @@ def test_split_batches_cuts_large_graphs_into_micro_batches_and_keeps_the_operat
     torch.testing.assert_close(split.matmat(vectors), whole.matmat(vectors), rtol=1e-12, atol=1e-14)
     assert whole.snapshot.batch_sizes == [12, 12]
     assert len(split.snapshot.batch_sizes) > 2 and sum(split.snapshot.batch_sizes) == 24
-    # The micro-batch's graph holds about 8 numbers per parameter at most (the whole batch's, many more).
-    assert split.graph_nbytes <= 1.5 * 8 * 8 * split.num_params < whole.graph_nbytes
+    # The micro-batch's graph holds about the cap's numbers per parameter at most (the whole batch's, many more).
+    cap = operators._MICRO_BATCH_GRAPH_NUMBERS * 8 * split.num_params
+    assert split.graph_nbytes <= 1.5 * cap < whole.graph_nbytes
     if kind == "hessian":
         torch.testing.assert_close(split.matmat(vectors), cases.autograd_hessian(_small_convnet(), cases.cross_entropy,
                                                                                 batches) @ vectors)
@@ -142,7 +143,8 @@ def test_split_batches_keeps_small_graphs_whole():
     batches = [(x.double(), y) for x, y in cases.split(*cases.digits(40), [20, 20])]
     op = HessianOperator(model, cases.cross_entropy, batches, split_batches=True)
     torch.testing.assert_close(op.gradient(), HessianOperator(model, cases.cross_entropy, batches).gradient())
-    assert op.snapshot.batch_sizes == [20, 20] and op.graph_nbytes < 8 * 8 * op.num_params
+    assert op.snapshot.batch_sizes == [20, 20]
+    assert op.graph_nbytes < operators._MICRO_BATCH_GRAPH_NUMBERS * 8 * op.num_params
 
 
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])
