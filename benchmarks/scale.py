@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.allocation_peak:  # the child of allocation_rest
         workload = workloads(args.smoke)[args.allocation_peak]
         # A training step and a product on a throwaway copy first: the kernels' one-time buffers (caches,
-        # thread pools, oneDNN's primitives for each shape) belong to the process, allocated by whichever
+        # thread pools, per-shape kernel caches) belong to the process, allocated by whichever
         # runs them first, once. The product runs on a whole batch, so on the micro-batches a call uses
         # (after a product on a smaller batch, the convnet's first call holds the primitives of its shapes).
         batch = next(iter(workload.loader()))
