@@ -68,7 +68,7 @@ def phase(after: int, *, smoke: bool) -> list[dict[str, float]]:
         row = {"step": after + SPACING * call, "cold": cold.num_matvecs, "eig_1": float(cold.eigenvalues[0])}
         if previous is not None:
             for name, start in (("sum", previous.sum(dim=0)), ("block", previous)):
-                row[name] = top_eigenvalues(op, K, v0=start, guard_invariant=False, **solve).num_matvecs
+                row[name] = top_eigenvalues(op, K, v0=start, verify=False, **solve).num_matvecs
             rows.append(row)
         previous = cold.eigenvectors
         train(SPACING)

@@ -166,7 +166,7 @@ class MatrixSolver:
                                  max_matvecs=cap, seed=self.seed, basis_dtype=self.basis_dtype,
                                  basis_device=self.basis_device,
                                  max_basis=self.max_basis if self.max_basis is not None else lean_max_basis(k),
-                                 guard_invariant=not (warmed and checked))
+                                 verify=not checked)
         if warm is not None:
             # One vector, the sum of the unit eigenvectors: it restarts Lanczos in the fewest products
             # (benchmarks/RESULTS.md) and keeps checkpoints small.

@@ -23,11 +23,16 @@ A warm start ``v0`` (e.g. the previous call's eigenvectors) is the first block: 
 have not moved, one block of k products gives the Rayleigh-Ritz pairs on their span, certified.
 Once they have moved, every further step of a block of b vectors costs b products, and one vector,
 their sum, is usually cheaper: its Krylov space holds the k eigenvectors after k products when they
-are exact and grows one product at a time (the callback warm-starts this way). When the Krylov space of
-the block is invariant (a start that is an eigenvector, a low-rank operator, warm vectors that span
-an invariant subspace), the solver continues from a fresh random direction orthogonal to the basis
-and stops only once the wanted pairs of that fresh part have converged too, so an invariant start
-cannot hide a larger eigenvalue.
+are exact and grows one product at a time (the callback warm-starts this way).
+
+A Krylov space grown from one vector holds one direction per distinct eigenvalue: it cannot see a
+second copy of a repeated eigenvalue, and a start orthogonal to an eigenvector (a warm start inside
+an invariant subspace) never sees that eigenvector. So once the k wanted pairs have converged, the
+solver checks for what the space cannot hold: it keeps only the converged pairs (locks them),
+continues from a fresh Gaussian direction orthogonal to them, and runs until either the basis holds
+more Ritz values beyond theta_k (the k-th wanted value) than before, by Cauchy interlacing an
+eigenvalue the locked pairs missed, which it then converges and checks for again, or the fresh part's
+best Ritz pair has converged without passing theta_k. The last check that finds nothing ends the solve.
 """
 
 from __future__ import annotations
@@ -175,9 +180,16 @@ class _KrylovSchur:
         self.n = 0
         self.M = np.zeros((0, 0))
         self.defects: list[np.ndarray] = []  # rounding parts of restarts past, in current coordinates
+        # Pending directions set aside by explore(), never multiplied, with their coupling G kept in the
+        # relation
+        #     H V = V M + U E + F G,        F orthogonal to V and U, not normalized.
+        # Every new pending block U' takes over F's part along it (F = U' C + F', E' += C G), so the
+        # basis can still grow into those directions, and a Ritz pair's Krylov residual stays exact:
+        # ||E y||^2 + (G y)^T (F^T F) (G y).
+        self.frozen = torch.empty(0, self.num_params, dtype=dtype, device=device)
+        self.G = np.zeros((0, 0))
+        self.gram = np.zeros((0, 0))  # F^T F
         self.fresh = np.zeros(0, dtype=bool)  # basis coordinates grown from the newest fresh direction
-        self.fresh_pending = False  # whether that fresh part must still converge its own pairs
-        self.explorations = 0
         self.unit_roundoff = max(torch.finfo(dtype).eps, torch.finfo(op.dtype).eps)
         block = start.to(device=device, dtype=dtype)
         block = block[block.norm(dim=1) > 0]
@@ -218,13 +230,9 @@ class _KrylovSchur:
             ``C^T rows[:offset] + R^T rows[offset:offset + r]``.
         """
         existing, work = self.rows[:offset], self.rows[offset:offset + count]
-        coefficients = existing @ work.T
-        if offset:
-            work.addmm_(coefficients.T, existing, alpha=-1.0)
-            if bool((work.norm(dim=1) < _REORTHOGONALIZE_AGAIN * reference).any()):
-                extra = existing @ work.T
-                work.addmm_(extra.T, existing, alpha=-1.0)
-                coefficients += extra
+        coefficients = self._project_out(work, existing)
+        if offset and bool((work.norm(dim=1) < _REORTHOGONALIZE_AGAIN * reference).any()):
+            coefficients += self._project_out(work, existing)
         r, R = 0, np.zeros((count, count))
         for i in range(count):  # Gram-Schmidt within the block, in place: row offset + r is free once row i is read
             if r < i:
@@ -244,15 +252,32 @@ class _KrylovSchur:
             r += 1
         return r, coefficients.double().cpu().numpy(), R[:r]
 
+    @staticmethod
+    def _project_out(work: Tensor, rows: Tensor) -> Tensor:
+        """Subtract from each row of ``work`` its projection on the orthonormal ``rows``, in place;
+        returns the coefficients ``(len(rows), len(work))``."""
+        coefficients = rows @ work.T
+        if rows.shape[0]:
+            work.addmm_(coefficients.T, rows, alpha=-1.0)
+        return coefficients
+
     def _fresh_direction(self, offset: int) -> Tensor:
         """A random unit vector orthogonal to ``rows[:offset]`` (two Gram-Schmidt passes)."""
-        vector = torch.randn(self.num_params, generator=self.generator, dtype=torch.float64)
+        vector = torch.randn(1, self.num_params, generator=self.generator, dtype=torch.float64)
         vector = vector.to(device=self.rows.device, dtype=self.rows.dtype)
-        existing = self.rows[:offset]
         for _ in range(2):
-            if offset:
-                vector = vector - (existing @ vector) @ existing
-        return vector / vector.norm()
+            self._project_out(vector, self.rows[:offset])
+        return (vector / vector.norm())[0]
+
+    def _absorb(self, offset: int, count: int) -> np.ndarray:
+        """Move the set-aside directions' part along the new pending block ``rows[offset:offset + count]``
+        out of F: returns its coupling ``C G`` ``(count, m)`` to add to E."""
+        if self.frozen.shape[0] == 0 or count == 0:
+            return np.zeros((count, self.G.shape[1]))
+        block = self.rows[offset:offset + count]
+        C = self._project_out(self.frozen, block).double().cpu().numpy()  # (count, f): F = U C + F'
+        self.gram = self.gram - C.T @ C
+        return C @ self.G
 
     # --- one step ----------------------------------------------------------------------------
 
@@ -285,26 +310,33 @@ class _KrylovSchur:
         self.M = M
         self.fresh = np.concatenate([self.fresh, np.full(b, self.u_fresh)])
         self.defects = [np.pad(defect, ((0, 0), (0, b))) for defect in self.defects]
+        self.G = np.pad(self.G, ((0, 0), (0, b)))
         self.n = m
-        # r = 0: the basis spans an invariant subspace (the whole space when m = P); no block pends.
-        self.E = np.zeros((r, m))
-        self.E[:, n:] = R
+        # r = 0: the basis spans an invariant subspace (the whole space when m = P, and up to the
+        # set-aside directions' coupling); no block pends.
+        self.E = self._absorb(m, r)
+        self.E[:, n:] += R
         self.b = r
 
     def explore(self) -> None:
         """Continue from a fresh random direction orthogonal to the basis, uncoupled from it.
 
-        A pending block is dropped: its coupling (every pair's Krylov residual, all within ``tol``
-        when this is called) moves into the rounding part of the residuals, so they stay the true ones.
+        A pending block is set aside, never multiplied (F, one P-vector per direction): its coupling
+        stays in the residuals, so they stay the true ones, and later blocks take over its parts
+        along them.
         """
         if self.b:
-            self.defects.append(self.E)
+            f = self.frozen.shape[0]
+            self.frozen = torch.cat([self.frozen, self.rows[self.n:self.n + self.b]])
+            self.G = np.concatenate([self.G, self.E])
+            gram = np.eye(f + self.b)
+            gram[:f, :f] = self.gram
+            self.gram = gram
         self.rows[self.n] = self._fresh_direction(self.n)
-        self.E = np.zeros((1, self.n))
+        self.E = self._absorb(self.n, 1)
         self.b = 1
         self.fresh[:] = False
-        self.u_fresh = self.fresh_pending = True
-        self.explorations += 1
+        self.u_fresh = True
 
     # --- Ritz pairs ----------------------------------------------------------------------------
 
@@ -313,47 +345,58 @@ class _KrylovSchur:
         ``(m,)`` of each pair's absolute residual."""
         symmetric = (self.M + self.M.T) / 2
         values, vectors = np.linalg.eigh(symmetric)
-        krylov = np.linalg.norm(self.E @ vectors, axis=0)
+        krylov = self._krylov_residuals(vectors)
         rounding = np.linalg.norm((self.M - symmetric) @ vectors, axis=0)
         for defect in self.defects:
             rounding = rounding + np.linalg.norm(defect @ vectors, axis=0)
         return values, vectors, krylov, rounding
 
-    def fresh_settled(self, k: int, which: Which, tol: float, scale: float) -> bool:
-        """Whether the part grown from the newest fresh direction has converged its own wanted pairs."""
-        if not self.fresh_pending:
-            return True
+    def fresh_settled(self, which: Which, limit: float) -> bool:
+        """Whether the best Ritz pair of the part grown from the newest fresh direction has converged:
+        its Krylov residual is at most ``limit`` (absolute)."""
         index = np.flatnonzero(self.fresh)
         if index.size == 0:
             return False
         part = self.M[np.ix_(index, index)]
         values, vectors = np.linalg.eigh((part + part.T) / 2)
-        wanted = _wanted(values, min(k, values.size), which)
-        residuals = np.linalg.norm(self.E[:, index] @ vectors[:, wanted], axis=0)
-        settled = bool((residuals <= tol * scale).all())
-        self.fresh_pending = not settled
-        return settled
+        best = np.zeros((self.n, 1))
+        best[index] = vectors[:, _wanted(values, 1, which)]
+        return bool(self._krylov_residuals(best)[0] <= limit)
+
+    def _krylov_residuals(self, vectors: np.ndarray) -> np.ndarray:
+        """``||U E y + F G y||`` per column y of ``vectors`` ``(m, s)``: ``(s,)``."""
+        coupled = self.G @ vectors
+        squares = (np.linalg.norm(self.E @ vectors, axis=0) ** 2
+                   + np.maximum(np.einsum("is,ij,js->s", coupled, self.gram, coupled), 0.0))
+        return np.sqrt(squares)
 
     # --- restart -------------------------------------------------------------------------------
 
     def restart(self, keep: int, which: Which) -> None:
-        """Keep the ``keep`` best Ritz vectors: V <- V Y, M <- diag(theta), E <- E Y (a thick restart)."""
+        """Keep the ``keep`` best Ritz vectors (a thick restart)."""
+        self.keep(_wanted(np.linalg.eigvalsh((self.M + self.M.T) / 2), keep, which))
+
+    def keep(self, index: np.ndarray) -> None:
+        """Keep the Ritz vectors at ``index`` (positions among the Ritz values in ascending order):
+        V <- V Y, M <- diag(theta), E <- E Y."""
         symmetric = (self.M + self.M.T) / 2
         values, vectors = np.linalg.eigh(symmetric)
-        chosen = vectors[:, _wanted(values, keep, which)]
+        chosen = vectors[:, index]
+        keep = index.size
         n, b = self.n, self.b
         transform = torch.from_numpy(np.ascontiguousarray(chosen.T)).to(device=self.rows.device,
                                                                          dtype=self.rows.dtype)
         for start in range(0, self.num_params, _RESTART_CHUNK):
             columns = slice(start, start + _RESTART_CHUNK)
             self.rows[:keep, columns] = transform @ self.rows[:n, columns]
-        for i in range(b):  # the pending block moves down; keep < n, so no row is overwritten before it is read
+        for i in range(b):  # the pending block moves down; keep <= n, so no row is overwritten before it is read
             self.rows[keep + i] = self.rows[n + i]
         self.defects = [defect @ chosen for defect in self.defects] + [(self.M - symmetric) @ chosen]
         mass = (chosen[self.fresh] ** 2).sum(axis=0) if self.fresh.any() else np.zeros(keep)
         self.fresh = mass > 0.5
-        self.M = np.diag(values[_wanted(values, keep, which)])
+        self.M = np.diag(values[index])
         self.E = self.E @ chosen
+        self.G = self.G @ chosen
         self.n = keep
 
     def eigenvectors(self, vectors: np.ndarray) -> Tensor:
@@ -395,15 +438,33 @@ def top_eigenvalues(
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
     max_basis: int | None = None,
-    guard_invariant: bool = True,
+    verify: bool = True,
 ) -> EigenResult:
     """The k largest (or smallest) eigenvalues of a symmetric operator, with certificates.
 
     A thick-restart block Krylov-Schur iteration (see the module docstring), checked after every
-    block: it stops as soon as each of the k wanted Ritz pairs has relative residual
+    block: the k wanted Ritz pairs are done once each has relative residual
     ``||H v - theta v|| / ||H|| <= tol`` or sits at the rounding floor of the products (float32
-    products can leave about 1e-7 to 1e-6 of ``||H||`` that no step removes), or when
-    ``max_matvecs`` products are spent; ``converged`` says which pairs met ``tol``.
+    products can leave about 1e-7 to 1e-6 of ``||H||`` that no step removes); ``converged`` says
+    which pairs met ``tol``. Eigenvalues are counted with multiplicity: a value repeated r times
+    appears r times among the k. With ``verify`` the solver then checks, from fresh random
+    directions, that no eigenvalue beyond the k-th was missed (below), and stops when a check finds
+    nothing, when the whole space is spanned, or when ``max_matvecs`` products are spent.
+
+    What the result guarantees:
+
+    - each returned pair, always: an eigenvalue of the operator lies within
+      ``residuals[i] * ||H||`` of ``eigenvalues[i]`` (the residuals are computed, not estimated);
+    - with ``verify``, that the k values are the k extreme ones counted with multiplicity: the
+      last check ran Lanczos from a Gaussian direction orthogonal to every converged pair until its
+      best Ritz pair converged, and an eigenvalue more than ``tol * ||H||`` beyond the k-th that
+      the pairs missed would have pushed a Ritz value past the k-th (Cauchy interlacing). This holds
+      with probability one in exact arithmetic; in floating point a miss needs the Gaussian
+      direction's component along the missed eigenvector to be so small that Lanczos converges to
+      a lower eigenvalue first, an event whose probability shrinks with that eigenvalue's gap to
+      the k-th. A random start (no ``v0``) with ``k = 1`` sees every distinct eigenvalue with
+      probability one, so it checks only when its Krylov space is invariant. A check cut short
+      by ``max_matvecs`` certifies only the pairs.
 
     Args:
         op: the operator (``HessianOperator``, ``GGNOperator``, anything with ``num_params``,
@@ -429,12 +490,11 @@ def top_eigenvalues(
             choice for large models). At least ``k + 2``; a warm-start block is cut to
             ``(c - k) // 2`` rows. Default ``None``: no restart; the basis grows with the products
             (doubling its storage when full), which converges in the fewest products.
-        guard_invariant: when every pair of the basis has converged, its span is an invariant
-            subspace, and a start inside one (an eigenvector, warm-start vectors that span one, a
-            low-rank operator) could hide a larger eigenvalue: look once more from a fresh random
-            direction and stop only when that part has converged its own pairs too. ``False`` saves
-            those products for callers that check otherwise (the callback checks with its density
-            run, whose probes are random).
+        verify: check from fresh random directions that no eigenvalue beyond the k-th was missed
+            (copies of repeated eigenvalues, eigenvectors a warm start is orthogonal to; see above).
+            ``False`` saves those products for callers that check otherwise (the callback checks
+            with its density run, whose Lanczos probes are random and deflate the k pairs); the
+            pairs are then still certified, but a missed copy goes unnoticed.
 
     Returns:
         An :class:`EigenResult`.
@@ -462,6 +522,7 @@ def top_eigenvalues(
     generator = torch.Generator().manual_seed(seed)
     dtype = torch.float64 if basis_dtype is None else basis_dtype
     start = _start_block(v0, num_params, generator, limit, dtype)
+    cold = v0 is None
     del v0  # the start block is a copy: the caller's vectors need not stay alive through the products
     cap = max(cap, start.shape[0])
     # Rows: the basis (at most P vectors), the pending block and its products.
@@ -469,21 +530,26 @@ def top_eigenvalues(
     device = torch.device(basis_device) if basis_device is not None else op.device
     solver = _KrylovSchur(op, start, capacity=capacity, dtype=dtype, device=device, generator=generator)
     del start  # copied into the basis
+    check: _MissedCheck | None = None
     while True:
         solver.step()
-        values, vectors, krylov, rounding = solver.ritz()
-        scale = max(float(np.abs(values).max()), np.finfo(np.float64).tiny)
+        values, _, krylov, rounding = solver.ritz()
+        scale = _norm_estimate(values)
         wanted = _wanted(values, k, which)
-        absolute = np.hypot(krylov, rounding)
-        if wanted.size == k and solver.fresh_settled(k, which, tol, scale):
-            floor = _FLOOR_ROUNDINGS * math.sqrt(solver.num_matvecs) * solver.unit_roundoff * scale
-            at_floor = (krylov[wanted] < _FLOOR_FRACTION * rounding[wanted]) & (rounding[wanted] <= floor)
-            if bool(((absolute[wanted] <= tol * scale) | at_floor).all()):
-                # Every pair of the basis converged: its span is invariant to tol, and a start inside an
-                # invariant subspace could hide a larger eigenvalue. Look once from a fresh direction.
-                invariant = solver.b == 0 or bool((absolute <= tol * scale).all())
-                if not (guard_invariant and invariant and solver.explorations == 0 and solver.n < num_params):
+        floor = _FLOOR_ROUNDINGS * math.sqrt(solver.num_matvecs) * solver.unit_roundoff * scale
+        settled = (np.hypot(krylov, rounding) <= tol * scale) | ((krylov < _FLOOR_FRACTION * rounding)
+                                                                 & (rounding <= floor))
+        if check is not None and check.found(values):
+            check = None  # an eigenvalue the locked pairs missed: converge it, then check again
+        if wanted.size == k and bool(settled[wanted].all()):
+            if check is not None and solver.fresh_settled(which, max(tol * scale, floor)):
+                break
+            if check is None:
+                invariant = solver.b == 0 or bool(settled.all())
+                if not verify or solver.n >= num_params or (k == 1 and cold and not invariant):
                     break
+                check = _MissedCheck(values, wanted, which, tol * scale)
+                solver.keep(np.flatnonzero(settled))  # lock the converged pairs
                 solver.explore()
         if solver.b == 0:  # invariant, but the wanted pairs are not all there yet
             if solver.n >= num_params:
@@ -493,6 +559,9 @@ def top_eigenvalues(
             break
         if solver.n + 2 * solver.b > capacity:
             solver.restart(max(k, k + (capacity - 2 * solver.b - k) // 2), which)
+    values, vectors, krylov, rounding = solver.ritz()
+    scale = _norm_estimate(values)
+    absolute = np.hypot(krylov, rounding)
     wanted = _wanted(values, min(k, values.size), which)
     residuals = torch.from_numpy(absolute[wanted] / scale)
     return EigenResult(
@@ -505,6 +574,32 @@ def top_eigenvalues(
         which=which,
         error_bounds=torch.from_numpy(_error_bounds(values, absolute, wanted)),
     )
+
+
+def _norm_estimate(values: np.ndarray) -> float:
+    """``||H||`` estimated by the largest absolute Ritz value (never zero)."""
+    return max(float(np.abs(values).max()), np.finfo(np.float64).tiny)
+
+
+class _MissedCheck:
+    """A check for eigenvalues beyond theta_k that the converged pairs missed.
+
+    It counts the Ritz values beyond ``theta_k + margin`` (below ``theta_k - margin`` for
+    ``"smallest"``) when it starts; by Cauchy interlacing, more of them later means the operator has
+    more eigenvalues there than the pairs found.
+    """
+
+    def __init__(self, values: np.ndarray, wanted: np.ndarray, which: Which, margin: float) -> None:
+        self.sign = 1.0 if which == "largest" else -1.0
+        self.edge = self.sign * float(values[wanted[-1]]) + margin
+        self.count = self._beyond(values)
+
+    def _beyond(self, values: np.ndarray) -> int:
+        return int((self.sign * values > self.edge).sum())
+
+    def found(self, values: np.ndarray) -> bool:
+        """Whether the Ritz values ``values`` hold more beyond theta_k than when the check started."""
+        return self._beyond(values) > self.count
 
 
 def _error_bounds(values: np.ndarray, residuals: np.ndarray, wanted: np.ndarray) -> np.ndarray:

@@ -41,7 +41,8 @@ def test_top_10_match_eigvalsh_of_the_dense_hessian(build):
     assert torch.all(result.eigenvalues[:-1] >= result.eigenvalues[1:])
     assert torch.all((result.eigenvalues - exact).abs() <= 1e-6 * exact.abs())
     _assert_certified(result, problem.hessian, 1e-6, problem.eigenvalues)
-    assert result.num_matvecs <= 50  # measured 28 (digits) and 37 (mixture); a regression guard
+    # Measured 44 (digits) and 61 (mixture), of which 16 and 24 check for missed eigenvalues; a regression guard
+    assert result.num_matvecs <= 80
     assert result.seconds > 0
 
 
@@ -60,7 +61,7 @@ def test_warm_start_at_the_same_point_needs_fewer_products():
     problem = cases.trained_digits()
     op = _hessian_operator(problem)
     cold = top_eigenvalues(op, 10)
-    warm = top_eigenvalues(op, 10, v0=cold.eigenvectors, guard_invariant=False)
+    warm = top_eigenvalues(op, 10, v0=cold.eigenvectors, verify=False)
     assert warm.all_converged
     torch.testing.assert_close(warm.eigenvalues, cold.eigenvalues, rtol=1e-9, atol=0)
     assert warm.num_matvecs == 10  # one block: the Rayleigh-Ritz pairs on the span of v0 are certified
@@ -89,7 +90,7 @@ def test_a_warm_start_missing_lambda_1_is_caught_by_the_invariance_guard():
     guarded = top_eigenvalues(op, 10, v0=vectors[1:11])
     assert guarded.all_converged and guarded.num_matvecs > 10
     assert torch.all((guarded.eigenvalues - exact[:10]).abs() <= 1e-6 * exact[0])
-    unguarded = top_eigenvalues(op, 10, v0=vectors[1:11], guard_invariant=False)
+    unguarded = top_eigenvalues(op, 10, v0=vectors[1:11], verify=False)
     assert unguarded.all_converged and unguarded.num_matvecs == 10
     torch.testing.assert_close(unguarded.eigenvalues, exact[1:11], rtol=1e-8, atol=0)
 
@@ -101,8 +102,9 @@ def test_warm_start_after_sgd_steps_needs_fewer_products():
     x, y = cases.gaussian_mixture(1000, 4, 10)
     cases.train(model, x, y, steps=20, lr=0.1)
     op = _hessian_operator(problem, model)
-    cold = top_eigenvalues(op, 10)
-    warm = top_eigenvalues(op, 10, v0=before.eigenvectors.sum(dim=0))  # one vector: the fewest products here
+    # Without the check for missed eigenvalues, which costs both about the same.
+    cold = top_eigenvalues(op, 10, verify=False)
+    warm = top_eigenvalues(op, 10, v0=before.eigenvectors.sum(dim=0), verify=False)  # one vector: the fewest
     assert cold.all_converged and warm.all_converged
     assert (cold.eigenvalues - before.eigenvalues).abs().max() > 1e-4 * before.eigenvalues[0]  # the point moved
     torch.testing.assert_close(warm.eigenvalues, cold.eigenvalues, rtol=1e-9, atol=0)
