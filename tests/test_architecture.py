@@ -20,6 +20,7 @@ import lightning_hessian
 PACKAGE = Path(lightning_hessian.__file__).parent
 # Old module paths kept for one release; they forward to the paper wing on attribute access.
 DEPRECATED_SHIMS = {"lightning_hessian.models", "lightning_hessian.data"}
+CALLBACK = "lightning_hessian.callback"
 
 
 def _modules() -> list[str]:
@@ -71,6 +72,7 @@ def test_nothing_imports_the_paper_wing():
 
 def _public_api() -> list[tuple[str, object]]:
     """Every public class and function defined in the engine and the face (not the paper)."""
+    callback = importlib.import_module(CALLBACK)
     found = []
     for module_name in _modules():
         if module_name.startswith("lightning_hessian.paper") or module_name in DEPRECATED_SHIMS:
@@ -81,6 +83,8 @@ def _public_api() -> list[tuple[str, object]]:
         for name, value in vars(module).items():
             if name.startswith("_") or not (inspect.isclass(value) or inspect.isfunction(value)):
                 continue
+            if module_name.startswith(f"{CALLBACK}.") and name not in callback.__all__:
+                continue  # the callback's rooms serve it alone; its package exports what others may use
             if getattr(value, "__module__", None) == module_name:
                 found.append((f"{module_name}.{name}", value))
     return found

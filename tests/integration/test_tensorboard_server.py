@@ -19,10 +19,11 @@ import urllib.request
 
 import pytest
 from pytorch_lightning.loggers import TensorBoardLogger
-from test_callback import ProtocolMLP, dataset, trainer
 from torch.utils.data import DataLoader
 
 from lightning_hessian import HessianSpectrumCallback
+
+from helpers import ProtocolMLP, dataset, trainer
 
 STEPS = [0, 2, 4]
 K = 10  # ten, so that the chart of eig_1 could wrongly draw eig_10 too
@@ -160,7 +161,7 @@ def test_two_callbacks_share_one_layout_written_once_each(tmp_path):
     from tensorboard.plugins.custom_scalar import layout_pb2
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_hessian.config import CallbackConfig
+    from lightning_hessian.callback.config import CallbackConfig
     from lightning_hessian.loggers import tensorboard_layout, write_tensorboard_layout
 
     writer = SummaryWriter(str(tmp_path))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_hessian._compat import TENSORBOARD_LOGGERS, WANDB_LOGGERS
-from lightning_hessian.config import CallbackConfig
+from lightning_hessian.callback.config import CallbackConfig
 from lightning_hessian.engine import SpectralDensity
 from lightning_hessian.engine.density import DEFAULT_SIGMA_FRACTION
 from lightning_hessian.measurement import MatrixMeasurement, Measurement

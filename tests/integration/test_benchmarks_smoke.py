@@ -10,7 +10,7 @@ from statistics import NormalDist
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a top-level folder of the repository, not an installed package
 
 from benchmarks.measure import relative_errors, wasserstein1, wasserstein1_grid  # noqa: E402

@@ -27,12 +27,12 @@ from torch.utils.data import IterableDataset
 from lightning_hessian import loggers
 from lightning_hessian._compat import CALLBACK_BASES, SHARDED_STRATEGIES
 from lightning_hessian._deprecation import renamed_argument
-from lightning_hessian._isolation import isolated, loggers_muted
-from lightning_hessian._measure import MatrixSolver, MissingLoss, make_operator
-from lightning_hessian._probes import draw_probe_set
-from lightning_hessian._progress import progress_line
-from lightning_hessian._schedule import Budget, crossed_multiple
-from lightning_hessian.config import HISTORY_FILE, BasisDtype, CallbackConfig, MatrixChoice, Mode
+from lightning_hessian.callback.config import HISTORY_FILE, BasisDtype, CallbackConfig, MatrixChoice, Mode
+from lightning_hessian.callback.isolation import isolated, loggers_muted
+from lightning_hessian.callback.probes import draw_probe_set
+from lightning_hessian.callback.progress import progress_line
+from lightning_hessian.callback.schedule import Budget, crossed_multiple
+from lightning_hessian.callback.solver import MatrixSolver, MissingLoss, make_operator
 from lightning_hessian.engine import NonFiniteError
 from lightning_hessian.engine.batches import count_samples
 from lightning_hessian.engine.density import default_num_probes
@@ -86,9 +86,9 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
     step (top 2, 12 products, a 1-probe, 8-step density) runs the whole path and nothing else.
 
     **Loss.** ``loss_fn(pl_module, batch)`` if given, else ``pl_module.hessian_loss(batch)`` if the
-    module defines it (:class:`~lightning_hessian.hooks.HessianLossModule`), else the loss
+    module defines it (:class:`~lightning_hessian.callback.hooks.HessianLossModule`), else the loss
     ``training_step(batch, -1)`` returns. The Gauss-Newton matrix needs ``hessian_outputs`` and
-    ``hessian_output_loss`` (:class:`~lightning_hessian.hooks.GaussNewtonModule`).
+    ``hessian_output_loss`` (:class:`~lightning_hessian.callback.hooks.GaussNewtonModule`).
 
     **Side effects: none.** Parameters, buffers, ``.grad``, ``requires_grad``, module modes, the
     module's plain state (attributes such as a recurrent hidden state, counters, torchmetrics
@@ -181,7 +181,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         max_overhead: deprecated name of ``budget``.
 
     Attributes:
-        config: the :class:`~lightning_hessian.config.CallbackConfig` built from the arguments.
+        config: the :class:`~lightning_hessian.callback.config.CallbackConfig` built from the arguments.
         history: one :class:`~lightning_hessian.measurement.Measurement` per call.
         events: the calls that gave no spectrum, as :class:`~lightning_hessian.measurement.Event`.
         probe_batches: this rank's probe batches, on the module's device.

@@ -1,0 +1,41 @@
+"""The one place that talks to loggers (TensorBoard, W&B, CSV and any other) and writes files."""
+
+from lightning_hessian.loggers.send import (
+    COST_TAGS,
+    GGN,
+    NUM_BINS,
+    STEP_METRIC,
+    Histogram,
+    bulk_histogram,
+    deflated_columns,
+    density_histogram,
+    density_views,
+    json_ready,
+    log_figure,
+    log_hyperparams,
+    log_interpolation,
+    log_measurement,
+    log_metrics,
+    log_no_spectrum,
+    log_run_start,
+    log_scalars,
+    log_spectra,
+    log_text,
+    matrix_metrics,
+    scalar_metrics,
+    spectrum_figure,
+    spectrum_table,
+    tensorboard_layout,
+    top_k_histogram,
+    wandb_define_metrics,
+    write_json,
+    write_tensorboard_layout,
+)
+
+__all__ = [
+    "COST_TAGS", "GGN", "NUM_BINS", "STEP_METRIC", "Histogram", "bulk_histogram", "deflated_columns",
+    "density_histogram", "density_views", "json_ready", "log_figure", "log_hyperparams", "log_interpolation",
+    "log_measurement", "log_metrics", "log_no_spectrum", "log_run_start", "log_scalars", "log_spectra", "log_text",
+    "matrix_metrics", "scalar_metrics", "spectrum_figure", "spectrum_table", "tensorboard_layout", "top_k_histogram",
+    "wandb_define_metrics", "write_json", "write_tensorboard_layout",
+]
