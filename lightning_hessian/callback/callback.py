@@ -501,7 +501,8 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             loggers.log_hyperparams(trainer, self.settings())
             self._hparams_logged = True
         if not self._run_started:
-            loggers.log_run_start(trainer, self.config)
+            loggers.log_run_start(trainer, self.config.name, k=self.config.k, matrix=self.config.matrix,
+                                  density=self.config.density)
             self._run_started = True
         measured = time.perf_counter()
         self._spent += measured - started

@@ -161,12 +161,11 @@ def test_two_callbacks_share_one_layout_written_once_each(tmp_path):
     from tensorboard.plugins.custom_scalar import layout_pb2
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_hessian.callback.config import CallbackConfig
     from lightning_hessian.loggers import tensorboard_layout, write_tensorboard_layout
 
     writer = SummaryWriter(str(tmp_path))
     for name in ("hessian", "other", "hessian"):  # the repeat changes nothing, so writes nothing
-        write_tensorboard_layout(writer, tensorboard_layout(CallbackConfig(name=name, k=2)))
+        write_tensorboard_layout(writer, tensorboard_layout(name, k=2))
     writer.close()
     events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
     events.Reload()
