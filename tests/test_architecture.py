@@ -1,5 +1,5 @@
 """The three wings stay apart: the engine loads no Lightning, no module reaches into another's privates,
-nothing but the deprecated shims imports the paper, and every public name of the engine and the face has
+nothing imports the paper, and every public name of the engine and the face has
 an example that runs."""
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import pytest
 import lightning_hessian
 
 PACKAGE = Path(lightning_hessian.__file__).parent
-# Old module paths kept for one release; they forward to the paper wing on attribute access.
-DEPRECATED_SHIMS = {"lightning_hessian.models", "lightning_hessian.data"}
 CALLBACK = "lightning_hessian.callback"
 
 
@@ -64,7 +62,7 @@ def test_no_module_imports_a_private_name_of_another():
 
 def test_nothing_imports_the_paper_wing():
     for module in _modules():
-        if module.startswith("lightning_hessian.paper") or module in DEPRECATED_SHIMS:
+        if module.startswith("lightning_hessian.paper"):
             continue
         paper = [m for m, _ in _imports(module) if m.startswith("lightning_hessian.paper")]
         assert not paper, (module, paper)
@@ -75,7 +73,7 @@ def _public_api() -> list[tuple[str, object]]:
     callback = importlib.import_module(CALLBACK)
     found = []
     for module_name in _modules():
-        if module_name.startswith("lightning_hessian.paper") or module_name in DEPRECATED_SHIMS:
+        if module_name.startswith("lightning_hessian.paper"):
             continue
         if any(part.startswith("_") for part in module_name.split(".")):
             continue

@@ -26,7 +26,6 @@ from torch.utils.data import IterableDataset
 
 from lightning_hessian import loggers
 from lightning_hessian._compat import CALLBACK_BASES, SHARDED_STRATEGIES
-from lightning_hessian._deprecation import renamed_argument
 from lightning_hessian.callback.config import HISTORY_FILE, BasisDtype, CallbackConfig, MatrixChoice, Mode
 from lightning_hessian.callback.isolation import isolated, loggers_muted
 from lightning_hessian.callback.probes import draw_probe_set
@@ -178,7 +177,6 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             write none.
         progress: show a progress line (solver, products done and expected) for calls longer than
             two seconds.
-        max_overhead: deprecated name of ``budget``.
 
     Attributes:
         config: the :class:`~lightning_hessian.callback.config.CallbackConfig` built from the arguments.
@@ -192,6 +190,12 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         >>> callback.config.k, callback.config.budget_fraction
         (3, 0.05)
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> HessianSpectrumCallback:
+        if "max_overhead" in kwargs:  # the earlier name of budget, refused with the fix
+            raise TypeError(f"HessianSpectrumCallback(max_overhead=...) is now called budget: pass "
+                            f"budget={kwargs['max_overhead']!r} instead")
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -229,14 +233,10 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         name: str = "hessian",
         history_file: str | None = HISTORY_FILE,
         progress: bool = True,
-        max_overhead: float | None = None,
     ) -> None:
         arguments = dict(locals())
-        for key in ("self", "__class__", "max_overhead"):
+        for key in ("self", "__class__"):
             arguments.pop(key, None)
-        if max_overhead is not None:
-            renamed_argument("HessianSpectrumCallback", "max_overhead", "budget")
-            arguments["budget"] = max_overhead
         arguments["layers"] = () if layers is None else layers
         self.config = CallbackConfig(**arguments)
         self.history: list[Measurement] = []

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -150,7 +149,6 @@ def spectral_density(
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
     deflate: EigenResult | None = None,
-    outliers: EigenResult | None = None,
 ) -> SpectralDensity:
     """Estimate the spectral density and trace of ``op`` by stochastic Lanczos quadrature.
 
@@ -170,7 +168,6 @@ def spectral_density(
         deflate: converged eigenpairs of ``op`` to place exactly instead of estimating them,
             typically ``top_eigenvalues(op, k)`` (see the module docstring); their products are
             not counted in ``num_matvecs``.
-        outliers: deprecated name of ``deflate``.
 
     Returns:
         A :class:`SpectralDensity`.
@@ -187,10 +184,6 @@ def spectral_density(
         (0.8, 6.0)
     """
     started = time.perf_counter()
-    if outliers is not None:
-        warnings.warn("spectral_density(outliers=...) is deprecated; pass the eigenpairs as deflate=...",
-                      DeprecationWarning, stacklevel=2)
-        deflate = outliers if deflate is None else deflate
     num_params = op.num_params
     num_probes = check_count("num_probes", default_num_probes(num_params) if num_probes is None else num_probes)
     num_steps = check_count("num_steps", num_steps)

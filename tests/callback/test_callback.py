@@ -142,12 +142,12 @@ def test_schedule_predicate():
         [6, 10, 16, 20, 26, 30, 36, 40]
 
 
-def test_integral_numbers_are_counts_and_max_overhead_is_an_old_name_for_budget():
+def test_integral_numbers_are_counts_and_max_overhead_is_refused_naming_budget():
     import numpy as np
 
     assert HessianSpectrumCallback(k=np.int64(4)).config.k == 4
-    with pytest.warns(DeprecationWarning, match="max_overhead"):
-        assert HessianSpectrumCallback(every_n_steps=2, max_overhead=0.2).config.budget == 0.2
+    with pytest.raises(TypeError, match=r"max_overhead=.*budget=0.2"):
+        HessianSpectrumCallback(every_n_steps=2, max_overhead=0.2)
 
 
 def test_probe_set_takes_whole_batches_split_across_ranks_and_rebatches_on_request():
@@ -326,7 +326,7 @@ def test_the_default_budget_measures_at_start_says_its_plan_once_and_spaces_the_
     assert 0 < callback.history[-1].overhead < 1
 
 
-def test_every_n_epochs_and_max_overhead():
+def test_every_n_epochs_and_a_budget_cap_on_an_explicit_schedule():
     by_epoch = HessianSpectrumCallback(budget=None, every_n_epochs=1, at_start=False, at_end=False,
                                        k=2, num_samples=16, density=False)
     trainer(max_epochs=3, callbacks=[by_epoch]).fit(TinyMLP(), DataLoader(dataset(), batch_size=8))
@@ -334,7 +334,7 @@ def test_every_n_epochs_and_max_overhead():
     assert [r.epoch for r in by_epoch.history] == [0, 1, 2]
     trainer(max_epochs=1, callbacks=[by_epoch]).fit(TinyMLP(), DataLoader(dataset(), batch_size=8))
     assert [r.step for r in by_epoch.history] == [4, 8, 12, 4]  # a second run with the same callback
-    budget = HessianSpectrumCallback(every_n_steps=1, k=2, num_samples=16, density=False, max_overhead=1e-9)
+    budget = HessianSpectrumCallback(every_n_steps=1, k=2, num_samples=16, density=False, budget=1e-9)
     run = trainer(max_steps=4, callbacks=[budget])
     run.fit(TinyMLP(), DataLoader(dataset(), batch_size=8))
     assert [r.step for r in budget.history] == [0]

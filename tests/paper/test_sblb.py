@@ -109,8 +109,8 @@ def test_scaling_unit_and_standardize():
     assert x.dtype == torch.float64 and x.shape == (1000, 64) and x_test.shape == (797, 64)
     assert float(x.min()) == 0.0 and float(x.max()) == 1.0
     standardized = _digits(SBLBConfig(scaling="standardize"))
-    with pytest.warns(DeprecationWarning, match="inputs"):
-        assert SBLBConfig.from_mapping({"data": {"inputs": "standardized"}}).scaling == "standardize"
+    with pytest.raises(ValueError, match="unknown settings \\['inputs'\\]"):
+        SBLBConfig.from_mapping({"data": {"inputs": "standardized"}})
     reference = digits_tensors(num_train=1000)
     assert torch.equal(standardized[0], reference[0].double()) and torch.equal(standardized[1], y)
     assert torch.equal(reference[3], y_test)
