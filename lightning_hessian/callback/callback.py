@@ -191,12 +191,6 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         (3, 0.05)
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> HessianSpectrumCallback:
-        if "max_overhead" in kwargs:  # the earlier name of budget, refused with the fix
-            raise TypeError(f"HessianSpectrumCallback(max_overhead=...) is now called budget: pass "
-                            f"budget={kwargs['max_overhead']!r} instead")
-        return super().__new__(cls)
-
     def __init__(
         self,
         *,

@@ -258,7 +258,6 @@ def _beyond(density: SpectralDensity, top: EigenResult, tol: float) -> bool:
     values = top.eigenvalues.double()
     scale = float(values.abs().max())
     nodes = density.nodes.flatten()
-    placed = (nodes[:, None] - values[None, :]).abs().min(dim=1).values <= 1e-9 * max(scale, 1e-300)
-    estimated = nodes[~placed]
+    estimated = nodes if density.deflated_mask is None else nodes[~density.deflated_mask.flatten()]
     threshold = float(values.min()) + tol * scale
     return bool(estimated.numel()) and float(estimated.max()) > threshold

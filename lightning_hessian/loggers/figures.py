@@ -61,69 +61,38 @@ Histogram = tuple[torch.Tensor, torch.Tensor]
 """``(edges, counts)``: ``(num_bins + 1,)`` bin edges and ``(num_bins,)`` counts of eigenvalues, float64."""
 
 
-def deflated_columns(density: SpectralDensity, eigenvalues: Sequence[float]) -> torch.Tensor | None:
-    """Where the exactly placed top eigenvalues sit among the SLQ nodes, or ``None`` if they are not there.
-
-    With deflation (the callback deflates its top k when all converged) every probe's row holds each
-    of the k eigenvalues once, as a node of weight ``1/P``.
-
-    Returns:
-        ``(S, m + k)`` bool, true at those k columns of every row; ``None`` when the density was
-        estimated without deflating ``eigenvalues``.
-
-    Example:
-        >>> from lightning_hessian.engine import spectral_density, top_eigenvalues
-        >>> from lightning_hessian.engine.eigen import DiagonalOperator
-        >>> op = DiagonalOperator([0.0] * 6 + [1.0, 5.0])
-        >>> top = top_eigenvalues(op, k=1)
-        >>> density = spectral_density(op, num_probes=2, num_steps=3, deflate=top)
-        >>> deflated_columns(density, top.eigenvalues.tolist())  # 5 is the last node of both probes
-        tensor([[False, False, False,  True],
-                [False, False, False,  True]])
-        >>> deflated_columns(density, [4.0]) is None
-        True
-    """
-    if not eigenvalues:
-        return None
-    exact = torch.tensor(list(eigenvalues), dtype=torch.float64)
-    nodes, weights = density.nodes.to(torch.float64), density.weights.to(torch.float64)
-    is_value = torch.isclose(nodes[..., None], exact, rtol=1e-12, atol=0.0).any(dim=-1)
-    point_mass = torch.tensor(1.0 / density.num_params, dtype=torch.float64)
-    mask = is_value & torch.isclose(weights, point_mass, rtol=1e-9, atol=0.0)
-    return mask if bool((mask.sum(dim=1) == exact.numel()).all()) else None
-
-
-def bulk_histogram(density: SpectralDensity, eigenvalues: Sequence[float],
-                   num_bins: int = NUM_BINS) -> tuple[torch.Tensor, torch.Tensor] | None:
+def bulk_histogram(density: SpectralDensity, num_bins: int = NUM_BINS) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The P - k eigenvalues below the deflated top k, as a histogram over their own range.
 
-    Computed from the raw SLQ nodes and weights with the k exact nodes left out: each remaining node
+    Computed from the raw SLQ nodes and weights with the k deflated nodes (``density.deflated_mask``)
+    left out: each remaining node
     spreads its weight over the bins as a Gaussian of width 1% of the bulk's range (the same kernel as
     :meth:`~lightning_hessian.engine.SpectralDensity.density`, integrated over each bin), times P.
     The range is the bulk's, not the whole spectrum's, so the bulk keeps its shape instead of one bin.
 
     Args:
         density: an SLQ estimate.
-        eigenvalues: the top k (``MatrixMeasurement.eigenvalues``).
         num_bins: number of bins.
 
     Returns:
         ``(edges, counts)`` as in :func:`density_histogram`, the counts summing to about P - k;
-        ``None`` when the top k were not deflated (then the SLQ nodes estimate them too, and no
-        bulk can be told apart honestly).
+        ``None`` when nothing was deflated (then the SLQ nodes estimate the top k too, and no bulk
+        can be told apart honestly).
 
     Example:
         >>> nodes = torch.tensor([[0.0, 1.0, 5.0]], dtype=torch.float64)  # 8 eigenvalues: 0 (x6), 1 and 5
-        >>> weights = torch.tensor([[6 / 8, 1 / 8, 1 / 8]], dtype=torch.float64)  # 5 placed exactly
+        >>> weights = torch.tensor([[6 / 8, 1 / 8, 1 / 8]], dtype=torch.float64)
         >>> density = SpectralDensity(nodes, weights, trace=6.0, trace_stderr=0.0, num_params=8, num_matvecs=0,
-        ...                           seconds=0.0)
-        >>> edges, counts = bulk_histogram(density, [5.0])
+        ...                           seconds=0.0, deflated=torch.tensor([5.0], dtype=torch.float64),
+        ...                           deflated_mask=torch.tensor([[False, False, True]]))  # 5 placed exactly
+        >>> edges, counts = bulk_histogram(density)
         >>> round(float(counts.sum()), 1), round(float(edges[0]), 2), round(float(edges[-1]), 2)  # 7 in [0, 1]
         (7.0, -0.03, 1.03)
-        >>> bulk_histogram(density, [4.0]) is None  # not deflated: no bulk to tell apart
+        >>> import dataclasses
+        >>> bulk_histogram(dataclasses.replace(density, deflated=None, deflated_mask=None)) is None  # no bulk
         True
     """
-    mask = deflated_columns(density, eigenvalues)
+    mask = density.deflated_mask
     if mask is None:
         return None
     nodes, weights = density.nodes.to(torch.float64), density.weights.to(torch.float64).masked_fill(mask, 0.0)
@@ -189,7 +158,10 @@ def density_views(measured: MatrixMeasurement, num_bins: int = NUM_BINS) -> dict
     views: dict[str, Histogram] = {}
     if measured.density is not None:
         views["density"] = density_histogram(measured.density, num_bins)
-        bulk = bulk_histogram(measured.density, measured.eigenvalues, num_bins)
+        deflated = measured.density.deflated
+        # The bulk below the top k, when all k were deflated (a call deflates only converged pairs).
+        bulk = bulk_histogram(measured.density, num_bins) \
+            if deflated is not None and deflated.numel() == len(measured.eigenvalues) else None
         if bulk is not None:
             views["density/bulk"] = bulk
     if measured.eigenvalues:

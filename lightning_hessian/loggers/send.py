@@ -202,6 +202,7 @@ def log_spectra(trainer: Any, measurement: Measurement, prefix: str) -> None:
         ...     nodes=torch.tensor([[0.0, 2.0]], dtype=torch.float64),
         ...     weights=torch.tensor([[0.75, 0.25]], dtype=torch.float64),
         ...     trace=2.0, trace_stderr=0.0, num_params=4, num_matvecs=2, seconds=0.0,
+        ...     deflated=torch.tensor([2.0], dtype=torch.float64), deflated_mask=torch.tensor([[False, True]]),
         ... )
         >>> summary = SpectrumSummary(1, 2.0, 0.0, 0.75, 0.0)
         >>> hessian = MatrixMeasurement("hessian", 4, (2.0,), (0.0,), (True,), 2, summary, density=density)

@@ -175,22 +175,3 @@ def test_two_callbacks_share_one_layout_written_once_each(tmp_path):
     layout.ParseFromString(written[-1].tensor_proto.string_val[0])
     assert [c.title for c in layout.category] == ["hessian: spectrum", "hessian: cost", "other: spectrum",
                                                  "other: cost"]
-
-
-def test_no_bulk_view_when_the_top_k_were_not_deflated():
-    """Without the k exact nodes among the SLQ nodes the bulk cannot be told apart: no bulk histogram."""
-    import torch
-
-    from lightning_hessian.engine import SpectralDensity
-    from lightning_hessian.loggers import bulk_histogram, top_k_histogram
-
-    nodes = torch.tensor([[0.0, 0.1, 3.0], [0.0, 0.2, 3.0]], dtype=torch.float64)
-    plain = SpectralDensity(nodes, torch.full((2, 3), 1 / 3, dtype=torch.float64), trace=0.0, trace_stderr=0.0,
-                            num_params=100, num_matvecs=6, seconds=0.0)
-    assert bulk_histogram(plain, [3.0]) is None
-    weights = torch.tensor([[0.6, 0.39, 0.01], [0.5, 0.49, 0.01]], dtype=torch.float64)  # 3.0 placed at 1/P
-    deflated = SpectralDensity(nodes, weights, trace=0.0, trace_stderr=0.0, num_params=100, num_matvecs=4,
-                               seconds=0.0)
-    edges, counts = bulk_histogram(deflated, [3.0], num_bins=50)
-    assert float(counts.sum()) == pytest.approx(99, rel=0.01) and float(edges[-1]) < 3.0
-    assert float(top_k_histogram([3.0])[1].sum()) == 1.0
