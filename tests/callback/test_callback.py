@@ -313,6 +313,7 @@ class SlowStepMLP(TinyMLP):
         return super().training_step(batch, batch_idx)
 
 
+@pytest.mark.slow
 def test_the_default_budget_measures_at_start_says_its_plan_once_and_spaces_the_calls(caplog):
     callback = HessianSpectrumCallback(budget=0.2, k=2, num_samples=16, density=False)  # no explicit schedule
     with caplog.at_level(logging.INFO):

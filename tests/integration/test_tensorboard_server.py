@@ -25,6 +25,9 @@ from lightning_hessian import HessianSpectrumCallback
 
 from helpers import ProtocolMLP, dataset, trainer
 
+# A server process or W&B runs: seconds to a minute each.
+pytestmark = pytest.mark.slow
+
 STEPS = [0, 2, 4]
 K = 10  # ten, so that the chart of eig_1 could wrongly draw eig_10 too
 RUN = "fit/v0"  # TensorBoard's name for the run: its folder, relative to --logdir

@@ -29,6 +29,7 @@ def quick_run(tmp_path_factory):
     return code, out, json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_quick_run_shows_uphill_then_downhill(quick_run):
     _, _, summary = quick_run
     losses = summary["continuation"]["train_loss"]
@@ -40,6 +41,7 @@ def test_quick_run_shows_uphill_then_downhill(quick_run):
     assert summary["checks"]["rise_then_fall"]["passed"]
 
 
+@pytest.mark.slow
 def test_quick_run_shows_no_barrier_between_lb_and_its_sb_continuation(quick_run):
     _, out, summary = quick_run
     line = summary["interpolation"]["w_LB -> w_LB->SB"]
@@ -53,6 +55,7 @@ def test_quick_run_shows_no_barrier_between_lb_and_its_sb_continuation(quick_run
     assert (out / "interpolation_lb_to_lbsb.csv").read_text().count("\n") == 1 + 25 * 2
 
 
+@pytest.mark.slow
 def test_quick_run_finds_lb_sharper(quick_run):
     _, _, summary = quick_run
     points = summary["points"]
@@ -61,6 +64,7 @@ def test_quick_run_finds_lb_sharper(quick_run):
     assert summary["checks"]["lb_sharper"]["passed"]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_plots_summaries_and_tensorboard(quick_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
