@@ -60,6 +60,16 @@ def test_no_module_imports_a_private_name_of_another():
         assert not private, (module, private)
 
 
+def test_the_benchmarks_import_no_private_name_of_the_package():
+    benchmarks = PACKAGE.parent / "benchmarks"
+    for path in sorted(benchmarks.glob("*.py")):
+        private = [(node.module, alias.name) for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_hessian")
+                   for alias in node.names
+                   if alias.name.startswith("_") or any(part.startswith("_") for part in node.module.split("."))]
+        assert not private, (path.name, private)
+
+
 def test_nothing_imports_the_paper_wing():
     for module in _modules():
         if module.startswith("lightning_hessian.paper"):
