@@ -8,7 +8,7 @@ PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip install --disable-pip-version-check
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test docs lint bench reproduce clean
+.PHONY: demo test test-fast docs lint bench reproduce clean
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: $(VENV)/.installed-cli
 
 test: $(VENV)/.installed-test
 	$(PYTHON) -m pytest -q
+
+# The loop while you edit: everything but the tests marked slow (servers, W&B runs, benchmark and
+# experiment runs, DDP, the budget run); `make test` and .ci/run still run them all.
+test-fast: $(VENV)/.installed-test
+	$(PYTHON) -m pytest -q -m "not slow"
 
 # The manual and the API reference (from the docstrings), built offline into build/docs; any warning fails.
 docs: $(VENV)/.installed-docs

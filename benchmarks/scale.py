@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks.measure import PeakMemory, command_line
 from benchmarks.resnet import resnet18
 from lightning_hessian import HessianOperator, HessianSpectrumCallback
-from lightning_hessian._measure import training_step_loss
+from lightning_hessian.callback.solver import training_step_loss
 from lightning_hessian.engine.layers import parameter_layout
 from lightning_hessian.engine.operators import tensors_of
 

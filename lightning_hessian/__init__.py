@@ -20,11 +20,11 @@ __version__ = "0.1.0"
 # The Lightning face, imported on first access: name -> module.
 _FACE = {
     "HessianSpectrumCallback": "lightning_hessian.callback",
-    "CallbackConfig": "lightning_hessian.config",
+    "CallbackConfig": "lightning_hessian.callback",
     "Measurement": "lightning_hessian.measurement",
     "MatrixMeasurement": "lightning_hessian.measurement",
-    "HessianLossModule": "lightning_hessian.hooks",
-    "GaussNewtonModule": "lightning_hessian.hooks",
+    "HessianLossModule": "lightning_hessian.callback",
+    "GaussNewtonModule": "lightning_hessian.callback",
     "InterpolationResult": "lightning_hessian.interpolation",
     "linear_interpolation": "lightning_hessian.interpolation",
 }

@@ -252,7 +252,9 @@ def _density_to_dict(density: SpectralDensity | None) -> dict[str, Any] | None:
     if density is None:
         return None
     plain = dataclasses.asdict(density)
-    plain.update(nodes=density.nodes.tolist(), weights=density.weights.tolist())
+    plain.update(nodes=density.nodes.tolist(), weights=density.weights.tolist(),
+                 deflated=None if density.deflated is None else density.deflated.tolist(),
+                 deflated_mask=None if density.deflated_mask is None else density.deflated_mask.tolist())
     return plain
 
 
@@ -262,4 +264,7 @@ def _density_from_dict(plain: Mapping[str, Any] | None) -> SpectralDensity | Non
     values = dict(plain)
     values.update(nodes=torch.tensor(values["nodes"], dtype=torch.float64),
                   weights=torch.tensor(values["weights"], dtype=torch.float64))
+    if values.get("deflated") is not None:
+        values.update(deflated=torch.tensor(values["deflated"], dtype=torch.float64),
+                      deflated_mask=torch.tensor(values["deflated_mask"], dtype=torch.bool))
     return SpectralDensity(**values)

@@ -1,5 +1,5 @@
 """The three wings stay apart: the engine loads no Lightning, no module reaches into another's privates,
-nothing but the deprecated shims imports the paper, and every public name of the engine and the face has
+nothing imports the paper, and every public name of the engine and the face has
 an example that runs."""
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import pytest
 import lightning_hessian
 
 PACKAGE = Path(lightning_hessian.__file__).parent
-# Old module paths kept for one release; they forward to the paper wing on attribute access.
-DEPRECATED_SHIMS = {"lightning_hessian.models", "lightning_hessian.data"}
+CALLBACK = "lightning_hessian.callback"
 
 
 def _modules() -> list[str]:
@@ -61,9 +60,19 @@ def test_no_module_imports_a_private_name_of_another():
         assert not private, (module, private)
 
 
+def test_the_benchmarks_import_no_private_name_of_the_package():
+    benchmarks = PACKAGE.parent / "benchmarks"
+    for path in sorted(benchmarks.glob("*.py")):
+        private = [(node.module, alias.name) for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_hessian")
+                   for alias in node.names
+                   if alias.name.startswith("_") or any(part.startswith("_") for part in node.module.split("."))]
+        assert not private, (path.name, private)
+
+
 def test_nothing_imports_the_paper_wing():
     for module in _modules():
-        if module.startswith("lightning_hessian.paper") or module in DEPRECATED_SHIMS:
+        if module.startswith("lightning_hessian.paper"):
             continue
         paper = [m for m, _ in _imports(module) if m.startswith("lightning_hessian.paper")]
         assert not paper, (module, paper)
@@ -71,9 +80,10 @@ def test_nothing_imports_the_paper_wing():
 
 def _public_api() -> list[tuple[str, object]]:
     """Every public class and function defined in the engine and the face (not the paper)."""
+    callback = importlib.import_module(CALLBACK)
     found = []
     for module_name in _modules():
-        if module_name.startswith("lightning_hessian.paper") or module_name in DEPRECATED_SHIMS:
+        if module_name.startswith("lightning_hessian.paper"):
             continue
         if any(part.startswith("_") for part in module_name.split(".")):
             continue
@@ -81,6 +91,8 @@ def _public_api() -> list[tuple[str, object]]:
         for name, value in vars(module).items():
             if name.startswith("_") or not (inspect.isclass(value) or inspect.isfunction(value)):
                 continue
+            if module_name.startswith(f"{CALLBACK}.") and name not in callback.__all__:
+                continue  # the callback's rooms serve it alone; its package exports what others may use
             if getattr(value, "__module__", None) == module_name:
                 found.append((f"{module_name}.{name}", value))
     return found

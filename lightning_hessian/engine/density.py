@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +57,10 @@ class SpectralDensity:
         num_params: P, so that ``weights * P`` counts eigenvalues.
         num_matvecs: operator products used (S m; not counting those that found the outliers).
         seconds: wall time of the call.
+        deflated: ``(k,)`` float64, the eigenvalues placed exactly (``deflate``), descending; ``None``
+            without deflation.
+        deflated_mask: ``(S, m + k)`` bool, true where ``nodes`` holds one of them; ``None`` without
+            deflation. ``~deflated_mask`` selects the SLQ estimate of the rest (the bulk).
 
     Example:
         >>> density = SpectralDensity(  # one probe: 3 of the P = 4 eigenvalues at 0, one at 2
@@ -79,6 +82,8 @@ class SpectralDensity:
     num_params: int
     num_matvecs: int
     seconds: float
+    deflated: Tensor | None = None
+    deflated_mask: Tensor | None = None
 
     @property
     def range(self) -> tuple[float, float]:
@@ -150,7 +155,6 @@ def spectral_density(
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
     deflate: EigenResult | None = None,
-    outliers: EigenResult | None = None,
 ) -> SpectralDensity:
     """Estimate the spectral density and trace of ``op`` by stochastic Lanczos quadrature.
 
@@ -170,7 +174,6 @@ def spectral_density(
         deflate: converged eigenpairs of ``op`` to place exactly instead of estimating them,
             typically ``top_eigenvalues(op, k)`` (see the module docstring); their products are
             not counted in ``num_matvecs``.
-        outliers: deprecated name of ``deflate``.
 
     Returns:
         A :class:`SpectralDensity`.
@@ -187,10 +190,6 @@ def spectral_density(
         (0.8, 6.0)
     """
     started = time.perf_counter()
-    if outliers is not None:
-        warnings.warn("spectral_density(outliers=...) is deprecated; pass the eigenpairs as deflate=...",
-                      DeprecationWarning, stacklevel=2)
-        deflate = outliers if deflate is None else deflate
     num_params = op.num_params
     num_probes = check_count("num_probes", default_num_probes(num_params) if num_probes is None else num_probes)
     num_steps = check_count("num_steps", num_steps)
@@ -223,8 +222,8 @@ def spectral_density(
         diagonals.append(lanczos.alphas[:, 0])
     estimates = torch.cat(diagonals) * squared + exact.sum()
     stderr = float(estimates.std() / math.sqrt(num_probes)) if num_probes > 1 else 0.0
-    all_nodes, all_weights = _with_outliers(torch.cat(nodes), torch.cat(weights) * shares[:, None], exact,
-                                            num_params)
+    all_nodes, all_weights, placed = _with_outliers(torch.cat(nodes), torch.cat(weights) * shares[:, None], exact,
+                                                    num_params)
     return SpectralDensity(
         nodes=all_nodes,
         weights=all_weights,
@@ -233,6 +232,8 @@ def spectral_density(
         num_params=num_params,
         num_matvecs=num_probes * steps,
         seconds=time.perf_counter() - started,
+        deflated=exact if exact.numel() else None,
+        deflated_mask=placed,
     )
 
 
@@ -248,14 +249,16 @@ def _check_deflated(deflate: EigenResult, num_params: int) -> Tensor:
     return deflate.eigenvalues.to(torch.float64).cpu()
 
 
-def _with_outliers(nodes: Tensor, weights: Tensor, exact: Tensor, num_params: int) -> tuple[Tensor, Tensor]:
+def _with_outliers(nodes: Tensor, weights: Tensor, exact: Tensor,
+                   num_params: int) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-probe measures ``(S, m)`` of the deflated operator rescaled to ``(P - k)/P``, with the k
-    exact eigenvalues added at ``1/P`` each: ``(S, m + k)``, sorted by node."""
+    exact eigenvalues added at ``1/P`` each: ``(S, m + k)``, sorted by node, and where those k sit
+    (``(S, m + k)`` bool; ``None`` without them)."""
     if exact.numel() == 0:
-        return nodes, weights
+        return nodes, weights, None
     num_probes, count = nodes.shape[0], exact.numel()
     nodes = torch.cat([nodes, exact.expand(num_probes, count)], dim=1)
     weights = torch.cat([weights * (num_params - count) / num_params,
                          torch.full((num_probes, count), 1 / num_params, dtype=weights.dtype)], dim=1)
     order = nodes.argsort(dim=1)
-    return nodes.gather(1, order), weights.gather(1, order)
+    return nodes.gather(1, order), weights.gather(1, order), order >= nodes.shape[1] - count

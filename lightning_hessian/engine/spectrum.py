@@ -171,9 +171,11 @@ def outlier_gap(eigenvalues: Tensor, *, min_gap_ratio: float = DEFAULT_MIN_GAP_R
 
 def _slq_part(density: SpectralDensity, below: float) -> tuple[Tensor, Tensor]:
     """The density's nodes below ``below``, pooled over probes and largest first, with the eigenvalues
-    each counts (``P w / S``): two ``(n,)`` float64 tensors."""
+    each counts (``P w / S``): two ``(n,)`` float64 tensors; the deflated point masses never count."""
     nodes, weights = density.nodes.reshape(-1), density.weights.reshape(-1)
     keep = nodes < below
+    if density.deflated_mask is not None:
+        keep &= ~density.deflated_mask.reshape(-1)
     counts = weights[keep] * density.num_params / density.nodes.shape[0]
     order = torch.argsort(nodes[keep], descending=True)
     return nodes[keep][order], counts[order]
@@ -183,8 +185,7 @@ def bulk_edge(density: SpectralDensity, *, below: float = math.inf, count: float
     """The bulk's right edge: the highest SLQ node with ``count`` eigenvalues at or above it.
 
     Args:
-        density: an SLQ estimate; with ``deflate=`` pass ``below = lambda_k`` so that its exact
-            point masses stay out.
+        density: an SLQ estimate; its deflated point masses (``density.deflated_mask``) stay out.
         below: only nodes strictly below this value count (eigenvalue units).
         count: eigenvalues (``P w``, averaged over probes) the edge must have at or above it; default
             ``max(BULK_EDGE_MIN_COUNT, BULK_EDGE_FRACTION * P)``, 5 up to P = 500.

@@ -320,7 +320,7 @@ def section_class_structure(net: TrainedNet, k: int = 12) -> dict[str, Any]:
 
 
 def section_sblb(quick: bool, out: Path) -> dict[str, Any]:
-    """Section 5: :func:`lightning_hessian.sblb.run_sb_lb` with ``configs/sb_vs_lb.yaml``'s defaults."""
+    """Section 5: :func:`lightning_hessian.paper.sblb.run_sb_lb` with ``configs/sb_vs_lb.yaml``'s defaults."""
     from lightning_hessian.paper.sblb import SBLBConfig, run_sb_lb
 
     summary = run_sb_lb(SBLBConfig(), out, quick=quick)

@@ -26,7 +26,6 @@ import argparse
 import copy
 import dataclasses
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +59,8 @@ class SBLBConfig:
         num_threads: torch intra-op threads during the run (1 is fastest for this size).
         num_train: the first ``num_train`` digits train, the rest test.
         scaling: ``"unit"`` (pixels / 16, in [0, 1], as the pilot runs) or ``"standardize"``
-            (see :func:`lightning_hessian.paper.data.digits_tensors`); ``inputs`` is its deprecated name,
-            with ``"standardized"`` for ``"standardize"``.
-        hidden_sizes, activation: the :class:`~lightning_hessian.models.MLPClassifier`.
+            (see :func:`lightning_hessian.paper.data.digits_tensors`).
+        hidden_sizes, activation: the :class:`~lightning_hessian.paper.models.MLPClassifier`.
         lr: SGD learning rate of every phase.
         large_batch_size: batch of the large-batch run (``None``: full batch).
         large_batch_steps: steps from w0 to w_LB.
@@ -122,11 +120,6 @@ class SBLBConfig:
         flat: dict[str, Any] = {}
         for key, value in mapping.items():
             flat.update(value if key in _SECTIONS and isinstance(value, Mapping) else {key: value})
-        if "inputs" in flat:
-            warnings.warn("the sb-lb setting `inputs` is deprecated; use `scaling` ('unit' or 'standardize')",
-                          DeprecationWarning, stacklevel=2)
-            inputs = flat.pop("inputs")
-            flat.setdefault("scaling", "standardize" if inputs == "standardized" else inputs)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(flat) - known)
         if unknown:

@@ -19,6 +19,7 @@ def quick(tmp_path_factory):
     return code, json.loads((out / "results.json").read_text()), out
 
 
+@pytest.mark.slow
 def test_every_check_passes(quick):
     code, results, _ = quick
     failed = [(key, name) for key, section in results.items() if isinstance(section, dict)
@@ -26,6 +27,7 @@ def test_every_check_passes(quick):
     assert failed == [] and code == 0
 
 
+@pytest.mark.slow
 def test_no_gap_at_initialization_and_a_bulk_at_zero_after_training(quick):
     spectra = quick[1]["init_vs_trained"]["spectra"]
     assert spectra["init"]["outliers"] == 0
@@ -36,6 +38,7 @@ def test_no_gap_at_initialization_and_a_bulk_at_zero_after_training(quick):
     assert max(spectra["trained"]["residuals"]) <= 1e-6
 
 
+@pytest.mark.slow
 def test_outliers_track_the_number_of_classes(quick):
     section = quick[1]["classes"]
     digits = {r["classes"]: r for r in section["digits"]}
@@ -53,6 +56,7 @@ def test_outliers_track_the_number_of_classes(quick):
     assert rates[("digits", "trained")]["exact_runs"] == 0  # --quick builds no dense matrices
 
 
+@pytest.mark.slow
 def test_width_scales_the_bulk_not_the_outliers(quick):
     narrow, wide = quick[1]["width"]["rows"]
     assert (narrow["width"], wide["width"]) == (20, 40)
@@ -62,12 +66,14 @@ def test_width_scales_the_bulk_not_the_outliers(quick):
         assert 0.5 < a / b < 2
 
 
+@pytest.mark.slow
 def test_small_batch_continuation_stays_in_the_basin(quick):
     checks = quick[1]["sblb"]["checks"]
     assert set(checks) == {"rise_then_fall", "no_barrier", "lb_sharper"}
     assert quick[1]["sblb"]["summary"]["passed"]
 
 
+@pytest.mark.slow
 def test_gauss_newton_explains_the_top_after_training(quick):
     rows = {(r["point"], r["width"]): r for r in quick[1]["ggn"]["rows"]}
     for key in (("trained", 20), ("trained", 40)):
@@ -76,6 +82,7 @@ def test_gauss_newton_explains_the_top_after_training(quick):
     assert rows[("init", 20)]["residual_norm"] > 0.3 * rows[("init", 20)]["lambda_1"]
 
 
+@pytest.mark.slow
 def test_report_and_figures(quick):
     out = quick[2]
     report = (out / "REPORT.md").read_text()

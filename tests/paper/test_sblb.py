@@ -29,6 +29,7 @@ def quick_run(tmp_path_factory):
     return code, out, json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_quick_run_shows_uphill_then_downhill(quick_run):
     _, _, summary = quick_run
     losses = summary["continuation"]["train_loss"]
@@ -40,6 +41,7 @@ def test_quick_run_shows_uphill_then_downhill(quick_run):
     assert summary["checks"]["rise_then_fall"]["passed"]
 
 
+@pytest.mark.slow
 def test_quick_run_shows_no_barrier_between_lb_and_its_sb_continuation(quick_run):
     _, out, summary = quick_run
     line = summary["interpolation"]["w_LB -> w_LB->SB"]
@@ -53,6 +55,7 @@ def test_quick_run_shows_no_barrier_between_lb_and_its_sb_continuation(quick_run
     assert (out / "interpolation_lb_to_lbsb.csv").read_text().count("\n") == 1 + 25 * 2
 
 
+@pytest.mark.slow
 def test_quick_run_finds_lb_sharper(quick_run):
     _, _, summary = quick_run
     points = summary["points"]
@@ -61,6 +64,7 @@ def test_quick_run_finds_lb_sharper(quick_run):
     assert summary["checks"]["lb_sharper"]["passed"]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_plots_summaries_and_tensorboard(quick_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -109,8 +113,8 @@ def test_scaling_unit_and_standardize():
     assert x.dtype == torch.float64 and x.shape == (1000, 64) and x_test.shape == (797, 64)
     assert float(x.min()) == 0.0 and float(x.max()) == 1.0
     standardized = _digits(SBLBConfig(scaling="standardize"))
-    with pytest.warns(DeprecationWarning, match="inputs"):
-        assert SBLBConfig.from_mapping({"data": {"inputs": "standardized"}}).scaling == "standardize"
+    with pytest.raises(ValueError, match="unknown settings \\['inputs'\\]"):
+        SBLBConfig.from_mapping({"data": {"inputs": "standardized"}})
     reference = digits_tensors(num_train=1000)
     assert torch.equal(standardized[0], reference[0].double()) and torch.equal(standardized[1], y)
     assert torch.equal(reference[3], y_test)

@@ -11,7 +11,7 @@ from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
 
 from lightning_hessian import HessianOperator
-from lightning_hessian._distributed import SummedOperator
+from lightning_hessian.callback.distributed import SummedOperator
 from lightning_hessian.engine import NonFiniteError
 
 F64 = torch.float64

@@ -6,11 +6,12 @@ import pytest
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_callback import TinyMLP, cross_entropy, dataset, trainer
 from torch.utils.data import DataLoader
 
 from lightning_hessian import HessianSpectrumCallback, dense_hessian
 from lightning_hessian.engine.layers import layer_slices, parameter_layout
+
+from helpers import TinyMLP, cross_entropy, dataset, trainer
 
 
 @pytest.fixture(scope="module")

@@ -30,41 +30,32 @@ from __future__ import annotations
 import csv
 import math
 import os
-import pickle
 import time
-import zipfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from lightning_hessian.engine.batches import count_samples, move_batch
-from lightning_hessian.engine.snapshot import BoundModule, module_mode
+from lightning_hessian.engine.operators import LossFn
+from lightning_hessian.engine.snapshot import module_mode
+from lightning_hessian.interpolation.checkpoints import ModelLike, resolve_endpoints
+from lightning_hessian.interpolation.evaluate import Evaluator
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+
+
+
+
 BNMode = Literal["interpolate", "recompute"]
-ModelLike = nn.Module | str | os.PathLike
-LossFn = Callable[[nn.Module, Any], Tensor]
+
 
 # Keskar et al.'s grid, linspace(-1, 2, 25): step 1/8, so 0 and 1 are exact binary fractions.
 DEFAULT_ALPHAS: tuple[float, ...] = tuple(-1 + 3 * i / 24 for i in range(25))
-
-# torch.save writes a zip archive holding "<name>/data.pkl", or (legacy format) a pickle opening with this number.
-_LEGACY_MAGIC = torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
-
-# (what needs (x, y) batches, the fix), for errors about batches of another form.
-_DEFAULT_LOSS_NEEDS = (
-    "the default loss (cross-entropy of model(x) against y)",
-    "pass loss_fn=<loss_fn(model, batch) -> scalar mean loss> for batches of another form",
-)
-_ACCURACY_NEEDS = ("accuracy", "pass accuracy=False for batches of another form")
 
 
 @dataclass(frozen=True)
@@ -214,153 +205,6 @@ class InterpolationResult:
         return path
 
 
-def _check_torch_file(path: Path) -> None:
-    """Raise a ValueError naming ``path`` and what it holds unless :func:`torch.save` wrote it."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            if any(name.endswith("/data.pkl") for name in archive.namelist()):
-                return
-        found = "a zip archive without the data.pkl that torch.save writes"
-    else:
-        with path.open("rb") as handle:
-            head = handle.read(32)
-        if _LEGACY_MAGIC in head:
-            return
-        found = f"a file starting with {head[:16]!r}" if head else "an empty file"
-    raise ValueError(
-        f"{str(path)!r} is not a PyTorch checkpoint file: it is {found}. Expected a file written by torch.save: "
-        "a Lightning .ckpt or torch.save(model.state_dict(), path)"
-    )
-
-
-def load_checkpoint_state(path: str | os.PathLike, map_location: torch.device | str = "cpu") -> dict[str, Tensor]:
-    """The tensors of a checkpoint file: a Lightning ``.ckpt`` (its ``state_dict``) or a saved state dict.
-
-    Loaded with ``torch.load(weights_only=True)``: tensors and plain Python values only.
-
-    Args:
-        path: the file, written by :func:`torch.save` (a Lightning ``.ckpt`` is one).
-        map_location: the device the tensors are loaded onto (default the CPU).
-
-    Returns:
-        ``{name: tensor}`` in the file's order, shapes and dtypes as saved.
-
-    Raises:
-        FileNotFoundError: if there is no such file.
-        ValueError: if the file is not a PyTorch checkpoint (e.g. text, empty, or a NumPy ``.npy``),
-            needs unpickling arbitrary Python objects (it is refused), or holds no state dict.
-
-    Example:
-        >>> import tempfile
-        >>> with tempfile.TemporaryDirectory() as folder:
-        ...     torch.save(nn.Linear(3, 2).state_dict(), Path(folder) / "linear.pt")
-        ...     state = load_checkpoint_state(Path(folder) / "linear.pt")
-        >>> {name: tuple(tensor.shape) for name, tensor in state.items()}
-        {'weight': (2, 3), 'bias': (2,)}
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    _check_torch_file(path)
-    try:
-        content = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"refusing to load {str(path)!r}: it needs unpickling arbitrary Python objects, and checkpoints are read "
-            "with torch.load(weights_only=True) because they are data, not code. Save tensors and plain values "
-            "only, e.g. torch.save(model.state_dict(), path), or pass the model itself. "
-            f"torch said: {str(error).splitlines()[0]}"
-        ) from error
-    state = content.get("state_dict", content) if isinstance(content, Mapping) else content
-    if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(
-            f"{str(path)!r} holds no state dict: expected a Lightning checkpoint (with a 'state_dict' entry) "
-            "or the output of torch.save(model.state_dict(), path)"
-        )
-    return dict(state)
-
-
-def _check_same_layout(first: Mapping[str, Tensor], second: Mapping[str, Tensor], names: tuple[str, str]) -> None:
-    """Raise a ValueError listing every tensor name that is missing on one side or differs in shape."""
-    differences = []
-    for key in sorted(set(first) | set(second)):
-        if key not in second:
-            differences.append(f"{key}: {tuple(first[key].shape)} in {names[0]}, missing in {names[1]}")
-        elif key not in first:
-            differences.append(f"{key}: missing in {names[0]}, {tuple(second[key].shape)} in {names[1]}")
-        elif first[key].shape != second[key].shape:
-            differences.append(
-                f"{key}: {tuple(first[key].shape)} in {names[0]} vs {tuple(second[key].shape)} in {names[1]}"
-            )
-    if differences:
-        raise ValueError(
-            f"{names[0]} and {names[1]} have different architectures; differing parameters and buffers:\n  "
-            + "\n  ".join(differences)
-        )
-
-
-def _tied_aliases(model: nn.Module) -> dict[str, str]:
-    """``{alias: first name}`` for every state dict name of a tensor that an earlier name holds too (tied weights)."""
-    first_name: dict[int, str] = {}
-    aliases = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        first = first_name.setdefault(id(tensor), name)
-        if first != name:
-            aliases[name] = first
-    return aliases
-
-
-def _without_aliases(state: Mapping[str, Tensor], aliases: Mapping[str, str], name: str) -> dict[str, Tensor]:
-    """``state`` less the ``aliases``, each checked to hold the same values as the name it is tied to.
-
-    Raises:
-        ValueError: naming each alias whose values differ (``name`` is not tied like the template).
-    """
-    untied = [
-        f"{alias} differs from {first}"
-        for alias, first in aliases.items()
-        if alias in state and first in state and not torch.equal(state[alias], state[first])
-    ]
-    if untied:
-        raise ValueError(
-            f"{name} is not tied like the module evaluated with (model_template, else the first module): "
-            f"{', '.join(untied)}, names that module ties to one tensor; pass a model_template tied like the endpoints"
-        )
-    return {key: value for key, value in state.items() if key not in aliases}
-
-
-def _resolve_endpoints(
-    model_a: ModelLike, model_b: ModelLike, model_template: nn.Module | None
-) -> tuple[nn.Module, dict[str, Tensor], dict[str, Tensor]]:
-    """The module to evaluate with and the two endpoints' state dicts (checked to match it).
-
-    Names of tied tensors (a decoder sharing the embedding's weight) are dropped from the state dicts
-    but the first of each tensor's names in the template, so that each tensor is interpolated once and
-    :func:`functional_call` swaps it under all its names.
-    """
-    for name, value in (("model_a", model_a), ("model_b", model_b)):
-        if not isinstance(value, (nn.Module, str, os.PathLike)):
-            raise TypeError(f"{name} must be an nn.Module or a checkpoint path, got {type(value).__name__}")
-    modules = [m for m in (model_template, model_a, model_b) if isinstance(m, nn.Module)]
-    template = modules[0] if modules else None
-    if template is None:
-        raise TypeError(
-            "model_a and model_b are both checkpoint paths: pass model_template=<a module of that architecture>"
-        )
-    device = next(template.parameters()).device
-    aliases = _tied_aliases(template)
-
-    def state_of(model: ModelLike, name: str) -> dict[str, Tensor]:
-        state = model.state_dict() if isinstance(model, nn.Module) else load_checkpoint_state(model, device)
-        return _without_aliases(state, aliases, name)
-
-    state_a, state_b = state_of(model_a, "model_a"), state_of(model_b, "model_b")
-    _check_same_layout(state_a, state_b, ("model_a", "model_b"))
-    if template is not model_a:
-        _check_same_layout(state_of(template, "model_template"), state_a, ("model_template", "model_a"))
-    return template, state_a, state_b
-
-
 def _interpolate(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], alpha: float) -> dict[str, Tensor]:
     """``(1 - alpha) a + alpha b`` for floating tensors; integer buffers are taken from the nearer endpoint."""
     return {
@@ -378,7 +222,7 @@ def _batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm.
     ]
 
 
-def _recompute_batchnorm(evaluator: _Evaluator, state: dict[str, Tensor], loader: Iterable[Any]) -> None:
+def _recompute_batchnorm(evaluator: Evaluator, state: dict[str, Tensor], loader: Iterable[Any]) -> None:
     """Reset the BatchNorm statistics in ``state`` and re-estimate them with a no-grad train-mode pass.
 
     ``momentum=None`` makes every layer keep a cumulative average over batches, as ``update_bn`` does;
@@ -400,124 +244,6 @@ def _recompute_batchnorm(evaluator: _Evaluator, state: dict[str, Tensor], loader
     finally:
         for (_, m), momentum in zip(layers, momenta, strict=True):
             m.momentum = momentum
-
-
-def _inputs_and_targets(batch: Any, needed_by: str, fix: str) -> tuple[Any, Any]:
-    """``(x, y)``, the first two items of a tuple or list batch.
-
-    Raises:
-        TypeError: for a batch of another form, saying that ``needed_by`` needs ``(x, y)`` and the ``fix``.
-    """
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    found = f"a dict with keys {list(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
-    raise TypeError(f"{needed_by} needs (x, y) batches (inputs, then targets), got {found}; {fix}")
-
-
-def _class_labels(logits: Tensor, batch: Any) -> Tensor:
-    """The labels ``y`` of an ``(x, y)`` batch on the logits' device, checked to fit class logits ``[n, C]``.
-
-    Raises:
-        ValueError: unless the logits are ``[n, C]`` with ``C >= 2`` and the labels integers ``[n]``
-            (a regression model, for one, has neither).
-    """
-    labels = move_batch(_inputs_and_targets(batch, *_ACCURACY_NEEDS)[1], logits.device, None)
-    is_labels = isinstance(labels, Tensor) and not labels.is_floating_point() and not labels.is_complex()
-    if logits.ndim != 2 or logits.shape[1] < 2 or not is_labels or labels.shape != logits.shape[:1]:
-        found = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(
-            "accuracy needs class logits [n, C] with C >= 2 and integer labels [n] (classification); the model "
-            f"returned {tuple(logits.shape)} and the labels are {found}; pass accuracy=False (e.g. for regression)"
-        )
-    return labels
-
-
-class _Evaluator:
-    """Sample-weighted mean loss and torchmetrics accuracy of a module over a dataloader.
-
-    Given a ``state``, the module runs through :func:`functional_call` with those tensors swapped in
-    for the call (so a ``loss_fn`` that calls the module's own methods sees them too); without one,
-    as it is.
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn | None, accuracy: bool) -> None:
-        self.model = model
-        self.loss_fn = loss_fn
-        self.accuracy = accuracy
-        floating = [p for p in model.parameters() if p.is_floating_point()]
-        self.device = floating[0].device if floating else torch.device("cpu")
-        self.dtype = floating[0].dtype if floating else None
-        self._bound = BoundModule(model, self._loss_and_logits)
-
-    def _loss_and_logits(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor | None]:
-        if self.loss_fn is None:
-            x, y = _inputs_and_targets(batch, *_DEFAULT_LOSS_NEEDS)
-            logits = model(x)
-            return F.cross_entropy(logits, y), logits
-        loss = self.loss_fn(model, batch)
-        return loss, (model(_inputs_and_targets(batch, *_ACCURACY_NEEDS)[0]) if self.accuracy else None)
-
-    def outputs(self, batch: Any, state: Mapping[str, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
-        """``(mean loss, logits or None)`` of one batch, with the tensors of ``state`` if given."""
-        batch = move_batch(batch, self.device, self.dtype)
-        if state is None:
-            return self._loss_and_logits(self.model, batch)
-        swapped = {f"model.{key}": value for key, value in state.items()}
-        return functional_call(self._bound, swapped, (batch,), strict=False)
-
-    def __call__(self, loader: Iterable[Any], state: Mapping[str, Tensor] | None = None) -> tuple[float, float | None]:
-        """Return ``(mean loss, accuracy or None)`` over the loader, in eval mode."""
-        from torchmetrics.classification import MulticlassAccuracy
-
-        total, count, metric = 0.0, 0, None
-        with torch.no_grad(), module_mode(self.model, "eval"):
-            for batch in loader:
-                loss, logits = self.outputs(batch, state)
-                num = count_samples(batch)
-                total += float(loss) * num
-                count += num
-                if logits is None:
-                    continue
-                labels = _class_labels(logits, batch)
-                if metric is None:
-                    metric = MulticlassAccuracy(num_classes=logits.shape[1], average="micro").to(logits.device)
-                metric.update(logits, labels)
-        if count == 0:
-            raise ValueError("a dataloader yielded no batches")
-        return total / count, (float(metric.compute()) if metric is not None else None)
-
-
-def evaluate(
-    model: nn.Module, dataloader: Iterable[Any], *, loss_fn: LossFn | None = None, accuracy: bool = True
-) -> tuple[float, float | None]:
-    """Mean loss (weighted by batch size) and accuracy of a model over a dataloader, in eval mode.
-
-    The same computation :func:`linear_interpolation` does at every alpha.
-
-    Args:
-        model: the network; its modes are restored afterwards.
-        dataloader: batches ``(x, y)`` (any re-iterable); floating tensors are cast to the model's dtype.
-        loss_fn: ``loss_fn(model, batch) -> scalar mean loss``; default cross-entropy of ``model(x)``.
-        accuracy: also measure accuracy (torchmetrics, micro average) of ``model(x)`` logits ``[n, C]``
-            against integer labels ``y`` ``[n]``.
-
-    Returns:
-        ``(loss, accuracy)``: the loss in its own units, accuracy a fraction in [0, 1] or ``None`` when off.
-
-    Raises:
-        TypeError: if the default loss or accuracy meets batches that are not ``(x, y)``.
-        ValueError: if accuracy meets outputs that are not class logits ``[n, C]``, ``C >= 2``, or labels
-            that are not integers ``[n]``, or the dataloader yields no batch.
-
-    Example:
-        >>> model = nn.Linear(3, 2)
-        >>> _ = nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
-        >>> data = [(torch.randn(8, 3), torch.zeros(8, dtype=torch.long))]
-        >>> loss, accuracy = evaluate(model, data)
-        >>> round(loss, 4), accuracy  # both classes equally likely: log 2; ties go to class 0
-        (0.6931, 1.0)
-    """
-    return _Evaluator(model, loss_fn, accuracy)(dataloader)
 
 
 def _alpha_grid(alphas: Sequence[float] | Tensor | None) -> tuple[float, ...]:
@@ -596,8 +322,8 @@ def linear_interpolation(
     if not loaders:
         raise ValueError("dataloaders is empty: pass {'train': train_loader, ...} or a single dataloader")
     grid = _alpha_grid(alphas)
-    template, state_a, state_b = _resolve_endpoints(model_a, model_b, model_template)
-    evaluator = _Evaluator(template, loss_fn, accuracy)
+    template, state_a, state_b = resolve_endpoints(model_a, model_b, model_template)
+    evaluator = Evaluator(template, loss_fn, accuracy)
     recompute = bn == "recompute" and bool(_batchnorm_layers(template))
     statistics_loader = bn_loader if bn_loader is not None else loaders.get("train", next(iter(loaders.values())))
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lightning_hessian import HessianOperator
-from lightning_hessian import _progress as progress
-from lightning_hessian._progress import ProgressOperator, progress_line
+from lightning_hessian.callback import progress
+from lightning_hessian.callback.progress import ProgressOperator, progress_line
 
 F64 = torch.float64
 

@@ -2,7 +2,7 @@
 
 Nothing is printed for calls shorter than ``DELAY_SECONDS`` (tqdm's ``delay``); longer ones show one
 line on standard error, on rank zero, which disappears when the call ends. After every product on
-the CPU the free heap is returned to the system (:mod:`lightning_hessian._heap`).
+the CPU the free heap is returned to the system (:mod:`lightning_hessian.callback.heap`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from torch import Tensor
 from tqdm import tqdm
 
-from lightning_hessian._heap import release_free_heap
+from lightning_hessian.callback.heap import release_free_heap
 
 # Calls shorter than this print nothing.
 DELAY_SECONDS = 2.0

@@ -7,9 +7,9 @@ import ctypes
 import pytest
 import torch
 
-from lightning_hessian import _progress as progress
-from lightning_hessian._heap import _malloc_trim, release_free_heap
-from lightning_hessian._progress import ProgressOperator
+from lightning_hessian.callback import progress
+from lightning_hessian.callback.heap import _malloc_trim, release_free_heap
+from lightning_hessian.callback.progress import ProgressOperator
 from lightning_hessian.engine.eigen import DiagonalOperator
 
 BLOCK = 64 * 1024  # below glibc's initial mmap threshold: served from the heap

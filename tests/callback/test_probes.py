@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler, TensorDataset
 
-from lightning_hessian._probes import draw_probe_set
+from lightning_hessian.callback.probes import draw_probe_set
 
 
 def _draw(loader, num_samples=None, batch_size=None, seed=0, rank=0, world_size=1):

@@ -11,16 +11,17 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.loggers import Logger
-from test_callback import (
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_hessian import HessianSpectrumCallback
+
+from helpers import (
     ProtocolMLP,
     assert_eigenvalues,
     dataset,
     top_dense,
     trainer,
 )
-from torch.utils.data import DataLoader, DistributedSampler
-
-from lightning_hessian import HessianSpectrumCallback
 
 SEED = 3
 

@@ -16,65 +16,22 @@ import torchmetrics
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_hessian import HessianSpectrumCallback, dense_ggn, dense_hessian
 from lightning_hessian.loggers import scalar_metrics
 
-NUM_FEATURES, NUM_CLASSES = 4, 3
-
-
-def dataset(num_samples: int = 32, seed: int = 0, dtype: torch.dtype = torch.float32) -> TensorDataset:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_samples, NUM_FEATURES, generator=generator, dtype=dtype)
-    return TensorDataset(x, torch.randint(0, NUM_CLASSES, (num_samples,), generator=generator))
-
-
-def cross_entropy(module: nn.Module, batch) -> torch.Tensor:
-    """A ``loss_fn(pl_module, batch)`` (module level, so ddp_spawn can pickle it)."""
-    return F.cross_entropy(module(batch[0]), batch[1])
-
-
-class TinyMLP(pl.LightningModule):
-    """4 -> 6 -> 3 tanh MLP (51 parameters); the loss comes from ``training_step`` (no protocol)."""
-
-    def __init__(self, lr: float = 0.1, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(NUM_FEATURES, 6), nn.Tanh(), nn.Linear(6, NUM_CLASSES)).to(dtype)
-        self.lr = lr
-        self.crash_at_step: int | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        if self.crash_at_step is not None and self.global_step == self.crash_at_step:
-            raise RuntimeError("simulated crash")
-        loss = F.cross_entropy(self(batch[0]), batch[1])
-        self.log("train_loss", loss)
-        return {"loss": loss}
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
-
-    def test_step(self, batch, batch_idx):
-        self.log("test_loss", F.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-class ProtocolMLP(TinyMLP):
-    """TinyMLP with the module protocol (``hessian_loss``, ``hessian_outputs``, ``hessian_output_loss``)."""
-
-    def hessian_loss(self, batch) -> torch.Tensor:
-        return cross_entropy(self, batch)
-
-    def hessian_outputs(self, batch) -> torch.Tensor:
-        return self(batch[0])
-
-    def hessian_output_loss(self, outputs: torch.Tensor, batch) -> torch.Tensor:
-        return F.cross_entropy(outputs, batch[1])
+from helpers import (
+    NUM_CLASSES,
+    NUM_FEATURES,
+    ProtocolMLP,
+    TinyMLP,
+    assert_eigenvalues,
+    cross_entropy,
+    dataset,
+    top_dense,
+    trainer,
+)
 
 
 class NoisyNet(pl.LightningModule):
@@ -126,22 +83,6 @@ class PoisonedMLP(TinyMLP):
             with torch.no_grad():
                 self.net[0].weight[0, 0] = float("nan")
 
-
-def trainer(**kwargs) -> pl.Trainer:
-    settings = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
-                "enable_model_summary": False, "enable_checkpointing": False}
-    settings.update(kwargs)
-    return pl.Trainer(**settings)
-
-
-def top_dense(module: nn.Module, batches, k: int, **kwargs) -> torch.Tensor:
-    hessian = dense_hessian(module, cross_entropy, batches, **kwargs)
-    return torch.linalg.eigvalsh(hessian).flip(0)[:k]
-
-
-def assert_eigenvalues(measured: list[float], expected: torch.Tensor, rtol: float = 1e-6) -> None:
-    """Measured eigenvalues (a record's plain floats) equal the float64 oracle to ``rtol``."""
-    torch.testing.assert_close(torch.tensor(measured, dtype=torch.float64), expected, rtol=rtol, atol=0)
 
 
 # --- construction ------------------------------------------------------------------------------
@@ -201,16 +142,16 @@ def test_schedule_predicate():
         [6, 10, 16, 20, 26, 30, 36, 40]
 
 
-def test_integral_numbers_are_counts_and_max_overhead_is_an_old_name_for_budget():
+def test_integral_numbers_are_counts_and_max_overhead_is_refused_naming_budget():
     import numpy as np
 
     assert HessianSpectrumCallback(k=np.int64(4)).config.k == 4
-    with pytest.warns(DeprecationWarning, match="max_overhead"):
-        assert HessianSpectrumCallback(every_n_steps=2, max_overhead=0.2).config.budget == 0.2
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_overhead'"):  # now budget=
+        HessianSpectrumCallback(every_n_steps=2, max_overhead=0.2)
 
 
 def test_probe_set_takes_whole_batches_split_across_ranks_and_rebatches_on_request():
-    from lightning_hessian._probes import draw_probe_set
+    from lightning_hessian.callback.probes import draw_probe_set
 
     loader = [{"x": torch.arange(4.0) + 4 * i, "y": torch.arange(4) + 4 * i,
                "text": [f"s{4 * i + j}" for j in range(4)]} for i in range(3)]  # samples 0..11, with their texts
@@ -372,6 +313,7 @@ class SlowStepMLP(TinyMLP):
         return super().training_step(batch, batch_idx)
 
 
+@pytest.mark.slow
 def test_the_default_budget_measures_at_start_says_its_plan_once_and_spaces_the_calls(caplog):
     callback = HessianSpectrumCallback(budget=0.2, k=2, num_samples=16, density=False)  # no explicit schedule
     with caplog.at_level(logging.INFO):
@@ -385,7 +327,7 @@ def test_the_default_budget_measures_at_start_says_its_plan_once_and_spaces_the_
     assert 0 < callback.history[-1].overhead < 1
 
 
-def test_every_n_epochs_and_max_overhead():
+def test_every_n_epochs_and_a_budget_cap_on_an_explicit_schedule():
     by_epoch = HessianSpectrumCallback(budget=None, every_n_epochs=1, at_start=False, at_end=False,
                                        k=2, num_samples=16, density=False)
     trainer(max_epochs=3, callbacks=[by_epoch]).fit(TinyMLP(), DataLoader(dataset(), batch_size=8))
@@ -393,7 +335,7 @@ def test_every_n_epochs_and_max_overhead():
     assert [r.epoch for r in by_epoch.history] == [0, 1, 2]
     trainer(max_epochs=1, callbacks=[by_epoch]).fit(TinyMLP(), DataLoader(dataset(), batch_size=8))
     assert [r.step for r in by_epoch.history] == [4, 8, 12, 4]  # a second run with the same callback
-    budget = HessianSpectrumCallback(every_n_steps=1, k=2, num_samples=16, density=False, max_overhead=1e-9)
+    budget = HessianSpectrumCallback(every_n_steps=1, k=2, num_samples=16, density=False, budget=1e-9)
     run = trainer(max_steps=4, callbacks=[budget])
     run.fit(TinyMLP(), DataLoader(dataset(), batch_size=8))
     assert [r.step for r in budget.history] == [0]

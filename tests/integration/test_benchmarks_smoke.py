@@ -10,7 +10,7 @@ from statistics import NormalDist
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a top-level folder of the repository, not an installed package
 
 from benchmarks.measure import relative_errors, wasserstein1, wasserstein1_grid  # noqa: E402
@@ -47,6 +47,7 @@ def test_relative_errors_sort_and_penalize_ghost_copies():
     assert errors[1] == 0.0 and errors[2] == pytest.approx(0.5) and errors[3] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_run_writes_results_with_verdicts(tmp_path):
     out = tmp_path / "RESULTS.md"
     command = [sys.executable, "-m", "benchmarks.run", "--smoke", "--no-peers", "--workloads", "mixture-mlp",
@@ -77,6 +78,7 @@ def one_thread_build() -> list[dict]:
     return _fingerprints({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_float32_workloads_and_their_errors_do_not_depend_on_the_thread_count(one_thread_build):
     # Trained in float32 with the caller's threads, the smoke digits-cnn came out with other weights
     # (and a reference 1e-4 away) under two threads than under one.
@@ -87,6 +89,7 @@ def test_float32_workloads_and_their_errors_do_not_depend_on_the_thread_count(on
         assert first == second, (first["name"], first, second)  # weights, reference, rounding, error, products
 
 
+@pytest.mark.slow
 def test_float32_workloads_survive_other_cpu_kernels(one_thread_build):
     # AVX2 kernels in place of wider ones (a no-op on a CPU without them): float32 training gave other
     # weights; float64 training cast to float32 gives the same ones. The products, hence the measured
@@ -98,6 +101,7 @@ def test_float32_workloads_survive_other_cpu_kernels(one_thread_build):
         assert second["reference"] == pytest.approx(first["reference"], rel=1e-12), first["name"]
 
 
+@pytest.mark.slow
 def test_scale_suite_writes_every_table_and_a_verdict_per_target(tmp_path):
     out = tmp_path / "RESULTS-scale.md"
     command = [sys.executable, "-m", "benchmarks.scale", "--smoke", "--workloads", "mlp", "--no-overhead-run",
@@ -111,6 +115,7 @@ def test_scale_suite_writes_every_table_and_a_verdict_per_target(tmp_path):
     assert len(verdicts) == 3, verdicts
 
 
+@pytest.mark.slow
 def test_warm_start_benchmark_tabulates_both_starts_in_both_phases(tmp_path):
     out = tmp_path / "RESULTS-warm.md"
     command = [sys.executable, "-m", "benchmarks.warm_start", "--smoke", "--out", str(out)]
@@ -121,6 +126,7 @@ def test_warm_start_benchmark_tabulates_both_starts_in_both_phases(tmp_path):
     assert len(rows) == 5 and all(int(line.split("|")[5]) >= 5 for line in rows)  # a warm start costs at least k
 
 
+@pytest.mark.slow
 def test_overhead_benchmark_sets_the_steps_that_hold_a_call_apart(tmp_path):
     out = tmp_path / "RESULTS-overhead.md"
     command = [sys.executable, "-m", "benchmarks.overhead", "--smoke", "--out", str(out)]
@@ -130,6 +136,7 @@ def test_overhead_benchmark_sets_the_steps_that_hold_a_call_apart(tmp_path):
     assert calls == {"without, 1": 0, "with, 1": 3, "without, 2": 0, "with, 2": 3}
 
 
+@pytest.mark.slow
 def test_memory_report_measures_a_call_a_product_and_a_training_step_in_fresh_processes(tmp_path):
     out = tmp_path / "RESULTS-memory.md"
     command = [sys.executable, "-m", "benchmarks.scale", "--smoke", "--memory", "--workloads", "cnn", "--out", str(out)]
@@ -141,6 +148,7 @@ def test_memory_report_measures_a_call_a_product_and_a_training_step_in_fresh_pr
     assert "| cnn | at most 100 bytes per parameter" in out.read_text()
 
 
+@pytest.mark.slow
 def test_budgeted_runs_alternate_and_report_wall_and_cpu_overhead(tmp_path):
     out = tmp_path / "RESULTS-scale.md"
     command = [sys.executable, "-m", "benchmarks.scale", "--smoke", "--workloads", "mlp", "--calls", "2",

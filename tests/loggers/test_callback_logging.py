@@ -13,10 +13,11 @@ import wandb
 import yaml
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_callback import ProtocolMLP, dataset, trainer
 from torch.utils.data import DataLoader
 
 from lightning_hessian import HessianSpectrumCallback
+
+from helpers import ProtocolMLP, dataset, trainer
 
 STEPS = [0, 2, 4]
 SCALARS = [

@@ -26,13 +26,12 @@ from torch.utils.data import IterableDataset
 
 from lightning_hessian import loggers
 from lightning_hessian._compat import CALLBACK_BASES, SHARDED_STRATEGIES
-from lightning_hessian._deprecation import renamed_argument
-from lightning_hessian._isolation import isolated, loggers_muted
-from lightning_hessian._measure import MatrixSolver, MissingLoss, make_operator
-from lightning_hessian._probes import draw_probe_set
-from lightning_hessian._progress import progress_line
-from lightning_hessian._schedule import Budget, crossed_multiple
-from lightning_hessian.config import HISTORY_FILE, BasisDtype, CallbackConfig, MatrixChoice, Mode
+from lightning_hessian.callback.config import HISTORY_FILE, BasisDtype, CallbackConfig, MatrixChoice, Mode
+from lightning_hessian.callback.isolation import isolated, loggers_muted
+from lightning_hessian.callback.probes import draw_probe_set
+from lightning_hessian.callback.progress import progress_line
+from lightning_hessian.callback.schedule import Budget, crossed_multiple
+from lightning_hessian.callback.solver import MatrixSolver, MissingLoss, make_operator
 from lightning_hessian.engine import NonFiniteError
 from lightning_hessian.engine.batches import count_samples
 from lightning_hessian.engine.density import default_num_probes
@@ -86,9 +85,9 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
     step (top 2, 12 products, a 1-probe, 8-step density) runs the whole path and nothing else.
 
     **Loss.** ``loss_fn(pl_module, batch)`` if given, else ``pl_module.hessian_loss(batch)`` if the
-    module defines it (:class:`~lightning_hessian.hooks.HessianLossModule`), else the loss
+    module defines it (:class:`~lightning_hessian.callback.hooks.HessianLossModule`), else the loss
     ``training_step(batch, -1)`` returns. The Gauss-Newton matrix needs ``hessian_outputs`` and
-    ``hessian_output_loss`` (:class:`~lightning_hessian.hooks.GaussNewtonModule`).
+    ``hessian_output_loss`` (:class:`~lightning_hessian.callback.hooks.GaussNewtonModule`).
 
     **Side effects: none.** Parameters, buffers, ``.grad``, ``requires_grad``, module modes, the
     module's plain state (attributes such as a recurrent hidden state, counters, torchmetrics
@@ -178,10 +177,9 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             write none.
         progress: show a progress line (solver, products done and expected) for calls longer than
             two seconds.
-        max_overhead: deprecated name of ``budget``.
 
     Attributes:
-        config: the :class:`~lightning_hessian.config.CallbackConfig` built from the arguments.
+        config: the :class:`~lightning_hessian.callback.config.CallbackConfig` built from the arguments.
         history: one :class:`~lightning_hessian.measurement.Measurement` per call.
         events: the calls that gave no spectrum, as :class:`~lightning_hessian.measurement.Event`.
         probe_batches: this rank's probe batches, on the module's device.
@@ -229,14 +227,10 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         name: str = "hessian",
         history_file: str | None = HISTORY_FILE,
         progress: bool = True,
-        max_overhead: float | None = None,
     ) -> None:
         arguments = dict(locals())
-        for key in ("self", "__class__", "max_overhead"):
+        for key in ("self", "__class__"):
             arguments.pop(key, None)
-        if max_overhead is not None:
-            renamed_argument("HessianSpectrumCallback", "max_overhead", "budget")
-            arguments["budget"] = max_overhead
         arguments["layers"] = () if layers is None else layers
         self.config = CallbackConfig(**arguments)
         self.history: list[Measurement] = []
@@ -501,7 +495,8 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             loggers.log_hyperparams(trainer, self.settings())
             self._hparams_logged = True
         if not self._run_started:
-            loggers.log_run_start(trainer, self.config)
+            loggers.log_run_start(trainer, self.config.name, k=self.config.k, matrix=self.config.matrix,
+                                  density=self.config.density)
             self._run_started = True
         measured = time.perf_counter()
         self._spent += measured - started

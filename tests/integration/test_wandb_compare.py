@@ -21,7 +21,10 @@ import wandb
 from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "compare_runs.py"
+# A server process or W&B runs: seconds to a minute each.
+pytestmark = pytest.mark.slow
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "compare_runs.py"
 PROJECT = "lightning-hessian-compare"
 RUNS = ((8, 0.1), (64, 0.2))  # (batch size, learning rate)
 STEPS = [0, 2, 4]

@@ -11,11 +11,12 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from test_callback import NUM_CLASSES, NUM_FEATURES, ProtocolMLP, TinyMLP, dataset, trainer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from lightning_hessian import HessianSpectrumCallback
+
+from helpers import NUM_CLASSES, NUM_FEATURES, ProtocolMLP, TinyMLP, dataset, trainer
 
 
 def _weights(model: nn.Module) -> list[torch.Tensor]:

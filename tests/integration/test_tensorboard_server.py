@@ -19,10 +19,14 @@ import urllib.request
 
 import pytest
 from pytorch_lightning.loggers import TensorBoardLogger
-from test_callback import ProtocolMLP, dataset, trainer
 from torch.utils.data import DataLoader
 
 from lightning_hessian import HessianSpectrumCallback
+
+from helpers import ProtocolMLP, dataset, trainer
+
+# A server process or W&B runs: seconds to a minute each.
+pytestmark = pytest.mark.slow
 
 STEPS = [0, 2, 4]
 K = 10  # ten, so that the chart of eig_1 could wrongly draw eig_10 too
@@ -160,12 +164,11 @@ def test_two_callbacks_share_one_layout_written_once_each(tmp_path):
     from tensorboard.plugins.custom_scalar import layout_pb2
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_hessian.config import CallbackConfig
     from lightning_hessian.loggers import tensorboard_layout, write_tensorboard_layout
 
     writer = SummaryWriter(str(tmp_path))
     for name in ("hessian", "other", "hessian"):  # the repeat changes nothing, so writes nothing
-        write_tensorboard_layout(writer, tensorboard_layout(CallbackConfig(name=name, k=2)))
+        write_tensorboard_layout(writer, tensorboard_layout(name, k=2))
     writer.close()
     events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
     events.Reload()
@@ -175,22 +178,3 @@ def test_two_callbacks_share_one_layout_written_once_each(tmp_path):
     layout.ParseFromString(written[-1].tensor_proto.string_val[0])
     assert [c.title for c in layout.category] == ["hessian: spectrum", "hessian: cost", "other: spectrum",
                                                  "other: cost"]
-
-
-def test_no_bulk_view_when_the_top_k_were_not_deflated():
-    """Without the k exact nodes among the SLQ nodes the bulk cannot be told apart: no bulk histogram."""
-    import torch
-
-    from lightning_hessian.engine import SpectralDensity
-    from lightning_hessian.loggers import bulk_histogram, top_k_histogram
-
-    nodes = torch.tensor([[0.0, 0.1, 3.0], [0.0, 0.2, 3.0]], dtype=torch.float64)
-    plain = SpectralDensity(nodes, torch.full((2, 3), 1 / 3, dtype=torch.float64), trace=0.0, trace_stderr=0.0,
-                            num_params=100, num_matvecs=6, seconds=0.0)
-    assert bulk_histogram(plain, [3.0]) is None
-    weights = torch.tensor([[0.6, 0.39, 0.01], [0.5, 0.49, 0.01]], dtype=torch.float64)  # 3.0 placed at 1/P
-    deflated = SpectralDensity(nodes, weights, trace=0.0, trace_stderr=0.0, num_params=100, num_matvecs=4,
-                               seconds=0.0)
-    edges, counts = bulk_histogram(deflated, [3.0], num_bins=50)
-    assert float(counts.sum()) == pytest.approx(99, rel=0.01) and float(edges[-1]) < 3.0
-    assert float(top_k_histogram([3.0])[1].sum()) == 1.0

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from lightning_hessian._schedule import (
+from lightning_hessian.callback.schedule import (
     OVERHEAD_CAP,
     TIMED_STEPS,
     Budget,

@@ -3,7 +3,7 @@
 Symbols: P parameters, k top eigenvalues, S SLQ probes, m Lanczos steps per probe.
 
 Everything numeric is the engine's; this module chooses the loss the module defines (the
-protocols of :mod:`lightning_hessian.hooks`), wraps the operator for DDP, keeps the warm-start
+protocols of :mod:`lightning_hessian.callback.hooks`), wraps the operator for DDP, keeps the warm-start
 vectors between calls and packs the results into a
 :class:`~lightning_hessian.measurement.MatrixMeasurement`.
 """
@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_hessian._distributed import SummedOperator
-from lightning_hessian._isolation import plain_state_kept
-from lightning_hessian._progress import ProgressOperator
+from lightning_hessian.callback.distributed import SummedOperator
+from lightning_hessian.callback.isolation import plain_state_kept
+from lightning_hessian.callback.progress import ProgressOperator
 from lightning_hessian.engine import (
     EigenResult,
     GGNOperator,
@@ -55,7 +55,7 @@ def training_step_loss(module: nn.Module, batch: Any) -> Tensor:
 
     The batch index is one that training never passes, so work done on ``batch_idx == 0`` does not
     run again; the module's plain state is put back afterwards (see
-    :func:`~lightning_hessian._isolation.plain_state_kept`), so every probe batch sees the state
+    :func:`~lightning_hessian.callback.isolation.plain_state_kept`), so every probe batch sees the state
     training left.
 
     Raises:
@@ -258,7 +258,6 @@ def _beyond(density: SpectralDensity, top: EigenResult, tol: float) -> bool:
     values = top.eigenvalues.double()
     scale = float(values.abs().max())
     nodes = density.nodes.flatten()
-    placed = (nodes[:, None] - values[None, :]).abs().min(dim=1).values <= 1e-9 * max(scale, 1e-300)
-    estimated = nodes[~placed]
+    estimated = nodes if density.deflated_mask is None else nodes[~density.deflated_mask.flatten()]
     threshold = float(values.min()) + tol * scale
     return bool(estimated.numel()) and float(estimated.max()) > threshold

@@ -1,0 +1,83 @@
+"""What the tests of the Lightning face share: a tiny classifier, its data, a quiet CPU Trainer and the oracle."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from lightning_hessian import dense_hessian
+
+NUM_FEATURES, NUM_CLASSES = 4, 3
+
+
+def dataset(num_samples: int = 32, seed: int = 0, dtype: torch.dtype = torch.float32) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, NUM_FEATURES, generator=generator, dtype=dtype)
+    return TensorDataset(x, torch.randint(0, NUM_CLASSES, (num_samples,), generator=generator))
+
+
+def cross_entropy(module: nn.Module, batch) -> torch.Tensor:
+    """A ``loss_fn(pl_module, batch)`` (module level, so ddp_spawn can pickle it)."""
+    return F.cross_entropy(module(batch[0]), batch[1])
+
+
+class TinyMLP(pl.LightningModule):
+    """4 -> 6 -> 3 tanh MLP (51 parameters); the loss comes from ``training_step`` (no protocol)."""
+
+    def __init__(self, lr: float = 0.1, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(NUM_FEATURES, 6), nn.Tanh(), nn.Linear(6, NUM_CLASSES)).to(dtype)
+        self.lr = lr
+        self.crash_at_step: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        if self.crash_at_step is not None and self.global_step == self.crash_at_step:
+            raise RuntimeError("simulated crash")
+        loss = F.cross_entropy(self(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return {"loss": loss}
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class ProtocolMLP(TinyMLP):
+    """TinyMLP with the module protocol (``hessian_loss``, ``hessian_outputs``, ``hessian_output_loss``)."""
+
+    def hessian_loss(self, batch) -> torch.Tensor:
+        return cross_entropy(self, batch)
+
+    def hessian_outputs(self, batch) -> torch.Tensor:
+        return self(batch[0])
+
+    def hessian_output_loss(self, outputs: torch.Tensor, batch) -> torch.Tensor:
+        return F.cross_entropy(outputs, batch[1])
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    settings = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                "enable_model_summary": False, "enable_checkpointing": False}
+    settings.update(kwargs)
+    return pl.Trainer(**settings)
+
+
+def top_dense(module: nn.Module, batches, k: int, **kwargs) -> torch.Tensor:
+    hessian = dense_hessian(module, cross_entropy, batches, **kwargs)
+    return torch.linalg.eigvalsh(hessian).flip(0)[:k]
+
+
+def assert_eigenvalues(measured: list[float], expected: torch.Tensor, rtol: float = 1e-6) -> None:
+    """Measured eigenvalues (a record's plain floats) equal the float64 oracle to ``rtol``."""
+    torch.testing.assert_close(torch.tensor(measured, dtype=torch.float64), expected, rtol=rtol, atol=0)
