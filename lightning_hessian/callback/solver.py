@@ -154,8 +154,9 @@ class MatrixSolver:
                *, checked: bool = False, max_matvecs: int | None = None) -> EigenResult:
         """``top_eigenvalues``, warm-started from ``warm[key]`` and leaving this call's vectors there.
 
-        A warm start continues without the engine's invariance guard when the caller checks the result
-        (``checked``: the density's Lanczos run, whose probes are random, would reveal a missed pair).
+        The engine's check for missed eigenvalues is skipped when the caller checks the result
+        (``checked``: the density's Lanczos run, whose probes are random and deflate the k pairs,
+        reveals an eigenvalue beyond them that the solve missed).
         """
         stored = warm.get(key) if warm is not None else None
         warmed = stored is not None and stored.numel() == op.num_params
@@ -197,8 +198,10 @@ class MatrixSolver:
         if k > op.num_params:
             raise ValueError(f"k={k} exceeds the number of parameters measured ({op.num_params}); lower k")
         _describe(bar, f"{matrix}: top-{k} eigenvalues")
-        warmed = warm is not None and matrix in warm
-        top = self._solve(op, k, warm, matrix, checked=self.density, max_matvecs=self.top_k_matvecs)
+        # Without the density the engine checks for missed eigenvalues itself, under its own cap: each
+        # copy of a repeated eigenvalue costs a Krylov run, more than the cheap cap leaves.
+        top = self._solve(op, k, warm, matrix, checked=self.density,
+                          max_matvecs=self.top_k_matvecs if self.density else None)
         count = top.num_matvecs
         eig_min = eig_min_residual = None
         if self.smallest:
@@ -208,19 +211,18 @@ class MatrixSolver:
             count += low.num_matvecs
         density = None
         if self.density:
-            _describe(bar, f"{matrix}: spectral density")
-            # The converged top eigenpairs are placed exactly and SLQ spends its steps on the rest (the bulk).
-            exact = top.converged_part() if k < op.num_params else None
-            density = spectral_density(op, num_probes=self.num_probes, num_steps=self.num_steps, seed=self.seed,
-                                       deflate=exact, reorthogonalize=self.reorthogonalize,
-                                       basis_dtype=self.basis_dtype, basis_device=self.basis_device)
+            density = self._density(op, top, matrix, bar)
             count += density.num_matvecs
-            if warmed and top.all_converged and _beyond(density, top, self.tol):
-                # The density's Lanczos run found an eigenvalue above the warm-started top k: the warm
-                # start missed a direction. The density stays valid (it deflated genuine eigenpairs).
-                _describe(bar, f"{matrix}: top-{k} eigenvalues, cold")
-                top = self._solve(op, k, warm, matrix, max_matvecs=self.top_k_matvecs)
-                count += top.num_matvecs
+            if top.all_converged and _beyond(density, top, self.tol):
+                # The density's Lanczos run found an eigenvalue beyond the top k that the solve missed
+                # (a copy of a repeated eigenvalue, or a direction a warm start is orthogonal to). The
+                # engine's own check finds it, under the engine's cap (each copy costs a Krylov run of its
+                # own); the density is then redone so that it places the corrected pairs and its
+                # outliers count them.
+                _describe(bar, f"{matrix}: top-{k} eigenvalues, checked")
+                top = self._solve(op, k, warm, matrix)
+                density = self._density(op, top, matrix, bar)
+                count += top.num_matvecs + density.num_matvecs
         layers = {}
         for pattern in self.layers:
             _describe(bar, f"{matrix}: layer {pattern}")
@@ -245,6 +247,16 @@ class MatrixSolver:
             eig_min_residual=eig_min_residual, layers=layers, layer_views=views, grad_overlap=overlap,
             error_bounds=tuple(top.error_bounds.tolist()),
         )
+
+
+    def _density(self, op: Any, top: EigenResult, matrix: Matrix, bar: Any) -> SpectralDensity:
+        """The SLQ density with the converged top eigenpairs placed exactly (SLQ spends its steps on the
+        rest, the bulk)."""
+        _describe(bar, f"{matrix}: spectral density")
+        exact = top.converged_part() if top.eigenvalues.numel() < op.num_params else None
+        return spectral_density(op, num_probes=self.num_probes, num_steps=self.num_steps, seed=self.seed,
+                                deflate=exact, reorthogonalize=self.reorthogonalize,
+                                basis_dtype=self.basis_dtype, basis_device=self.basis_device)
 
 
 def _describe(bar: Any, text: str) -> None:

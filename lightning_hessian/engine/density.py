@@ -243,7 +243,7 @@ def _check_deflated(deflate: EigenResult, num_params: int) -> Tensor:
     if len(shape) != 2 or shape[1] != num_params or not 1 <= shape[0] < num_params:
         raise ValueError(f"deflate has eigenvectors of shape {shape}; they must be (k, {num_params}) with "
                          f"1 <= k < {num_params}, e.g. top_eigenvalues(op, k) of the same operator")
-    if not deflate.all_converged:
+    if not bool(deflate.converged.all()):
         raise ValueError("deflate has unconverged eigenpairs; deflating them would distort the density: "
                          "raise max_matvecs in top_eigenvalues or pass only converged pairs")
     return deflate.eigenvalues.to(torch.float64).cpu()

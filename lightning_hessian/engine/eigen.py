@@ -28,11 +28,14 @@ are exact and grows one product at a time (the callback warm-starts this way).
 A Krylov space grown from one vector holds one direction per distinct eigenvalue: it cannot see a
 second copy of a repeated eigenvalue, and a start orthogonal to an eigenvector (a warm start inside
 an invariant subspace) never sees that eigenvector. So once the k wanted pairs have converged, the
-solver checks for what the space cannot hold: it keeps only the converged pairs (locks them),
-continues from a fresh Gaussian direction orthogonal to them, and runs until either the basis holds
-more Ritz values beyond theta_k (the k-th wanted value) than before, by Cauchy interlacing an
-eigenvalue the locked pairs missed, which it then converges and checks for again, or the fresh part's
-best Ritz pair has converged without passing theta_k. The last check that finds nothing ends the solve.
+solver checks for what the space cannot hold: it continues from a fresh Gaussian direction
+orthogonal to the basis (keeping only the k pairs first when the basis is bounded), and runs until
+either the basis holds more Ritz values beyond theta_k (the k-th wanted value) than before, by
+Cauchy interlacing an eigenvalue the pairs missed, which it then converges and checks for again, or
+the fresh part's best Ritz pair has converged or, after a few steps, settled short of theta_k. The
+last check that finds nothing ends the solve. A pending block set aside for the fresh direction is
+never multiplied; it stays in the relation as ``F G``, and later blocks take over its parts along
+them, so every residual stays the true one.
 """
 
 from __future__ import annotations
@@ -61,6 +64,12 @@ _FLOOR_FRACTION = 0.1
 # ... provided the rounding part is within this many unit roundoffs (times sqrt(m)) of ||H||:
 # more products cannot lower it (float32 products leave about 1e-7 to 1e-6 of ||H||).
 _FLOOR_ROUNDINGS = 100.0
+# The check for missed eigenvalues ends once the fresh part's best Ritz pair has converged, or once,
+# after this many steps (products) from the fresh direction, its residual is within this fraction of
+# its distance to theta_k: it has then settled on an eigenvalue short of theta_k, and a missed one
+# would have needed a component along its eigenvector too small for that many steps to amplify.
+_CHECK_STEPS = 10
+_CHECK_SEPARATION = 0.1
 # Rows allocated at first when the basis may grow (it doubles when full).
 _INITIAL_ROWS = 32
 # Columns of the basis transformed at once by a restart: bounds the temporary memory to this many
@@ -80,13 +89,16 @@ class EigenResult:
         residuals: ``(k,)`` float64 relative residuals ``||H v - theta v|| / ||H||``, with ``||H||``
             estimated by the largest absolute Ritz value: an eigenvalue of H lies within
             ``residuals[i] * ||H||`` of ``eigenvalues[i]``.
-        converged: ``(k,)`` bool, ``residuals <= tol``.
+        converged: ``(k,)`` bool, ``residuals <= tol``: each such pair is an eigenpair to ``tol``.
         num_matvecs: operator products used.
         seconds: wall time of the call.
         which: ``"largest"`` or ``"smallest"``.
         error_bounds: ``(k,)`` float64 estimated absolute eigenvalue errors,
             ``min(r, r**2 / gap)`` with ``r = residuals * ||H||`` and the gap read from the
             neighbouring Ritz values (a Kato-Temple bound whose gap is an estimate).
+        checked: whether the check that no eigenvalue beyond the k-th was missed ran to its end
+            (``top_eigenvalues(verify=True)``); ``False`` when ``max_matvecs`` cut it short, so the
+            pairs are eigenpairs but perhaps not the k extreme ones; ``None`` when it did not run.
 
     Example:
         >>> result = top_eigenvalues(DiagonalOperator([3.0, 2.0, 1.0]), k=1)
@@ -102,11 +114,13 @@ class EigenResult:
     seconds: float
     which: Which
     error_bounds: Tensor
+    checked: bool | None = None
 
     @property
     def all_converged(self) -> bool:
-        """Whether every returned pair met the tolerance."""
-        return bool(self.converged.all())
+        """Whether every returned pair met the tolerance and, where the check for missed eigenvalues
+        ran, it ran to its end."""
+        return bool(self.converged.all()) and self.checked is not False
 
     def converged_part(self) -> EigenResult | None:
         """The pairs that met the tolerance, as an :class:`EigenResult` (``None`` when none did).
@@ -119,7 +133,7 @@ class EigenResult:
         """
         if not bool(self.converged.any()):
             return None
-        if self.all_converged:  # itself: a copy of the eigenvectors would be k more parameter vectors
+        if bool(self.converged.all()):  # itself: a copy of the eigenvectors would be k more parameter vectors
             return self
         kept = self.converged
         return EigenResult(
@@ -351,17 +365,18 @@ class _KrylovSchur:
             rounding = rounding + np.linalg.norm(defect @ vectors, axis=0)
         return values, vectors, krylov, rounding
 
-    def fresh_settled(self, which: Which, limit: float) -> bool:
-        """Whether the best Ritz pair of the part grown from the newest fresh direction has converged:
-        its Krylov residual is at most ``limit`` (absolute)."""
+    def fresh_best(self, which: Which) -> tuple[float, float, int] | None:
+        """The best Ritz value of the part grown from the newest fresh direction, its absolute Krylov
+        residual and the part's dimension (``None`` before that part has a vector)."""
         index = np.flatnonzero(self.fresh)
         if index.size == 0:
-            return False
+            return None
         part = self.M[np.ix_(index, index)]
         values, vectors = np.linalg.eigh((part + part.T) / 2)
-        best = np.zeros((self.n, 1))
-        best[index] = vectors[:, _wanted(values, 1, which)]
-        return bool(self._krylov_residuals(best)[0] <= limit)
+        best = _wanted(values, 1, which)
+        vector = np.zeros((self.n, 1))
+        vector[index] = vectors[:, best]
+        return float(values[best[0]]), float(self._krylov_residuals(vector)[0]), int(index.size)
 
     def _krylov_residuals(self, vectors: np.ndarray) -> np.ndarray:
         """``||U E y + F G y||`` per column y of ``vectors`` ``(m, s)``: ``(s,)``."""
@@ -455,16 +470,18 @@ def top_eigenvalues(
 
     - each returned pair, always: an eigenvalue of the operator lies within
       ``residuals[i] * ||H||`` of ``eigenvalues[i]`` (the residuals are computed, not estimated);
-    - with ``verify``, that the k values are the k extreme ones counted with multiplicity: the
-      last check ran Lanczos from a Gaussian direction orthogonal to every converged pair until its
-      best Ritz pair converged, and an eigenvalue more than ``tol * ||H||`` beyond the k-th that
-      the pairs missed would have pushed a Ritz value past the k-th (Cauchy interlacing). This holds
-      with probability one in exact arithmetic; in floating point a miss needs the Gaussian
-      direction's component along the missed eigenvector to be so small that Lanczos converges to
-      a lower eigenvalue first, an event whose probability shrinks with that eigenvalue's gap to
-      the k-th. A random start (no ``v0``) with ``k = 1`` sees every distinct eigenvalue with
-      probability one, so it checks only when its Krylov space is invariant. A check cut short
-      by ``max_matvecs`` certifies only the pairs.
+    - with ``verify``, that the k values are the k extreme ones counted with multiplicity, up to a
+      randomized check: the last check ran Lanczos from a Gaussian direction orthogonal to the
+      basis until its best Ritz pair converged, or settled after 10 products on a value
+      short of theta_k, and an eigenvalue beyond theta_k that the pairs missed would have pushed a
+      Ritz value past theta_k (Cauchy interlacing). It fails only if the direction's component
+      along the missed eigenvector is too small for those steps to amplify: for a missed
+      eigenvalue ``eps`` times the spectrum's width above the check's best Ritz value after m
+      steps, with probability at most ``1.648 sqrt(P) exp(-(2 m - 1) sqrt(eps))`` (Kuczynski and
+      Wozniakowski, SIAM J. Matrix Anal. Appl. 13, 1992). A random start (no ``v0``) with
+      ``k = 1`` sees every distinct eigenvalue with probability one, so it checks only when its
+      Krylov space is invariant. ``checked`` says whether the check ran to its end; a check cut
+      short by ``max_matvecs`` certifies only the pairs, and ``all_converged`` is then false.
 
     Args:
         op: the operator (``HessianOperator``, ``GGNOperator``, anything with ``num_params``,
@@ -531,6 +548,7 @@ def top_eigenvalues(
     solver = _KrylovSchur(op, start, capacity=capacity, dtype=dtype, device=device, generator=generator)
     del start  # copied into the basis
     check: _MissedCheck | None = None
+    checked = False  # whether the last check (or the whole space, or k = 1's random start) rules out a miss
     while True:
         solver.step()
         values, _, krylov, rounding = solver.ritz()
@@ -542,17 +560,21 @@ def top_eigenvalues(
         if check is not None and check.found(values):
             check = None  # an eigenvalue the locked pairs missed: converge it, then check again
         if wanted.size == k and bool(settled[wanted].all()):
-            if check is not None and solver.fresh_settled(which, max(tol * scale, floor)):
+            if check is not None and check.done(solver.fresh_best(which), max(tol * scale, floor)):
+                checked = True
                 break
             if check is None:
                 invariant = solver.b == 0 or bool(settled.all())
                 if not verify or solver.n >= num_params or (k == 1 and cold and not invariant):
+                    checked = solver.n >= num_params or (k == 1 and cold)
                     break
                 check = _MissedCheck(values, wanted, which, tol * scale)
-                solver.keep(np.flatnonzero(settled))  # lock the converged pairs
+                if bounded:  # lock the k pairs: the rest of the basis is the fresh part's
+                    solver.keep(np.sort(wanted))
                 solver.explore()
         if solver.b == 0:  # invariant, but the wanted pairs are not all there yet
             if solver.n >= num_params:
+                checked = True
                 break
             solver.explore()
         if solver.num_matvecs + solver.b > cap:
@@ -573,6 +595,7 @@ def top_eigenvalues(
         seconds=time.perf_counter() - started,
         which=which,
         error_bounds=torch.from_numpy(_error_bounds(values, absolute, wanted)),
+        checked=checked if verify else None,
     )
 
 
@@ -586,13 +609,25 @@ class _MissedCheck:
 
     It counts the Ritz values beyond ``theta_k + margin`` (below ``theta_k - margin`` for
     ``"smallest"``) when it starts; by Cauchy interlacing, more of them later means the operator has
-    more eigenvalues there than the pairs found.
+    more eigenvalues there than the pairs found. It is done once the fresh part's best Ritz pair has
+    converged, or, after ``_CHECK_STEPS`` steps, has settled on an eigenvalue short of theta_k: its
+    residual is within ``_CHECK_SEPARATION`` of its distance to theta_k.
     """
 
     def __init__(self, values: np.ndarray, wanted: np.ndarray, which: Which, margin: float) -> None:
         self.sign = 1.0 if which == "largest" else -1.0
-        self.edge = self.sign * float(values[wanted[-1]]) + margin
+        self.theta = self.sign * float(values[wanted[-1]])
+        self.edge = self.theta + margin
         self.count = self._beyond(values)
+
+    def done(self, best: tuple[float, float, int] | None, limit: float) -> bool:
+        """Whether the fresh part's best pair ``(value, absolute residual, steps)`` ends the check;
+        ``limit`` is the residual at which a pair counts as converged."""
+        if best is None:
+            return False
+        value, residual, steps = best
+        separated = steps >= _CHECK_STEPS and residual <= _CHECK_SEPARATION * (self.theta - self.sign * value)
+        return residual <= limit or separated
 
     def _beyond(self, values: np.ndarray) -> int:
         return int((self.sign * values > self.edge).sum())
