@@ -248,7 +248,6 @@ class MatrixSolver:
             error_bounds=tuple(top.error_bounds.tolist()),
         )
 
-
     def _density(self, op: Any, top: EigenResult, matrix: Matrix, bar: Any) -> SpectralDensity:
         """The SLQ density with the converged top eigenpairs placed exactly (SLQ spends its steps on the
         rest, the bulk)."""

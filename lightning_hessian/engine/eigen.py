@@ -506,7 +506,9 @@ def top_eigenvalues(
             the number of products, and thick restarts keep it there (:func:`lean_max_basis` is a good
             choice for large models). At least ``k + 2``; a warm-start block is cut to
             ``(c - k) // 2`` rows. Default ``None``: no restart; the basis grows with the products
-            (doubling its storage when full), which converges in the fewest products.
+            (doubling its storage when full), which converges in the fewest products. Each check of
+            ``verify`` that starts while a block pends sets that block aside: ``b P`` numbers more
+            (one vector from a one-vector start) until the call returns.
         verify: check from fresh random directions that no eigenvalue beyond the k-th was missed
             (copies of repeated eigenvalues, eigenvectors a warm start is orthogonal to; see above).
             ``False`` saves those products for callers that check otherwise (the callback checks
@@ -566,7 +568,7 @@ def top_eigenvalues(
             if check is None:
                 invariant = solver.b == 0 or bool(settled.all())
                 if not verify or solver.n >= num_params or (k == 1 and cold and not invariant):
-                    checked = solver.n >= num_params or (k == 1 and cold)
+                    checked = True  # the whole space, or k = 1 from a random start (unused without verify)
                     break
                 check = _MissedCheck(values, wanted, which, tol * scale)
                 if bounded:  # lock the k pairs: the rest of the basis is the fresh part's
