@@ -50,8 +50,8 @@ from benchmarks.measure import PeakMemory, command_line
 from benchmarks.resnet import resnet18
 from lightning_hessian import HessianOperator, HessianSpectrumCallback
 from lightning_hessian.callback.solver import training_step_loss
+from lightning_hessian.engine.graphs import tensors_of
 from lightning_hessian.engine.layers import parameter_layout
-from lightning_hessian.engine.operators import tensors_of
 
 RESULTS = Path(__file__).with_name("RESULTS-scale.md")
 PROBE_SAMPLES = 512  # the callback's default num_samples
@@ -208,7 +208,7 @@ def kept_graph_bytes(module: pl.LightningModule, batches: list[Any]) -> int:
     excluded = {t.untyped_storage().data_ptr() for t in (*op.snapshot.leaves, *op.snapshot.others)}
     storages: dict[int, int] = {}
     seen: set[Any] = set()
-    nodes = [t.grad_fn for graph in (op._graphs or []) if graph is not None for t in tensors_of(graph)
+    nodes = [t.grad_fn for graph in (op.graphs.graphs or []) if graph is not None for t in tensors_of(graph)
              if t.grad_fn is not None]
     while nodes:
         node = nodes.pop()

@@ -27,8 +27,7 @@ import torch
 from benchmarks.measure import command_line
 from benchmarks.scale import workloads
 from lightning_hessian import HessianOperator
-from lightning_hessian.callback.callback import CHEAP_TOL
-from lightning_hessian.callback.solver import training_step_loss
+from lightning_hessian.callback.solver import CHEAP_TOL, training_step_loss
 from lightning_hessian.engine.eigen import lean_max_basis, top_eigenvalues
 
 RESULTS = Path(__file__).with_name("RESULTS-warm.md")

@@ -27,10 +27,11 @@ from torch.utils.data import IterableDataset
 from lightning_hessian import loggers
 from lightning_hessian._compat import CALLBACK_BASES, SHARDED_STRATEGIES
 from lightning_hessian.callback.config import HISTORY_FILE, BasisDtype, CallbackConfig, MatrixChoice, Mode
+from lightning_hessian.callback.hooks import GaussNewtonModule, HessianLossModule
 from lightning_hessian.callback.isolation import isolated, loggers_muted
 from lightning_hessian.callback.probes import draw_probe_set
 from lightning_hessian.callback.progress import progress_line
-from lightning_hessian.callback.schedule import Budget, crossed_multiple
+from lightning_hessian.callback.schedule import Budget, Clock, crossed_multiple
 from lightning_hessian.callback.solver import MatrixSolver, MissingLoss, make_operator
 from lightning_hessian.engine import NonFiniteError
 from lightning_hessian.engine.batches import count_samples
@@ -39,25 +40,6 @@ from lightning_hessian.engine.layers import parameter_layout
 from lightning_hessian.engine.snapshot import select_parameters
 from lightning_hessian.measurement import Event, Measurement
 
-
-def top_k_matvecs(k: int, tol: float) -> int | None:
-    """The default cap on the products of a call's top-k solve: ``4 k + 8`` at ``tol >= 1e-3``, else the
-    engine's (``None``: ``20 k + 100``), since tighter tolerances need more products.
-
-    Measured on the scale suite's MLP (``benchmarks/RESULTS-warm.md``), the top 5 reach a relative
-    residual of 1e-3 in 9 to 13 products, warm or cold, once training has settled; in its first tens
-    of steps, where the top eigenvalues cluster and move, they take 15 to over 100, and the cap keeps
-    such a call within 60 products with its residuals reported.
-
-    Example:
-        >>> top_k_matvecs(5, 1e-3), top_k_matvecs(5, 1e-6)
-        (28, None)
-    """
-    return 4 * k + 8 if tol >= CHEAP_TOL else None
-
-
-# The default tolerance; at it and above, the top-k solve is capped by top_k_matvecs.
-CHEAP_TOL = 1e-3
 # Under ``fast_dev_run`` the one measurement after the last step is this cheap: at most this many
 # top eigenvalues, products for them, and a density from one probe of this many steps.
 _SMOKE_K, _SMOKE_MATVECS, _SMOKE_STEPS = 2, 12, 8
@@ -228,11 +210,15 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         history_file: str | None = HISTORY_FILE,
         progress: bool = True,
     ) -> None:
-        arguments = dict(locals())
-        for key in ("self", "__class__"):
-            arguments.pop(key, None)
-        arguments["layers"] = () if layers is None else layers
-        self.config = CallbackConfig(**arguments)
+        self.config = CallbackConfig(
+            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, log_spaced=log_spaced, at_start=at_start,
+            at_end=at_end, at_evaluate=at_evaluate, budget=budget, k=k, smallest=smallest, density=density,
+            matrix=matrix, layers=layers, layer_views=layer_views, grad_overlap=grad_overlap, tol=tol,
+            max_matvecs=max_matvecs, num_probes=num_probes, num_steps=num_steps, warm_start=warm_start,
+            basis_dtype=basis_dtype, basis_device=basis_device, max_basis=max_basis, keep_graph=keep_graph,
+            reorthogonalize=reorthogonalize, num_samples=num_samples, batch_size=batch_size, dataloader=dataloader,
+            loss_fn=loss_fn, mode=mode, seed=seed, name=name, history_file=history_file, progress=progress
+        )
         self.history: list[Measurement] = []
         self.events: list[Event] = []
         self.probe_batches: list[Any] | None = None
@@ -242,8 +228,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         self._last_step = -1
         self._last_checked = -1
         self._warm: dict[str, Tensor] = {}
-        self._clock_start: float | None = None
-        self._spent = 0.0
+        self.clock = Clock()
         self._budget: Budget | None = None
         self._next_check = 0
         self._smoke = False
@@ -265,21 +250,18 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                 f"HessianSpectrumCallback does not support the sharded strategy {type(trainer.strategy).__name__} "
                 "(FSDP, DeepSpeed, model parallel); use a single device or DDP"
             )
-        defines_loss = config.loss_fn is not None or callable(getattr(pl_module, "hessian_loss", None))
+        defines_loss = config.loss_fn is not None or isinstance(pl_module, HessianLossModule)
         if config.matrix != "ggn" and not defines_loss and not pl_module.automatic_optimization:
             raise RuntimeError(
                 "HessianSpectrumCallback cannot take the loss from training_step under manual optimization; "
                 "pass `loss_fn=` or define `hessian_loss(self, batch)` on the module"
             )
-        if config.matrix != "hessian":
-            needed = ("hessian_outputs", "hessian_output_loss")
-            missing = [name for name in needed if not callable(getattr(pl_module, name, None))]
-            if missing:
-                raise RuntimeError(
-                    f"matrix={config.matrix!r} needs {' and '.join(missing)} on the module: "
-                    "`hessian_outputs(self, batch)` returning the model outputs and "
-                    "`hessian_output_loss(self, outputs, batch)` returning the mean loss"
-                )
+        if config.matrix != "hessian" and not isinstance(pl_module, GaussNewtonModule):
+            raise RuntimeError(
+                f"matrix={config.matrix!r} needs hessian_outputs and hessian_output_loss on the module "
+                "(the GaussNewtonModule protocol): `hessian_outputs(self, batch)` returning the model outputs and "
+                "`hessian_output_loss(self, outputs, batch)` returning the mean loss"
+            )
         num_params = sum(p.numel() for _, p in select_parameters(pl_module))
         if config.k > num_params:
             raise ValueError(f"k={config.k} exceeds the number of trainable parameters ({num_params}); lower k")
@@ -288,8 +270,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         config = self.config
-        self._clock_start = time.perf_counter()
-        self._spent = 0.0
+        self.clock.start()
         self.probe_batches = None
         self._smoke = bool(getattr(trainer, "fast_dev_run", False))
         if self._last_step > trainer.global_step:  # a new run, with a callback that measured an earlier one
@@ -300,7 +281,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         if fraction is not None and not self._smoke:
             total = trainer.estimated_stepping_batches
             steps = int(total) if math.isfinite(total) else None
-            self._budget = Budget(fraction, steps, start_step=trainer.global_step)
+            self._budget = Budget(fraction, steps, clock=self.clock, start_step=trainer.global_step)
         self._next_check = trainer.global_step + 1
         if config.at_start and not self._smoke and trainer.global_step == 0 and self._last_step < 0:
             self._scheduled(trainer, pl_module, "fit")
@@ -412,16 +393,12 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             return
         self._run(trainer, pl_module, stage)
 
-    def _training_seconds(self) -> float:
-        """Wall time of training since fit started, the callback's own time excluded."""
-        return max(time.perf_counter() - (self._clock_start or time.perf_counter()) - self._spent, 0.0)
-
     def _budget_allows(self, trainer: Any, step: int) -> bool:
         """The budget schedule's decision at ``step`` (rank 0's, under DDP), checked only at planned steps."""
         budget = self._budget
         if budget is None or step < self._next_check:
             return False
-        due = budget.next_step(step, self._training_seconds()) if budget.calls else step
+        due = budget.next_step(step) if budget.calls else step
         if trainer.world_size > 1:  # every rank must take the same branch: rank 0's clocks decide
             due = trainer.strategy.broadcast(due, src=0)
         if due > step:
@@ -435,10 +412,10 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         budget = self._budget
         if self.plan is not None or budget is None or not budget.calls:
             return
-        per_step = budget.step_seconds(step, self._training_seconds())
+        per_step = budget.step_seconds(step)
         if per_step is None:  # the training steps are not timed yet
             return
-        calls = max(budget.affordable_calls(step, self._training_seconds()), 0.0)
+        calls = max(budget.affordable_calls(step), 0.0)
         length = f"{budget.total_steps:,} steps" if budget.total_steps is not None else "the run"
         more = math.floor(calls)
         what = (f"it measures about {more} more times, log-spaced early and evenly later (next at step {due:,}), "
@@ -455,66 +432,62 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         would lift the share of the run spent in the callback above the cap."""
         step = trainer.global_step
         cap = self.config.budget
-        if self.config.scheduled and isinstance(cap, float) and self._clock_start is not None and self.history:
-            elapsed = time.perf_counter() - self._clock_start
+        clock = self.clock
+        if self.config.scheduled and isinstance(cap, float) and clock.started is not None and self.history:
             last = self.history[-1].seconds
-            skip = (self._spent + last) / max(elapsed + last, 1e-12) > cap
+            skip = (clock.spent + last) / max(clock.elapsed() + last, 1e-12) > cap
             if trainer.world_size > 1:  # every rank must take the same branch: rank 0's clock decides
                 skip = trainer.strategy.broadcast(skip, src=0)
             if skip:
                 self._last_step = step
                 self.events.append(Event(step, stage, "budget"))
-                loggers.log_scalars(trainer, {f"{self.config.name}/skipped": 1.0,
-                                              f"{self.config.name}/overhead": self._overhead()}, step)
+                with clock.charged():
+                    loggers.log_scalars(trainer, {f"{self.config.name}/skipped": 1.0,
+                                                  f"{self.config.name}/overhead": clock.overhead()}, step)
                 return
         self._run(trainer, pl_module, stage)
 
-    def _overhead(self) -> float:
-        if self._clock_start is None:
-            return float("nan")
-        return self._spent / max(time.perf_counter() - self._clock_start, 1e-12)
-
     def _run(self, trainer: Any, pl_module: Any, stage: str) -> Measurement | None:
         """Measure, keep the measurement, log it; the cost (numerics and logging) counts as overhead."""
-        started = time.perf_counter()
+        clock = self.clock
+        spent_before = clock.spent
         step = trainer.global_step
         self._last_step = max(self._last_step, step)
         measurement, error = None, None
-        bar = progress_line(self.config.name, self._expected_products(), self.config.progress
-                            and trainer.is_global_zero)
-        try:
-            with isolated(pl_module), loggers_muted(trainer):
-                self._ensure_probes(trainer, pl_module)
-                measurement = self._compute(trainer, pl_module, stage, bar)
-        except NonFiniteError as err:
-            error = err
-        finally:
-            if bar is not None:
-                bar.close()
-        if not self._hparams_logged:
-            loggers.log_hyperparams(trainer, self.settings())
-            self._hparams_logged = True
-        if not self._run_started:
-            loggers.log_run_start(trainer, self.config.name, k=self.config.k, matrix=self.config.matrix,
-                                  density=self.config.density)
-            self._run_started = True
-        measured = time.perf_counter()
-        self._spent += measured - started
-        prefix = self.config.name
-        if measurement is None:
-            reason = "no_loss" if isinstance(error, MissingLoss) else "nonfinite"
-            self.events.append(Event(step, stage, reason))
-            if trainer.is_global_zero:
-                warnings.warn(f"HessianSpectrumCallback: no spectrum at step {step}: {error}; training continues",
-                              RuntimeWarning, stacklevel=2)
-            loggers.log_no_spectrum(trainer, prefix, step, {"nonfinite": 1.0, "overhead": self._overhead()})
-        else:
-            measurement = dataclasses.replace(measurement, overhead=self._overhead())
-            self.history.append(measurement)
-            loggers.log_measurement(trainer, measurement, prefix)
-        self._spent += time.perf_counter() - measured
+        with clock.charged():
+            bar = progress_line(self.config.name, self._expected_products(), self.config.progress
+                                and trainer.is_global_zero)
+            try:
+                with isolated(pl_module), loggers_muted(trainer):
+                    self._ensure_probes(trainer, pl_module)
+                    measurement = self._compute(trainer, pl_module, stage, bar)
+            except NonFiniteError as err:
+                error = err
+            finally:
+                if bar is not None:
+                    bar.close()
+            if not self._hparams_logged:
+                loggers.log_hyperparams(trainer, self.settings())
+                self._hparams_logged = True
+            if not self._run_started:
+                loggers.log_run_start(trainer, self.config.name, k=self.config.k, matrix=self.config.matrix,
+                                      density=self.config.density)
+                self._run_started = True
+        with clock.charged():  # logging counts too, after the share it logs
+            prefix = self.config.name
+            if measurement is None:
+                reason = "no_loss" if isinstance(error, MissingLoss) else "nonfinite"
+                self.events.append(Event(step, stage, reason))
+                if trainer.is_global_zero:
+                    warnings.warn(f"HessianSpectrumCallback: no spectrum at step {step}: {error}; training "
+                                  "continues", RuntimeWarning, stacklevel=2)
+                loggers.log_no_spectrum(trainer, prefix, step, {"nonfinite": 1.0, "overhead": clock.overhead()})
+            else:
+                measurement = dataclasses.replace(measurement, overhead=clock.overhead())
+                self.history.append(measurement)
+                loggers.log_measurement(trainer, measurement, prefix)
         if self._budget is not None and stage == "fit":
-            self._budget.record_call(step, time.perf_counter() - started)
+            self._budget.record_call(step, clock.spent - spent_before)
         return measurement
 
     def _expected_products(self) -> int:
@@ -567,22 +540,16 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
     def _solver(self, dtype: torch.dtype, num_params: int) -> MatrixSolver:
-        """The numeric settings of a call (cheap ones under ``fast_dev_run``)."""
+        """The settings of a call (cheap ones under ``fast_dev_run``)."""
         config = self.config
         self._num_probes = config.num_probes or default_num_probes(num_params)
         basis = {"float32": torch.float32, "float64": torch.float64}.get(config.basis_dtype or "", dtype)
-        solver = MatrixSolver(
-            k=config.k, tol=config.tol, max_matvecs=config.max_matvecs,
-            top_k_matvecs=top_k_matvecs(config.k, config.tol), smallest=config.smallest,
-            density=config.density, num_probes=self._num_probes, num_steps=config.num_steps, layers=config.layers,
-            layer_views=config.layer_views, grad_overlap=config.grad_overlap, seed=config.seed, basis_dtype=basis,
-            basis_device=config.basis_device, max_basis=config.max_basis, reorthogonalize=config.reorthogonalize,
-        )
         if self._smoke:
             k = min(config.k, _SMOKE_K)
-            solver = dataclasses.replace(solver, k=k, max_matvecs=max(k, _SMOKE_MATVECS), num_probes=1,
-                                         num_steps=_SMOKE_STEPS, layers=(), layer_views=False, grad_overlap=False)
-        return solver
+            config = dataclasses.replace(config, k=k, max_matvecs=max(k, _SMOKE_MATVECS), num_steps=_SMOKE_STEPS,
+                                         layers=(), layer_views=False, grad_overlap=False)
+            return MatrixSolver(config, num_probes=1, basis_dtype=basis)
+        return MatrixSolver(config, num_probes=self._num_probes, basis_dtype=basis)
 
     def _compute(self, trainer: Any, pl_module: Any, stage: str, bar: Any) -> Measurement:
         started = time.perf_counter()

@@ -29,7 +29,7 @@ class ProgressOperator:
 
     Example:
         >>> import torch
-        >>> from lightning_hessian.engine.eigen import DiagonalOperator
+        >>> from lightning_hessian.engine.linear_operator import DiagonalOperator
         >>> counted = ProgressOperator(DiagonalOperator([1.0, 2.0]), bar=None)
         >>> counted.matmat(torch.ones(2, 3, dtype=torch.float64)).shape, counted.num_params
         (torch.Size([2, 3]), 2)

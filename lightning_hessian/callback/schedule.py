@@ -18,8 +18,11 @@ more: a run spends at most b plus one call.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 # Early calls may lift the overhead so far up to this multiple of the budget: room for the log-spaced
 # start of the plan, while a run stopped early has spent at most twice its share.
@@ -77,15 +80,65 @@ def step_at(position: float, total: int) -> int:
     return low
 
 
+class Clock:
+    """The run's wall time and the part of it spent in the callback, in seconds: the one clock that the
+    budget plans with and that ``<name>/overhead`` reports.
+
+    Args:
+        now: the time source (default :func:`time.perf_counter`); tests pass a simulated one.
+
+    Example:
+        >>> ticks = iter([0.0, 1.0, 3.0, 10.0, 10.0])
+        >>> clock = Clock(now=lambda: next(ticks))
+        >>> clock.start()  # t = 0
+        >>> with clock.charged():  # from t = 1 to t = 3 in the callback
+        ...     pass
+        >>> clock.spent, clock.training_seconds(), clock.overhead()  # at t = 10, then t = 10
+        (2.0, 8.0, 0.2)
+    """
+
+    def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
+        self.now = now
+        self.started: float | None = None
+        self.spent = 0.0
+
+    def start(self) -> None:
+        """Start the run's clock (at fit start) with nothing spent."""
+        self.started, self.spent = self.now(), 0.0
+
+    @contextlib.contextmanager
+    def charged(self) -> Iterator[None]:
+        """Count the wall time of the block as the callback's."""
+        begun = self.now()
+        try:
+            yield
+        finally:
+            self.spent += self.now() - begun
+
+    def elapsed(self) -> float:
+        """Wall time since :meth:`start` (0 before)."""
+        return 0.0 if self.started is None else self.now() - self.started
+
+    def training_seconds(self) -> float:
+        """Wall time since :meth:`start` that the callback did not spend."""
+        return max(self.elapsed() - self.spent, 0.0)
+
+    def overhead(self) -> float:
+        """The callback's share of the wall time since :meth:`start` (NaN before)."""
+        if self.started is None:
+            return float("nan")
+        return self.spent / max(self.elapsed(), 1e-12)
+
+
 @dataclass
 class Budget:
-    """The budget schedule's bookkeeping for one run (all times in seconds).
+    """The budget schedule's bookkeeping for one run (all times in seconds, read from ``clock``).
 
     Attributes:
         fraction: b.
         total_steps: S, or ``None`` when the run's length is unknown (then only the overhead cap decides).
+        clock: the run's :class:`Clock`, which the callback charges with its time.
         start_step: the step the run (or its resumption) started at.
-        spent: wall time spent in the callback so far.
         first_cost: what the call at the start cost (not held against the overhead cap).
         last_step: the step of the latest call.
         call_seconds: C, the latest call's cost.
@@ -93,18 +146,22 @@ class Budget:
             timed from.
 
     Example:
-        >>> budget = Budget(fraction=0.05, total_steps=10_000)
-        >>> budget.record_call(step=0, seconds=2.0)
-        >>> budget.next_step(step=1, training_seconds=0.5)  # the first step, with the loop's warm-up
+        >>> now = [0.0]
+        >>> clock = Clock(now=lambda: now[0])
+        >>> clock.start()
+        >>> budget = Budget(fraction=0.05, total_steps=10_000, clock=clock)
+        >>> clock.spent = 2.0; now[0] = 2.5; budget.record_call(step=0, seconds=2.0)
+        >>> budget.next_step(step=1)  # the first step (0.5 s, the loop's warm-up) starts the timing
         6
-        >>> budget.next_step(step=101, training_seconds=1.5)  # t = 10 ms, a call 200 steps: 1.6 calls left
+        >>> now[0] = 3.5  # 100 steps later: t = 10 ms, a call 200 steps, 1.6 calls left
+        >>> budget.next_step(step=101)
         1839
     """
 
     fraction: float
     total_steps: int | None
+    clock: Clock = field(default_factory=Clock)
     start_step: int = 0
-    spent: float = 0.0
     first_cost: float = 0.0
     last_step: int = 0
     call_seconds: float = 0.0
@@ -112,21 +169,17 @@ class Budget:
     timed_from: tuple[int, float] | None = None
 
     def record_call(self, step: int, seconds: float) -> None:
-        """A call at ``step`` that took ``seconds`` (numerics and logging)."""
+        """A call at ``step`` that took ``seconds`` (numerics and logging; the clock has charged them)."""
         if self.calls == 0 and step == self.start_step:
             self.first_cost = seconds
-        self.spent += seconds
         self.call_seconds = seconds
         self.last_step = step
         self.calls += 1
 
-    def overhead(self, training_seconds: float) -> float:
-        """Fraction of the run's wall time spent in the callback so far."""
-        return self.spent / max(training_seconds + self.spent, 1e-12)
-
-    def step_seconds(self, step: int, training_seconds: float) -> float | None:
+    def step_seconds(self, step: int) -> float | None:
         """t, timed from :attr:`timed_from`; ``None`` before ``TIMED_STEPS`` steps are timed (the first
         check sets :attr:`timed_from`)."""
+        training_seconds = self.clock.training_seconds()
         if self.timed_from is None:
             self.timed_from = (step, training_seconds)
         timed_step, timed_seconds = self.timed_from
@@ -134,35 +187,32 @@ class Budget:
             return None
         return max(training_seconds - timed_seconds, 0.0) / (step - timed_step)
 
-    def affordable_calls(self, step: int, training_seconds: float) -> float:
+    def affordable_calls(self, step: int) -> float:
         """How many more calls of cost C the budget affords over the whole run (projected from the steps so
         far; ``inf`` before t is known)."""
-        per_step = self.step_seconds(step, training_seconds)
+        per_step = self.step_seconds(step)
         if per_step is None:
             return math.inf
         total = self.total_steps if self.total_steps is not None else step
         budget = self.fraction / (1 - self.fraction) * (total - self.start_step) * per_step
-        return (budget - self.spent) / max(self.call_seconds, 1e-12)
+        return (budget - self.clock.spent) / max(self.call_seconds, 1e-12)
 
-    def next_step(self, step: int, training_seconds: float) -> int:
-        """The first step, from ``step`` on, at which the budget allows the next call.
-
-        Args:
-            step: the current optimizer step (at least one step after the run's start).
-            training_seconds: wall time of training so far, the callback's own time excluded.
-        """
-        per_step = self.step_seconds(step, training_seconds)
+    def next_step(self, step: int) -> int:
+        """The first step, from ``step`` on (at least one step after the run's start), at which the budget
+        allows the next call."""
+        per_step = self.step_seconds(step)
         if per_step is None:
             assert self.timed_from is not None
             return self.timed_from[0] + TIMED_STEPS
         per_step = max(per_step, 1e-12)
         # The overhead cap: wait until one more call keeps the overhead so far within OVERHEAD_CAP b.
-        held = self.spent - self.first_cost + self.call_seconds
+        spent = self.clock.spent
+        held = spent - self.first_cost + self.call_seconds
         needed = held / (OVERHEAD_CAP * self.fraction) - held - self.first_cost
         capped = self.start_step + math.ceil(max(needed, 0.0) / per_step)
         if self.total_steps is None:
             return max(step, capped)
-        calls = self.affordable_calls(step, training_seconds)
+        calls = self.affordable_calls(step)
         if calls < 1:
             return self.total_steps + 1  # nothing left before the end
         total = self.total_steps

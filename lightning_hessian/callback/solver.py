@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_hessian.callback.config import CallbackConfig
 from lightning_hessian.callback.distributed import SummedOperator
+from lightning_hessian.callback.hooks import HessianLossModule
 from lightning_hessian.callback.isolation import plain_state_kept
 from lightning_hessian.callback.progress import ProgressOperator
 from lightning_hessian.engine import (
@@ -109,7 +111,7 @@ def make_operator(
                   "split_batches": split_batches}
         if matrix == "hessian":
             if loss_fn is None:
-                loss_fn = hessian_loss if callable(getattr(pl_module, "hessian_loss", None)) else training_step_loss
+                loss_fn = hessian_loss if isinstance(pl_module, HessianLossModule) else training_step_loss
             local = HessianOperator(pl_module, loss_fn, batches, **common)
         else:
             local = GGNOperator(pl_module, hessian_outputs, pl_module.hessian_output_loss, batches, **common)
@@ -120,35 +122,47 @@ def make_operator(
                           dtype=dtype, device=selected[0][1].device)
 
 
-@dataclass(frozen=True)
-class MatrixSolver:
-    """How one call measures a matrix (the callback's numeric settings, documented on the callback).
+def top_k_matvecs(k: int, tol: float) -> int | None:
+    """The default cap on the products of a call's top-k solve: ``4 k + 8`` at ``tol >= 1e-3``, else the
+    engine's (``None``: ``20 k + 100``), since tighter tolerances need more products.
+
+    Measured on the scale suite's MLP (``benchmarks/RESULTS-warm.md``), the top 5 reach a relative
+    residual of 1e-3 in 9 to 13 products, warm or cold, once training has settled; in its first tens
+    of steps, where the top eigenvalues cluster and move, they take 15 to over 100, and the cap keeps
+    such a call within 60 products with its residuals reported.
 
     Example:
-        >>> from lightning_hessian.engine.eigen import DiagonalOperator
-        >>> solver = MatrixSolver(k=2, tol=1e-6, density=False, num_steps=8)
+        >>> top_k_matvecs(5, 1e-3), top_k_matvecs(5, 1e-6)
+        (28, None)
+    """
+    return 4 * k + 8 if tol >= CHEAP_TOL else None
+
+
+# The default tolerance; at it and above, the top-k solve is capped by top_k_matvecs.
+CHEAP_TOL = 1e-3
+@dataclass(frozen=True)
+class MatrixSolver:
+    """How one call measures a matrix: the callback's settings as they are, plus what a run resolves.
+
+    Attributes:
+        config: the callback's settings (each documented on the callback).
+        num_probes: S, the SLQ probes for this model (``config.num_probes`` or the default for P).
+        basis_dtype: dtype of the Lanczos vectors (``config.basis_dtype`` or the products' dtype).
+
+    Example:
+        >>> from lightning_hessian.callback.config import CallbackConfig
+        >>> from lightning_hessian.engine.linear_operator import DiagonalOperator
+        >>> solver = MatrixSolver(CallbackConfig(k=2, tol=1e-6, density=False, num_steps=8), num_probes=1,
+        ...                       basis_dtype=torch.float64)
         >>> measured = solver.measure(lambda params=None: DiagonalOperator([3.0, 2.0, 1.0]), "hessian", None,
         ...                           layout=[("w", 3)])
         >>> [round(v, 6) for v in measured.eigenvalues]
         [3.0, 2.0]
     """
 
-    k: int
-    tol: float
-    max_matvecs: int | None = None
-    top_k_matvecs: int | None = None
-    smallest: bool = False
-    density: bool = True
-    num_probes: int | None = None
-    num_steps: int = 32
-    layers: tuple[str, ...] = ()
-    layer_views: bool = False
-    grad_overlap: bool = False
-    seed: int = 0
-    basis_dtype: torch.dtype | None = None
-    basis_device: str | None = None
-    max_basis: int | None = None
-    reorthogonalize: bool = False
+    config: CallbackConfig
+    num_probes: int
+    basis_dtype: torch.dtype
 
     def _solve(self, op: Any, k: int, warm: dict[str, Tensor] | None, key: str, which: str = "largest",
                *, checked: bool = False, max_matvecs: int | None = None) -> EigenResult:
@@ -161,12 +175,13 @@ class MatrixSolver:
         stored = warm.get(key) if warm is not None else None
         warmed = stored is not None and stored.numel() == op.num_params
         del stored
-        cap = self.max_matvecs if self.max_matvecs is not None else max_matvecs
+        config = self.config
+        cap = config.max_matvecs if config.max_matvecs is not None else max_matvecs
         # The warm vector is popped into the call, which drops it once the basis holds it (P numbers).
-        result = top_eigenvalues(op, k, tol=self.tol, which=which, v0=warm.pop(key) if warmed else None,
-                                 max_matvecs=cap, seed=self.seed, basis_dtype=self.basis_dtype,
-                                 basis_device=self.basis_device,
-                                 max_basis=self.max_basis if self.max_basis is not None else lean_max_basis(k),
+        result = top_eigenvalues(op, k, tol=config.tol, which=which, v0=warm.pop(key) if warmed else None,
+                                 max_matvecs=cap, seed=config.seed, basis_dtype=self.basis_dtype,
+                                 basis_device=config.basis_device,
+                                 max_basis=config.max_basis if config.max_basis is not None else lean_max_basis(k),
                                  verify=not checked)
         if warm is not None:
             # One vector, the sum of the unit eigenvectors: it restarts Lanczos in the fewest products
@@ -194,26 +209,26 @@ class MatrixSolver:
             bar: a progress line to count products on (``None`` for none).
         """
         op = ProgressOperator(make(params=None), bar)
-        k = check_count("k", self.k)
+        k = check_count("k", self.config.k)
         if k > op.num_params:
             raise ValueError(f"k={k} exceeds the number of parameters measured ({op.num_params}); lower k")
         _describe(bar, f"{matrix}: top-{k} eigenvalues")
         # Without the density the engine checks for missed eigenvalues itself, under its own cap: each
         # copy of a repeated eigenvalue costs a Krylov run, more than the cheap cap leaves.
-        top = self._solve(op, k, warm, matrix, checked=self.density,
-                          max_matvecs=self.top_k_matvecs if self.density else None)
+        top = self._solve(op, k, warm, matrix, checked=self.config.density,
+                          max_matvecs=top_k_matvecs(k, self.config.tol) if self.config.density else None)
         count = top.num_matvecs
         eig_min = eig_min_residual = None
-        if self.smallest:
+        if self.config.smallest:
             _describe(bar, f"{matrix}: smallest eigenvalue")
             low = self._solve(op, 1, warm, f"{matrix}/min", which="smallest")
             eig_min, eig_min_residual = float(low.eigenvalues[0]), float(low.residuals[0])
             count += low.num_matvecs
         density = None
-        if self.density:
+        if self.config.density:
             density = self._density(op, top, matrix, bar)
             count += density.num_matvecs
-            if top.all_converged and _beyond(density, top, self.tol):
+            if top.all_converged and _beyond(density, top, self.config.tol):
                 # The density's Lanczos run found an eigenvalue beyond the top k that the solve missed
                 # (a copy of a repeated eigenvalue, or a direction a warm start is orthogonal to). The
                 # engine's own check finds it, under the engine's cap (each copy costs a Krylov run of its
@@ -224,21 +239,21 @@ class MatrixSolver:
                 density = self._density(op, top, matrix, bar)
                 count += top.num_matvecs + density.num_matvecs
         layers = {}
-        for pattern in self.layers:
+        for pattern in self.config.layers:
             _describe(bar, f"{matrix}: layer {pattern}")
             block = self._solve(ProgressOperator(make(params=[pattern]), bar), 1, warm, f"{matrix}/layer/{pattern}")
             layers[layer_name(pattern)] = LayerEigenvalue(pattern, float(block.eigenvalues[0]),
                                                           float(block.residuals[0]))
             count += block.num_matvecs
         views = {}
-        if self.layer_views:
+        if self.config.layer_views:
             _describe(bar, f"{matrix}: layer traces")
-            traces = layer_traces(op, layout, num_probes=self.num_probes or 1, seed=self.seed)
+            traces = layer_traces(op, layout, num_probes=self.num_probes, seed=self.config.seed)
             mass = mass_by_layer(layout, top.eigenvectors[:1])
             views = {name: LayerView(trace, stderr, float(mass[name][0])) for name, (trace, stderr) in traces.items()}
-            count += self.num_probes or 1
+            count += self.num_probes
         overlap = None
-        if self.grad_overlap and matrix == "hessian":
+        if self.config.grad_overlap and matrix == "hessian":
             overlap = gradient_overlap(op.gradient(), top.eigenvectors)
         return MatrixMeasurement(
             matrix=matrix, num_params=op.num_params, eigenvalues=tuple(top.eigenvalues.tolist()),
@@ -253,9 +268,9 @@ class MatrixSolver:
         rest, the bulk)."""
         _describe(bar, f"{matrix}: spectral density")
         exact = top.converged_part() if top.eigenvalues.numel() < op.num_params else None
-        return spectral_density(op, num_probes=self.num_probes, num_steps=self.num_steps, seed=self.seed,
-                                deflate=exact, reorthogonalize=self.reorthogonalize,
-                                basis_dtype=self.basis_dtype, basis_device=self.basis_device)
+        return spectral_density(op, num_probes=self.num_probes, num_steps=self.config.num_steps, seed=self.config.seed,
+                                deflate=exact, reorthogonalize=self.config.reorthogonalize,
+                                basis_dtype=self.basis_dtype, basis_device=self.config.basis_device)
 
 
 def _describe(bar: Any, text: str) -> None:

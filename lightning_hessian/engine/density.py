@@ -34,7 +34,8 @@ from torch import Tensor
 
 from lightning_hessian.engine.checks import check_count
 from lightning_hessian.engine.eigen import EigenResult
-from lightning_hessian.engine.lanczos import Lanczos, LinearOperator, rademacher, tridiagonal_quadrature
+from lightning_hessian.engine.lanczos import Lanczos, tridiagonal_quadrature
+from lightning_hessian.engine.linear_operator import LinearOperator, rademacher
 
 # Default kernel width as a fraction of the spectral range (largest minus smallest node): wide
 # enough that an 80-step quadrature reads as a smooth curve, narrow enough to separate outliers
@@ -184,7 +185,7 @@ def spectral_density(
         NonFiniteError: if a product is not finite.
 
     Example:
-        >>> from lightning_hessian.engine.eigen import DiagonalOperator
+        >>> from lightning_hessian.engine.linear_operator import DiagonalOperator
         >>> density = spectral_density(DiagonalOperator([0.0] * 8 + [1.0, 5.0]), num_probes=20, num_steps=10)
         >>> round(density.mass(-0.1, 0.1), 1), round(density.trace, 0)
         (0.8, 6.0)

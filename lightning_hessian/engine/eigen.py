@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from lightning_hessian.engine.checks import check_choice, check_count, check_fraction
-from lightning_hessian.engine.lanczos import LinearOperator, rademacher
+from lightning_hessian.engine.linear_operator import LinearOperator, rademacher
 
 Which = Literal["largest", "smallest"]
 
@@ -101,6 +101,7 @@ class EigenResult:
             pairs are eigenpairs but perhaps not the k extreme ones; ``None`` when it did not run.
 
     Example:
+        >>> from lightning_hessian.engine.linear_operator import DiagonalOperator
         >>> result = top_eigenvalues(DiagonalOperator([3.0, 2.0, 1.0]), k=1)
         >>> float(result.eigenvalues[0]), result.all_converged
         (3.0, True)
@@ -126,6 +127,7 @@ class EigenResult:
         """The pairs that met the tolerance, as an :class:`EigenResult` (``None`` when none did).
 
         Example:
+            >>> from lightning_hessian.engine.linear_operator import DiagonalOperator
             >>> operator = DiagonalOperator([100.0] + [1.0 - 0.01 * i for i in range(30)])
             >>> result = top_eigenvalues(operator, k=2, max_matvecs=4)  # too few products for the second
             >>> result.converged.tolist(), result.converged_part().eigenvalues.round(decimals=6).tolist()
@@ -141,26 +143,6 @@ class EigenResult:
             residuals=self.residuals[kept], converged=self.converged[kept], num_matvecs=self.num_matvecs,
             seconds=self.seconds, which=self.which, error_bounds=self.error_bounds[kept],
         )
-
-
-class DiagonalOperator:
-    """A diagonal matrix as an operator (float64, CPU): for examples and quick checks.
-
-    Example:
-        >>> DiagonalOperator([2.0, 1.0]).matmat(torch.ones(2, 1, dtype=torch.float64))
-        tensor([[2.],
-                [1.]], dtype=torch.float64)
-    """
-
-    def __init__(self, diagonal: list[float] | Tensor) -> None:
-        self.diagonal = torch.as_tensor(diagonal, dtype=torch.float64)
-        self.num_params = self.diagonal.numel()
-        self.dtype = torch.float64
-        self.device = torch.device("cpu")
-
-    def matmat(self, vectors: Tensor) -> Tensor:
-        """``[P, S] -> [P, S]``."""
-        return self.diagonal[:, None] * vectors
 
 
 def lean_max_basis(k: int) -> int:
@@ -524,6 +506,7 @@ def top_eigenvalues(
         NonFiniteError: if a product is not finite.
 
     Example:
+        >>> from lightning_hessian.engine.linear_operator import DiagonalOperator
         >>> result = top_eigenvalues(DiagonalOperator([4.0, 3.0, 2.0, 1.0]), k=2)
         >>> result.eigenvalues.round(decimals=8), result.all_converged
         (tensor([4., 3.], dtype=torch.float64), True)

@@ -22,36 +22,19 @@ much of the vector): the reference that the tests and benchmarks compare with.
 from __future__ import annotations
 
 import math
-from typing import Protocol
 
 import numpy as np
 import scipy.linalg
 import torch
 from torch import Tensor
 
+from lightning_hessian.engine.linear_operator import LinearOperator
+
 # A new Lanczos vector whose norm falls below this fraction of the operator's scale means the
 # Krylov space is invariant: the recursion continues from a fresh random direction with beta = 0.
 _BREAKDOWN_FRACTION = 1e-10
 # A second Gram-Schmidt pass runs where the first shrank the vector below 1/sqrt(2) of its norm.
 _REORTHOGONALIZE_AGAIN = 2**-0.5
-
-
-class LinearOperator(Protocol):
-    """What the solvers need from an operator: a symmetric P x P matrix known by its products.
-
-    Example:
-        >>> from lightning_hessian.engine.eigen import DiagonalOperator
-        >>> isinstance(DiagonalOperator([1.0]).num_params, int)
-        True
-    """
-
-    num_params: int
-    dtype: torch.dtype
-    device: torch.device
-
-    def matmat(self, vectors: Tensor) -> Tensor:
-        """``[P, S] -> [P, S]``: the products with S vectors, one per column."""
-        ...
 
 
 class Lanczos:
@@ -74,7 +57,7 @@ class Lanczos:
         num_steps: m, the steps taken.
 
     Example:
-        >>> from lightning_hessian.engine.eigen import DiagonalOperator
+        >>> from lightning_hessian.engine.linear_operator import DiagonalOperator
         >>> lanczos = Lanczos(DiagonalOperator([3.0, 1.0]), torch.ones(1, 2), generator=torch.Generator())
         >>> lanczos.step(); lanczos.step()
         >>> tridiagonal_quadrature(lanczos)[0].round(decimals=6)  # two steps span the space: the eigenvalues
@@ -220,7 +203,7 @@ def tridiagonal_quadrature(lanczos: Lanczos) -> tuple[Tensor, Tensor]:
     components of its eigenvectors, each ``(S, m)``, weights summing to 1 per row.
 
     Example:
-        >>> from lightning_hessian.engine.eigen import DiagonalOperator
+        >>> from lightning_hessian.engine.linear_operator import DiagonalOperator
         >>> lanczos = Lanczos(DiagonalOperator([2.0, 2.0]), torch.ones(1, 2), generator=torch.Generator())
         >>> lanczos.step()
         >>> nodes, weights = tridiagonal_quadrature(lanczos)
@@ -237,13 +220,3 @@ def tridiagonal_quadrature(lanczos: Lanczos) -> tuple[Tensor, Tensor]:
         nodes.append(values)
         weights.append(vectors[0] ** 2)
     return torch.from_numpy(np.stack(nodes)), torch.from_numpy(np.stack(weights))
-
-
-def rademacher(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> Tensor:
-    """Random signs, ``+-1`` with equal probability, drawn on the CPU from ``generator``.
-
-    Example:
-        >>> rademacher((2, 3), torch.Generator().manual_seed(0), torch.float64).abs().sum().item()
-        6.0
-    """
-    return torch.randint(0, 2, shape, generator=generator, dtype=torch.int8).to(dtype).mul_(2).sub_(1)

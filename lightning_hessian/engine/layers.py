@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_hessian.engine.lanczos import LinearOperator, rademacher
+from lightning_hessian.engine.linear_operator import LinearOperator, rademacher
 from lightning_hessian.engine.snapshot import select_parameters
 
 Layout = Sequence[tuple[str, int]]
@@ -95,7 +95,7 @@ def layer_traces(
         ``{layer: (trace, standard error)}``.
 
     Example:
-        >>> from lightning_hessian.engine.eigen import DiagonalOperator
+        >>> from lightning_hessian.engine.linear_operator import DiagonalOperator
         >>> op = DiagonalOperator([1.0, 2.0, 3.0, 4.0])  # diagonal: every probe gives the exact traces
         >>> layer_traces(op, [("0.weight", 2), ("1.weight", 2)], num_probes=4)
         {'0': (3.0, 0.0), '1': (7.0, 0.0)}

@@ -20,17 +20,14 @@ and ``torch.inference_mode()``. A block of S vectors is ``[P, S]``, one vector p
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_hessian.engine.batches import take_samples
 from lightning_hessian.engine.errors import NonFiniteError, all_finite
-from lightning_hessian.engine.memory import SavedBytes, available_bytes
+from lightning_hessian.engine.graphs import KeepGraph, KeptGraphs
 from lightning_hessian.engine.snapshot import (
     ModelSnapshot,
     SnapshotOptions,
@@ -51,21 +48,6 @@ OutputFn = Callable[[nn.Module, Any], Tensor]
 OutputLossFn = Callable[[Tensor, Any], Tensor]
 """``output_loss_fn(outputs, batch) -> scalar``: the mean loss of one batch, given its outputs."""
 
-# With keep_graph="auto", the kept graphs may take this fraction of the memory available.
-_GRAPH_MEMORY_FRACTION = 0.5
-# With split_batches, a micro-batch's graph holds at most about this many numbers per parameter: a
-# product's working memory follows the graph of one batch (the activations and their first
-# derivatives), and at this size it stays below that of the solvers' parameter-sized vectors. A lower
-# cap saves less than it costs: part of that memory is parameter-sized, and smaller micro-batches fill
-# a GPU less well.
-_MICRO_BATCH_GRAPH_NUMBERS = 8
-# ... and the micro-batches are used only if their losses, weighted by samples, give the batch's loss
-# to this relative tolerance: the samples do not interact (no batch statistics, no in-batch pairs).
-_SPLIT_RTOL = 1e-4
-# The bytes per sample of a batch's graph are measured on this fraction of the first batch.
-_TRIAL_PIECES = 8
-
-
 class OperatorOptions(SnapshotOptions, total=False):
     """The keyword options of the operators: those of the snapshot, and ``keep_graph``.
 
@@ -75,22 +57,8 @@ class OperatorOptions(SnapshotOptions, total=False):
         torch.float64
     """
 
-    keep_graph: bool | int | Literal["auto"]
+    keep_graph: KeepGraph
     split_batches: bool
-
-
-def tensors_of(graph: Any) -> list[Tensor]:
-    """The tensors in a (nested) tuple or list: a graph's outputs, or an autograd node's saved attribute.
-
-    Example:
-        >>> [t.tolist() for t in tensors_of((torch.ones(1), [torch.zeros(2), None], 3))]
-        [[1.0], [0.0, 0.0]]
-    """
-    if isinstance(graph, Tensor):
-        return [graph]
-    if isinstance(graph, (tuple, list)):
-        return [t for part in graph for t in tensors_of(part)]
-    return []
 
 
 class CurvatureOperator:
@@ -108,7 +76,7 @@ class CurvatureOperator:
             costs about one backward pass instead of a forward and a double backward, at the memory
             of those graphs; an integer keeps the graphs of that many batches (the first ones) and
             recomputes the others; ``"auto"`` measures the first graph and keeps as many as fit in
-            half the memory available on the device (:func:`~lightning_hessian.engine.memory.available_bytes`).
+            half the memory available on the device (:func:`~lightning_hessian.engine.graphs.available_bytes`).
             Dropped with a warning if the device runs out of memory.
         split_batches: when the first batch's graph holds more than about 8 numbers per parameter
             (a convnet's activations on a large batch), cut every batch into micro-batches whose graph
@@ -126,6 +94,8 @@ class CurvatureOperator:
             updated, dropout still off); ``vectorize``.
 
     Attributes:
+        graphs: the :class:`~lightning_hessian.engine.graphs.KeptGraphs` products reuse.
+        keep_graph: the kept-graph policy in force (an integer once ``"auto"`` is resolved).
         graph_nbytes: bytes held by one batch's kept graph (the first batch's, measured when it is
             built: the tensors autograd saved and the first derivatives; ``None`` before); after a
             split, the first micro-batch's.
@@ -154,18 +124,23 @@ class CurvatureOperator:
         model: nn.Module,
         batches: Iterable[Any],
         *,
-        keep_graph: bool | int | Literal["auto"] = True,
+        keep_graph: KeepGraph = True,
         split_batches: bool = False,
         **options: Unpack[SnapshotOptions],
     ) -> None:
         self.snapshot = ModelSnapshot(model, batches, **options)
-        if not (isinstance(keep_graph, (bool, int)) or keep_graph == "auto"):
-            raise ValueError(f"keep_graph={keep_graph!r} must be True, False, a number of batches or 'auto'")
-        self.keep_graph = keep_graph
-        self.split_batches = bool(split_batches)
-        self.graph_nbytes: int | None = None
+        self.graphs = KeptGraphs(self.snapshot, self._build_graph, self._unread, self._loss_of, keep=keep_graph,
+                                 split=split_batches)
         self.num_matvecs = 0
-        self._graphs: list[Any] | None = None
+
+    @property
+    def keep_graph(self) -> KeepGraph:
+        """The kept-graph policy in force (``"auto"`` becomes a number of batches at the first product)."""
+        return self.graphs.keep
+
+    @property
+    def graph_nbytes(self) -> int | None:
+        return self.graphs.nbytes
 
     @property
     def model(self) -> nn.Module:
@@ -235,7 +210,7 @@ class CurvatureOperator:
             )
         snapshot = self.snapshot
         with autograd_enabled():
-            self._measure_first()
+            self.graphs.prepare()
             parts = snapshot.unflatten(matrix.detach().to(device=self.device, dtype=self.dtype))
             total = torch.zeros(matrix.shape[1], self.num_params, dtype=self.dtype, device=self.device)
             totals = total.split(snapshot.numels, dim=1)  # views: each batch's product is added in place
@@ -260,17 +235,11 @@ class CurvatureOperator:
 
     def release(self) -> None:
         """Drop kept graphs to free their memory; the next product rebuilds them."""
-        self._graphs = None
+        self.graphs.release()
 
     def _build_graph(self, index: int) -> Any:
         """The first-derivative graph of batch ``index`` that products reuse (what a subclass keeps)."""
         raise NotImplementedError
-
-    def _kept(self, index: int) -> bool:
-        keep = self.keep_graph
-        if keep == "auto":
-            return True  # the first graph is kept while it is measured
-        return keep if isinstance(keep, bool) else index < keep
 
     def _batch_loss(self, model: nn.Module, batch: Any) -> Tensor:
         """The mean loss of one batch (a scalar), as the graphs compute it (for :meth:`ModelSnapshot.call`)."""
@@ -280,102 +249,8 @@ class CurvatureOperator:
         """The tensors of a graph whose values products never read (only their ``grad_fn``)."""
         return []
 
-    def _counted(self, index: int) -> tuple[Any, int]:
-        """The graph of batch ``index`` and the bytes it holds.
-
-        The values of the graph's tensors that products never read (first derivatives: a parameter
-        vector per batch) are released, unless autograd saved them for the backward pass.
-        """
-        snapshot = self.snapshot
-        saved = SavedBytes(exclude=[*snapshot.leaves, *snapshot.others])
-        with saved.counting():
-            graph = self._build_graph(index)
-        for tensor in self._unread(graph):
-            storage = tensor.untyped_storage()
-            if tensor.is_contiguous() and not saved.holds(tensor) and storage.nbytes() == tensor.nbytes:
-                storage.resize_(0)
-        for part in tensors_of(graph):
-            saved.add(part)
-        return graph, saved.nbytes
-
-    def _measure_first(self) -> None:
-        """Before the first pass over the batches, which a split may change: build and measure batch 0's graph."""
-        if self.split_batches and self.graph_nbytes is None:
-            self._graph(0)
-
-    def _micro_batch_size(self) -> int | None:
-        """Samples per micro-batch, or ``None`` to keep the batches whole (a graph of few numbers per
-        parameter, or samples that interact in the loss).
-
-        The graph of a slice of the first batch (an eighth of it) gives the bytes per sample, so that a
-        batch whose whole graph would be large is never built whole.
-        """
-        snapshot = self.snapshot
-        count = snapshot.batch_sizes[0]
-        limit = _MICRO_BATCH_GRAPH_NUMBERS * snapshot.num_params * torch.finfo(self.dtype).bits // 8
-        whole_batches = snapshot.batches, snapshot.batch_sizes
-        try:
-            snapshot.split_batches(math.ceil(count / _TRIAL_PIECES))
-            trial = snapshot.batch_sizes[0]
-            per_sample = self._counted(0)[1] / trial
-            snapshot.batches, snapshot.batch_sizes = whole_batches
-            pieces = min(math.ceil(count * per_sample / max(limit, 1)), count)
-            if pieces <= 1:
-                return None
-            size = math.ceil(count / pieces)
-            batch = snapshot.batches[0]
-
-            def loss_of(part: Any) -> float:
-                return float(scalar_loss(snapshot.call(self._batch_loss, part), "loss"))
-
-            with torch.no_grad():
-                whole = loss_of(batch)
-                combined = sum(min(size, count - start) * loss_of(take_samples(batch, start, start + size))
-                               for start in range(0, count, size)) / count
-        except Exception:  # a module that cannot take smaller batches (a state sized by the batch): keep them
-            snapshot.batches, snapshot.batch_sizes = whole_batches
-            return None
-        if not math.isfinite(whole) or abs(combined - whole) > _SPLIT_RTOL * max(abs(whole), 1e-30):
-            return None
-        return size
-
-    def _measured(self, index: int) -> Any:
-        """Build the graph of batch ``index`` and record its bytes; first, with ``split_batches``, cut the
-        batches into micro-batches where one batch's graph would be large; with ``"auto"``, decide how
-        many graphs to keep."""
-        if self.split_batches and index == 0:
-            size = self._micro_batch_size()
-            if size is not None:
-                self.snapshot.split_batches(size)
-        graph, nbytes = self._counted(index)
-        self.graph_nbytes = nbytes
-        snapshot = self.snapshot
-        if self.keep_graph == "auto":
-            allowance = _GRAPH_MEMORY_FRACTION * available_bytes(self.device)
-            self.keep_graph = int(min(len(snapshot.batches), allowance // max(nbytes, 1)))
-        return graph
-
-    def _graph(self, index: int) -> Any:
-        """The graph of batch ``index``, built on first use and kept when ``keep_graph`` allows."""
-        if self.graph_nbytes is None:
-            graph = self._measured(index)
-            if not self._kept(index):
-                return graph
-        elif not self._kept(index):
-            return self._counted(index)[0]
-        else:
-            graph = None
-        if self._graphs is None:
-            self._graphs = [None] * len(self.snapshot.batches)
-        if self._graphs[index] is None:
-            try:
-                self._graphs[index] = graph if graph is not None else self._counted(index)[0]
-            except torch.OutOfMemoryError:
-                self._graphs, self.keep_graph = None, False
-                warnings.warn("out of memory while keeping gradient graphs; recomputing them per product",
-                              RuntimeWarning, stacklevel=3)
-                return self._counted(index)[0]
-        return self._graphs[index]
+    def _loss_of(self, batch: Any) -> Tensor:
+        return scalar_loss(self.snapshot.call(self._batch_loss, batch), "loss")
 
 
 def scalar_loss(loss: Any, where: str) -> Tensor:
@@ -474,7 +349,7 @@ class HessianOperator(CurvatureOperator):
         """
         snapshot = self.snapshot
         with autograd_enabled():
-            self._measure_first()
+            self.graphs.prepare()
             total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
             for index, size in enumerate(snapshot.batch_sizes):
                 grads = stacked(self._gradients(index, create_graph=False), snapshot.leaves, 1)
@@ -482,12 +357,12 @@ class HessianOperator(CurvatureOperator):
         return total
 
     def _batch_matmat(self, index: int, vectors: list[Tensor]) -> list[Tensor]:
-        grads = self._graph(index)
+        grads = self.graphs.get(index)
         used = [(g, v) for g, v in zip(grads, vectors, strict=True) if g is not None]
         if not used:
             return zeros_like_stacked(self.snapshot.leaves, vectors[0].shape[0])
         outputs, cotangents = zip(*used, strict=True)
-        return self.snapshot.vjp(outputs, cotangents, self.snapshot.leaves, retain=self._kept(index))
+        return self.snapshot.vjp(outputs, cotangents, self.snapshot.leaves, retain=self.graphs.kept(index))
 
 
 class GGNOperator(CurvatureOperator):
@@ -559,9 +434,9 @@ class GGNOperator(CurvatureOperator):
         return outputs, detached, loss_grad, (dummy, *jt_dummy)
 
     def _batch_matmat(self, index: int, vectors: list[Tensor]) -> list[Tensor]:
-        outputs, detached, loss_grad, (dummy, *jt_dummy) = self._graph(index)
+        outputs, detached, loss_grad, (dummy, *jt_dummy) = self.graphs.get(index)
         snapshot = self.snapshot
         # J v by the double-backward trick: J v = d<J^T u, v>/du, linear in the dummy u.
         (jv,) = snapshot.vjp(jt_dummy, vectors, [dummy], retain=True)
         (hjv,) = snapshot.vjp([loss_grad], [jv], [detached], retain=True)
-        return snapshot.vjp([outputs], [hjv], snapshot.leaves, retain=self._kept(index))
+        return snapshot.vjp([outputs], [hjv], snapshot.leaves, retain=self.graphs.kept(index))

@@ -146,7 +146,7 @@ def density_views(measured: MatrixMeasurement, num_bins: int = NUM_BINS) -> dict
     Example:
         >>> from lightning_hessian.engine import SpectrumSummary
         >>> from lightning_hessian.engine import spectral_density, top_eigenvalues
-        >>> from lightning_hessian.engine.eigen import DiagonalOperator
+        >>> from lightning_hessian.engine.linear_operator import DiagonalOperator
         >>> op = DiagonalOperator([0.0] * 6 + [1.0, 5.0])
         >>> top = top_eigenvalues(op, k=1)
         >>> density = spectral_density(op, num_probes=2, num_steps=3, deflate=top)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import inspect
 import logging
 import math
 import time
@@ -19,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_hessian import HessianSpectrumCallback, dense_ggn, dense_hessian
+from lightning_hessian.callback.config import CallbackConfig
 from lightning_hessian.loggers import scalar_metrics
 
 from helpers import (
@@ -428,3 +431,14 @@ def test_resume_continues_history_without_gaps_or_duplicates(tmp_path):
     for a, b in zip(whole.history, resumed.history, strict=True):
         assert a.hessian.eigenvalues == pytest.approx(b.hessian.eigenvalues, rel=1e-9)
         assert a.num_matvecs == b.num_matvecs  # the same warm start after the resume
+
+
+def test_each_setting_is_declared_once_in_the_signature_and_once_in_the_config():
+    """The signature LightningCLI reads and the settings object agree: the same names, order and defaults."""
+    signature = inspect.signature(HessianSpectrumCallback.__init__).parameters
+    arguments = {name: p.default for name, p in signature.items() if name != "self"}
+    fields = {field.name: field.default for field in dataclasses.fields(CallbackConfig)}
+    assert list(arguments) == list(fields)
+    assert {name: default for name, default in arguments.items() if name != "layers"} \
+        == {name: default for name, default in fields.items() if name != "layers"}
+    assert arguments["layers"] is None and fields["layers"] == ()

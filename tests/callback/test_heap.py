@@ -10,7 +10,7 @@ import torch
 from lightning_hessian.callback import progress
 from lightning_hessian.callback.heap import _malloc_trim, release_free_heap
 from lightning_hessian.callback.progress import ProgressOperator
-from lightning_hessian.engine.eigen import DiagonalOperator
+from lightning_hessian.engine.linear_operator import DiagonalOperator
 
 BLOCK = 64 * 1024  # below glibc's initial mmap threshold: served from the heap
 BLOCKS = 1600  # 100 MiB

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lightning_hessian import HessianOperator, dense_hessian, top_eigenvalues
-from lightning_hessian.engine.eigen import DiagonalOperator, lean_max_basis
+from lightning_hessian.engine.eigen import lean_max_basis
+from lightning_hessian.engine.linear_operator import DiagonalOperator
 
 F64, F32 = torch.float64, torch.float32
 

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hessian import HessianOperator, top_eigenvalues
-from lightning_hessian.engine import memory, operators
+from lightning_hessian.engine import graphs, operators
 from lightning_hessian.engine.batches import concat_batches, count_samples, rebatch, take_samples
 from lightning_hessian.engine.checks import check_count, check_flag, check_fraction
 from lightning_hessian.engine.snapshot import ModelSnapshot
@@ -78,11 +78,11 @@ def test_auto_keeps_as_many_graphs_as_fit_and_gives_the_same_products(monkeypatc
     torch.testing.assert_close(auto.matmat(vectors), expected, rtol=1e-12, atol=1e-14)
     assert auto.keep_graph == 4 and auto.graph_nbytes > 0  # plenty of memory here
     # With room for two and a half graphs, two are kept and the others recomputed.
-    monkeypatch.setattr(operators, "available_bytes", lambda device: 5 * auto.graph_nbytes)
+    monkeypatch.setattr(graphs, "available_bytes", lambda device: 5 * auto.graph_nbytes)
     tight = HessianOperator(problem.model(), cases.cross_entropy, batches, dtype=F64, keep_graph="auto")
     torch.testing.assert_close(tight.matmat(vectors), expected, rtol=1e-12, atol=1e-14)
-    assert tight.keep_graph == 2 and sum(g is not None for g in tight._graphs) == 2
-    assert memory.available_bytes(torch.device("cpu")) > 0
+    assert tight.keep_graph == 2 and sum(g is not None for g in tight.graphs.graphs) == 2
+    assert graphs.available_bytes(torch.device("cpu")) > 0
 
 
 def _small_convnet() -> torch.nn.Module:
@@ -118,7 +118,7 @@ def test_split_batches_cuts_large_graphs_into_micro_batches_and_keeps_the_operat
     assert whole.snapshot.batch_sizes == [12, 12]
     assert len(split.snapshot.batch_sizes) > 2 and sum(split.snapshot.batch_sizes) == 24
     # The micro-batch's graph holds about the cap's numbers per parameter at most (the whole batch's, many more).
-    cap = operators._MICRO_BATCH_GRAPH_NUMBERS * 8 * split.num_params
+    cap = graphs._MICRO_BATCH_GRAPH_NUMBERS * 8 * split.num_params
     assert split.graph_nbytes <= 1.5 * cap < whole.graph_nbytes
     if kind == "hessian":
         torch.testing.assert_close(split.matmat(vectors), cases.autograd_hessian(_small_convnet(), cases.cross_entropy,
@@ -144,7 +144,7 @@ def test_split_batches_keeps_small_graphs_whole():
     op = HessianOperator(model, cases.cross_entropy, batches, split_batches=True)
     torch.testing.assert_close(op.gradient(), HessianOperator(model, cases.cross_entropy, batches).gradient())
     assert op.snapshot.batch_sizes == [20, 20]
-    assert op.graph_nbytes < operators._MICRO_BATCH_GRAPH_NUMBERS * 8 * op.num_params
+    assert op.graph_nbytes < graphs._MICRO_BATCH_GRAPH_NUMBERS * 8 * op.num_params
 
 
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])

@@ -3,7 +3,7 @@
 import pytest
 
 from lightning_hessian.engine import spectral_density, top_eigenvalues
-from lightning_hessian.engine.eigen import DiagonalOperator
+from lightning_hessian.engine.linear_operator import DiagonalOperator
 from lightning_hessian.loggers import bulk_histogram, top_k_histogram
 
 
