@@ -172,18 +172,28 @@ def step_seconds(workload: Workload, steps: int) -> float:
 
 
 class Probed(HessianSpectrumCallback):
-    """The default callback, with the peak resident memory of each call recorded."""
+    """The default callback, with the peak resident memory of each call recorded (around the hooks that
+    measure)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.memory: list[tuple[int, int]] = []  # (resident before, peak increase during)
 
-    def _run(self, trainer: Any, pl_module: Any, stage: str) -> Any:
-        before = _resident()
+    def _probed(self, hook: Any, *args: Any) -> None:
+        before, calls = _resident(), len(self.history)
         with PeakMemory() as peak:
-            result = super()._run(trainer, pl_module, stage)
-        self.memory.append((before, peak.bytes or 0))
-        return result
+            hook(*args)
+        if len(self.history) > calls:
+            self.memory.append((before, peak.bytes or 0))
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._probed(super().on_train_start, trainer, pl_module)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self._probed(super().on_train_batch_end, *args)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._probed(super().on_train_end, trainer, pl_module)
 
 
 def _resident() -> int:

@@ -70,6 +70,27 @@ def test_the_benchmarks_import_no_private_name_of_the_package():
         assert not private, (path.name, private)
 
 
+# Private names of other libraries that the package must use: Lightning's batch transfer path (what the
+# training loop runs), a tensor's version counter, torch's normalization and dropout base classes, and the
+# override point of a peer library's operator (benchmarks).
+_FOREIGN_PRIVATE = {"_on_before_batch_transfer", "_version", "_NormBase", "_DropoutNd", "_BatchNorm", "_matmat"}
+
+
+def test_no_code_reaches_into_a_private_attribute_of_another_object():
+    """``x._name`` only on ``self`` and ``cls``: a private attribute is its class's own business."""
+    paths = sorted(PACKAGE.rglob("*.py")) + sorted((PACKAGE.parent / "benchmarks").glob("*.py"))
+    reached = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                continue
+            if node.attr not in _FOREIGN_PRIVATE:
+                reached.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node)}")
+    assert not reached, reached
+
+
 def test_nothing_imports_the_paper_wing():
     for module in _modules():
         if module.startswith("lightning_hessian.paper"):

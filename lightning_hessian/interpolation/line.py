@@ -43,6 +43,7 @@ from lightning_hessian.engine.operators import LossFn
 from lightning_hessian.engine.snapshot import module_mode
 from lightning_hessian.interpolation.checkpoints import ModelLike, resolve_endpoints
 from lightning_hessian.interpolation.evaluate import Evaluator
+from lightning_hessian.loggers.figures import new_figure, save_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -171,10 +172,8 @@ class InterpolationResult:
 
     def figure(self) -> Figure:
         """A matplotlib figure: loss (log scale) and, when measured, accuracy against alpha per split."""
-        from matplotlib.figure import Figure
-
         has_accuracy = self.rows[0]["accuracy"] is not None
-        fig = Figure(figsize=(10 if has_accuracy else 5.5, 4), layout="constrained")
+        fig = new_figure(10 if has_accuracy else 5.5, 4)
         axes = fig.subplots(1, 2 if has_accuracy else 1, squeeze=False)[0]
         for ax, metric in zip(axes, ["loss", "accuracy"], strict=False):
             for split in self.splits:
@@ -191,7 +190,7 @@ class InterpolationResult:
         return fig
 
     def save_plot(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`figure` as an image at 120 dpi, creating parent folders.
+        """Write :meth:`figure` as an image (at the package's file resolution, 120 dpi), creating parent folders.
 
         Args:
             path: the file to write; its suffix picks the format (``.png``, ``.pdf``, ``.svg``).
@@ -199,10 +198,7 @@ class InterpolationResult:
         Returns:
             ``path`` as a :class:`~pathlib.Path`.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.figure().savefig(path, dpi=120)
-        return path
+        return save_figure(self.figure(), path)
 
 
 def _interpolate(state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], alpha: float) -> dict[str, Tensor]:

@@ -45,16 +45,9 @@ from lightning_hessian.engine.class_structure import class_structure
 from lightning_hessian.engine.spectrum import ISOLATION_RATIO, outlier_gap
 from lightning_hessian.paper import report
 from lightning_hessian.paper.data import digits_tensors, gaussian_mixture_tensors
+from lightning_hessian.paper.models import cross_entropy, cross_entropy_of_logits
 from lightning_hessian.paper.report import check
-from lightning_hessian.paper.spectra import (
-    TrainedNet,
-    compare_ggn,
-    cross_entropy,
-    cross_entropy_of_logits,
-    logits,
-    measure,
-    train_net,
-)
+from lightning_hessian.paper.spectra import TrainedNet, compare_ggn, logits, measure, train_net
 
 # 1,000 of the 1,797 digits train when all ten classes are kept (as in the paper); the same fraction of
 # the kept images for fewer classes.

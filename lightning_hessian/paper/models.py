@@ -27,6 +27,29 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "g
 Batch = tuple[Tensor, Tensor]
 
 
+def cross_entropy_of_logits(outputs: Tensor, batch: Batch) -> Tensor:
+    """Mean softmax cross-entropy of logits ``[n, C]`` against the labels ``[n]`` of a batch ``(x, y)``:
+    the loss of every experiment of the reproduction.
+
+    Example:
+        >>> round(float(cross_entropy_of_logits(torch.zeros(4, 2), (None, torch.zeros(4, dtype=torch.long)))), 4)
+        0.6931
+    """
+    return F.cross_entropy(outputs, batch[1])
+
+
+def cross_entropy(model: nn.Module, batch: Batch) -> Tensor:
+    """:func:`cross_entropy_of_logits` of ``model(x)`` for a batch ``(x, y)``: a ``loss_fn(model, batch)``.
+
+    Example:
+        >>> model = nn.Linear(2, 2)
+        >>> _ = nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
+        >>> round(float(cross_entropy(model, (torch.ones(4, 2), torch.zeros(4, dtype=torch.long)))), 4)  # log 2
+        0.6931
+    """
+    return cross_entropy_of_logits(model(batch[0]), batch)
+
+
 class _Classifier(pl.LightningModule):
     """Training, evaluation, optimizer and Hessian protocol shared by the classifiers.
 
@@ -56,7 +79,7 @@ class _Classifier(pl.LightningModule):
 
     def hessian_output_loss(self, outputs: Tensor, batch: Batch) -> Tensor:
         """Mean softmax cross-entropy of logits ``[n, C]`` against the batch's labels."""
-        return F.cross_entropy(outputs, batch[1])
+        return cross_entropy_of_logits(outputs, batch)
 
     def hessian_loss(self, batch: Batch) -> Tensor:
         """Mean softmax cross-entropy of a batch ``(x, y)``."""

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from lightning_hessian.engine.spectrum import ISOLATION_RATIO
+from lightning_hessian.loggers.figures import new_figure, save_figure
 
-# Figures: two panels side by side, small enough to keep a PNG near 50-100 KB.
+# Figures: two panels side by side.
 _FIGSIZE = (10, 3.6)
-_DPI = 90
 
 # Figures of section 5 written by lightning_hessian.paper.sblb, copied into the report folder.
 _SBLB_FIGURES = {
@@ -119,15 +119,6 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _top_eigenvalue_axes(ax: Any, title: str, ylabel: str = "lambda_i", xlabel: str = "index i") -> None:
     """Log-scale axes for a top-eigenvalue curve (eigenvalue against its index)."""
     ax.set_yscale("log")
@@ -137,10 +128,7 @@ def _top_eigenvalue_axes(ax: Any, title: str, ylabel: str = "lambda_i", xlabel: 
 
 
 def _save(fig: Any, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    _plt().close(fig)
-    return path.name
+    return save_figure(fig, path).name
 
 
 def _fmt(values: Sequence[float], digits: int = 3) -> str:
@@ -161,8 +149,8 @@ def _histogram(ax: Any, spectrum: dict[str, Any], label: str) -> None:
 
 def _figure_spectra(spectra: dict[str, dict[str, Any]], titles: tuple[str, str], path: Path) -> str:
     """Top eigenvalues (left) and the whole spectrum (right) of named spectra."""
-    plt = _plt()
-    fig, (left, right) = plt.subplots(1, 2, figsize=_FIGSIZE)
+    fig = new_figure(*_FIGSIZE)
+    left, right = fig.subplots(1, 2)
     for label, spectrum in spectra.items():
         left.plot(range(1, len(spectrum["top"]) + 1), spectrum["top"], "o-", ms=3, label=label)
         _histogram(right, spectrum, label)
@@ -179,8 +167,8 @@ def _figure_init_vs_trained(section: dict[str, Any], out: Path) -> str:
 
 
 def _figure_classes(section: dict[str, Any], out: Path) -> str:
-    plt = _plt()
-    fig, (left, right) = plt.subplots(1, 2, figsize=_FIGSIZE)
+    fig = new_figure(*_FIGSIZE)
+    left, right = fig.subplots(1, 2)
     seed = section["digits"][0]["seed"]
     for row in (r for r in section["digits"] if r["seed"] == seed):
         top = torch.tensor(row["trained"]["top"])
@@ -215,8 +203,8 @@ def _figure_width(section: dict[str, Any], out: Path) -> str:
 
 
 def _figure_ggn(section: dict[str, Any], out: Path) -> str:
-    plt = _plt()
-    fig, (left, right) = plt.subplots(1, 2, figsize=_FIGSIZE)
+    fig = new_figure(*_FIGSIZE)
+    left, right = fig.subplots(1, 2)
     for row in section["rows"]:
         label = f"{row['point']}, h = {row['width']}"
         index = range(1, len(row["top_h"]) + 1)
@@ -233,8 +221,8 @@ def _figure_ggn(section: dict[str, Any], out: Path) -> str:
 
 
 def _figure_class_structure(section: dict[str, Any], out: Path) -> str:
-    plt = _plt()
-    fig, axes = plt.subplots(figsize=(6.4, 3.6))
+    fig = new_figure(6.4, 3.6)
+    axes = fig.subplots()
     for (name, values), marker in zip(section["rows"].items(), "os^vDx", strict=True):
         positive = [v for v in values if v > 0]
         axes.plot(range(1, len(positive) + 1), positive, marker + "-", ms=4, lw=0.8, label=name)

@@ -32,14 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_hessian import loggers
 from lightning_hessian.engine import HessianOperator, spectral_density, top_eigenvalues
 from lightning_hessian.interpolation import InterpolationResult, evaluate, linear_interpolation
+from lightning_hessian.loggers.figures import new_figure, save_figure
 from lightning_hessian.paper.data import DigitsScaling, digits_tensors
-from lightning_hessian.paper.models import MLPClassifier
+from lightning_hessian.paper.models import MLPClassifier, cross_entropy
 from lightning_hessian.paper.report import check, sblb_markdown
 from lightning_hessian.paper.training import train_sgd
 
@@ -149,7 +149,7 @@ def _digits(config: SBLBConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def _spectrum(model: nn.Module, x: Tensor, y: Tensor, config: SBLBConfig) -> dict[str, Any]:
     """Top-k eigenvalues (Lanczos) and SLQ density of the full-training-set Hessian."""
-    op = HessianOperator(model, lambda m, batch: F.cross_entropy(m(batch[0]), batch[1]), [(x, y)])
+    op = HessianOperator(model, cross_entropy, [(x, y)])
     top = top_eigenvalues(op, config.k, seed=config.seed)
     density = spectral_density(op, num_probes=config.num_probes, num_steps=config.num_steps, seed=config.seed)
     return {"top": top, "density": density}
@@ -185,9 +185,7 @@ def _checks(curve: list[tuple[int, float]], line: InterpolationResult, sharp: fl
 
 def _plot_curves(curves: Mapping[str, list[tuple[int, float]]], path: Path) -> Any:
     """Full training loss against small-batch step (log scale), saved as PNG; returns the figure."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), layout="constrained")
+    fig = new_figure(6, 4)
     ax = fig.subplots()
     for label, curve in curves.items():
         ax.plot([s for s, _ in curve], [v for _, v in curve], label=label)
@@ -195,15 +193,13 @@ def _plot_curves(curves: Mapping[str, list[tuple[int, float]]], path: Path) -> A
     ax.set_xlabel("small-batch step")
     ax.set_ylabel("full training loss")
     ax.legend()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     return fig
 
 
 def _plot_spectra(spectra: Mapping[str, dict[str, Any]], path: Path) -> Any:
     """SLQ densities on one grid and the top eigenvalues of each point, saved as PNG; returns the figure."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    fig = new_figure(10, 4)
     density_ax, top_ax = fig.subplots(1, 2)
     low = min(s["density"].range[0] for s in spectra.values())
     high = max(s["density"].range[1] for s in spectra.values())
@@ -217,7 +213,7 @@ def _plot_spectra(spectra: Mapping[str, dict[str, Any]], path: Path) -> Any:
     top_ax.set(yscale="log", xlabel="index", ylabel="top eigenvalues (Lanczos)")
     density_ax.legend()
     top_ax.legend()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     return fig
 
 
@@ -267,6 +263,81 @@ def _line_summary(line: InterpolationResult) -> dict[str, Any]:
     }
 
 
+def _log_curves(logger: Any, curves: Mapping[str, list[tuple[int, float]]]) -> None:
+    """Stage 1's output: each training run's full loss against its step."""
+    for tag, curve in curves.items():
+        for step, loss in curve:
+            loggers.log_metrics([logger], {f"{tag}/train_loss": loss}, step)
+
+
+def _interpolate(models: Mapping[str, nn.Module], loaders: Mapping[str, list], config: SBLBConfig, out: Path,
+                 logger: Any) -> dict[str, InterpolationResult]:
+    """Stage 2: the two lines (w_LB to w_LB->SB, and Keskar's w_SB to w_LB), written as CSV, PNG and logged."""
+    first, last, num = config.alphas
+    alphas = [first + (last - first) * i / (num - 1) for i in range(int(num))]  # exact ends, as DEFAULT_ALPHAS
+    lines = {}
+    for name, (a, b), tag in (
+        ("w_LB -> w_LB->SB", ("w_LB", "w_LB->SB"), "lb_to_lbsb"),
+        ("w_SB -> w_LB (Keskar)", ("w_SB", "w_LB"), "keskar"),
+    ):
+        line = linear_interpolation(models[a], models[b], loaders, alphas, labels=(a, b), progress=False)
+        line.to_csv(out / f"interpolation_{tag}.csv")
+        line.save_plot(out / f"interpolation_{tag}.png")
+        loggers.log_interpolation(line, [logger], name=f"interpolation/{tag}")
+        lines[name] = line
+    return lines
+
+
+def _measure_points(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, loaders: Mapping[str, list],
+                    config: SBLBConfig, logger: Any) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Stage 3: each point's spectrum (top eigenvalues and density) and its summary, the top eigenvalues logged."""
+    spectra = {name: _spectrum(model, x, y, config) for name, model in models.items()}
+    points = {name: _point(model, loaders, spectra[name]) for name, model in models.items()}
+    for name, point in points.items():
+        key = name.replace("->", "_to_").removeprefix("w_")
+        loggers.log_metrics([logger], {f"spectrum/{key}/eig_{i + 1}": v
+                                       for i, v in enumerate(point["top_eigenvalues"])}, 0)
+    return spectra, points
+
+
+def _log_figures(logger: Any, curves: Mapping[str, list[tuple[int, float]]], spectra: Mapping[str, dict[str, Any]],
+                 out: Path) -> None:
+    """Stage 4: the continuation's loss curve and the three spectra, as PNG files and logged figures."""
+    figures = {
+        "sb_lb/continuation_loss": _plot_curves(
+            {"continuation from w_LB": curves["lb_to_sb"], "from w0": curves["sb"]},
+            out / "sb_continuation_loss.png",
+        ),
+        "sb_lb/spectra": _plot_spectra(spectra, out / "spectra.png"),
+    }
+    for tag, fig in figures.items():
+        loggers.log_figure([logger], tag, fig)
+
+
+def _summarize(config: SBLBConfig, curves: Mapping[str, list[tuple[int, float]]],
+               lines: Mapping[str, InterpolationResult], points: Mapping[str, dict[str, Any]],
+               seconds: float) -> dict[str, Any]:
+    """Stage 5: the three checks and the JSON-ready summary."""
+    checks = _checks(
+        curves["lb_to_sb"],
+        lines["w_LB -> w_LB->SB"],
+        points["w_LB"]["top_eigenvalues"][0],
+        points["w_LB->SB"]["top_eigenvalues"][0],
+    )
+    return {
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "quick"},
+        "points": dict(points),
+        "interpolation": {name: _line_summary(line) for name, line in lines.items()},
+        "continuation": {
+            "steps": [s for s, _ in curves["lb_to_sb"]],
+            "train_loss": [v for _, v in curves["lb_to_sb"]],
+        },
+        "checks": checks,
+        "passed": all(c["passed"] for c in checks.values()),
+        "seconds": seconds,
+    }
+
+
 def run_sb_lb(config: SBLBConfig | Mapping[str, Any] | str | Path, out_dir: str | Path, *, quick: bool = False) -> dict:
     """Run the experiment and write its outputs to ``out_dir``.
 
@@ -298,60 +369,14 @@ def run_sb_lb(config: SBLBConfig | Mapping[str, Any] | str | Path, out_dir: str 
     torch.set_num_threads(config.num_threads)
     try:
         x, y, x_test, y_test = _digits(config)
-        models, curves = _train_all(config, x, y)
-        logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version="")
-        for tag, curve in curves.items():
-            for step, loss in curve:
-                loggers.log_metrics([logger], {f"{tag}/train_loss": loss}, step)
-
         loaders = {"train": [(x, y)], "test": [(x_test, y_test)]}
-        first, last, num = config.alphas
-        alphas = [first + (last - first) * i / (num - 1) for i in range(int(num))]  # exact ends, as DEFAULT_ALPHAS
-        lines = {}
-        for name, (a, b), tag in (
-            ("w_LB -> w_LB->SB", ("w_LB", "w_LB->SB"), "lb_to_lbsb"),
-            ("w_SB -> w_LB (Keskar)", ("w_SB", "w_LB"), "keskar"),
-        ):
-            line = linear_interpolation(models[a], models[b], loaders, alphas, labels=(a, b), progress=False)
-            line.to_csv(out / f"interpolation_{tag}.csv")
-            line.save_plot(out / f"interpolation_{tag}.png")
-            loggers.log_interpolation(line, [logger], name=f"interpolation/{tag}")
-            lines[name] = line
-
-        spectra = {name: _spectrum(model, x, y, config) for name, model in models.items()}
-        points = {name: _point(model, loaders, spectra[name]) for name, model in models.items()}
-        for name, point in points.items():
-            key = name.replace("->", "_to_").removeprefix("w_")
-            loggers.log_metrics([logger], {f"spectrum/{key}/eig_{i + 1}": v
-                                           for i, v in enumerate(point["top_eigenvalues"])}, 0)
-        figures = {
-            "sb_lb/continuation_loss": _plot_curves(
-                {"continuation from w_LB": curves["lb_to_sb"], "from w0": curves["sb"]},
-                out / "sb_continuation_loss.png",
-            ),
-            "sb_lb/spectra": _plot_spectra(spectra, out / "spectra.png"),
-        }
-        for tag, fig in figures.items():
-            loggers.log_figure([logger], tag, fig)
-
-        checks = _checks(
-            curves["lb_to_sb"],
-            lines["w_LB -> w_LB->SB"],
-            points["w_LB"]["top_eigenvalues"][0],
-            points["w_LB->SB"]["top_eigenvalues"][0],
-        )
-        summary = {
-            "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "quick"},
-            "points": points,
-            "interpolation": {name: _line_summary(line) for name, line in lines.items()},
-            "continuation": {
-                "steps": [s for s, _ in curves["lb_to_sb"]],
-                "train_loss": [v for _, v in curves["lb_to_sb"]],
-            },
-            "checks": checks,
-            "passed": all(c["passed"] for c in checks.values()),
-            "seconds": time.perf_counter() - started,
-        }
+        logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version="")
+        models, curves = _train_all(config, x, y)
+        _log_curves(logger, curves)
+        lines = _interpolate(models, loaders, config, out, logger)
+        spectra, points = _measure_points(models, x, y, loaders, config, logger)
+        _log_figures(logger, curves, spectra, out)
+        summary = _summarize(config, curves, lines, points, time.perf_counter() - started)
         loggers.log_text([logger], "sb_lb/summary", sblb_markdown(summary))
         logger.finalize("success")
     finally:

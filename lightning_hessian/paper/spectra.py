@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_hessian.engine import (
@@ -32,7 +31,7 @@ from lightning_hessian.engine import (
 )
 from lightning_hessian.engine.spectrum import dense_outliers
 from lightning_hessian.interpolation import evaluate
-from lightning_hessian.paper.models import MLPClassifier
+from lightning_hessian.paper.models import MLPClassifier, cross_entropy, cross_entropy_of_logits
 from lightning_hessian.paper.training import train_sgd
 
 LR = 0.1
@@ -113,19 +112,9 @@ class TrainedNet:
     dense: dict[str, Tensor] = field(default_factory=dict)
 
 
-def cross_entropy(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    """Mean cross-entropy of a batch ``(x, y)``: the loss of every experiment."""
-    return model.hessian_loss(batch)
-
-
 def logits(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     """The logits ``[n, C]`` of a batch ``(x, y)``."""
     return model.hessian_outputs(batch)
-
-
-def cross_entropy_of_logits(outputs: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
-    """Mean cross-entropy of given logits against the batch's labels."""
-    return F.cross_entropy(outputs, batch[1])
 
 
 def _score(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:

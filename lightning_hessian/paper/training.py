@@ -8,10 +8,10 @@ nets by ``make demo`` and the configs.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_hessian.engine.checks import check_count
+from lightning_hessian.paper.models import cross_entropy
 
 
 def full_loss(model: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -24,7 +24,7 @@ def full_loss(model: nn.Module, x: Tensor, y: Tensor) -> float:
         0.6931
     """
     with torch.no_grad():
-        return float(F.cross_entropy(model(x), y))
+        return float(cross_entropy(model, (x, y)))
 
 
 def train_sgd(
@@ -84,7 +84,7 @@ def train_sgd(
         order = torch.arange(len(y)) if size >= len(y) else torch.randperm(len(y), generator=generator)
         for index in order.split(size):
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x[index]), y[index]).backward()
+            cross_entropy(model, (x[index], y[index])).backward()
             optimizer.step()
             step += 1
             if record_every is not None and (step % record_every == 0 or step == total):
