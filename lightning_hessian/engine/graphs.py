@@ -16,7 +16,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -122,15 +122,27 @@ class SavedBytes:
             yield
 
 
+class GraphBuilder(NamedTuple):
+    """How an operator builds a batch's graph, handed to :class:`KeptGraphs` with each request (so that the
+    store holds no reference to its operator, and a dropped operator frees its graphs at once).
+
+    Attributes:
+        build: ``build(index)``, the graph of batch ``index`` (what products reuse).
+        unread: ``unread(graph)``, the graph's tensors whose values products never read (only their
+            ``grad_fn``): released after building unless autograd saved them.
+        loss_of: ``loss_of(batch)``, the batch's mean loss (a 0-d tensor), to check that a split keeps it.
+    """
+
+    build: Callable[[int], Any]
+    unread: Callable[[Any], list[Tensor]]
+    loss_of: Callable[[Any], Tensor]
+
+
 class KeptGraphs:
     """The first-derivative graphs of an operator's batches, built on first use and kept as ``keep`` allows.
 
     Args:
         snapshot: the operator's snapshot; with ``split``, its batches may be cut into micro-batches.
-        build: ``build(index)``, the graph of batch ``index`` (what products reuse).
-        unread: ``unread(graph)``, the graph's tensors whose values products never read (only their
-            ``grad_fn``): released after building unless autograd saved them.
-        loss_of: ``loss_of(batch)``, the batch's mean loss (a 0-d tensor), to check that a split keeps it.
         keep: the policy (:data:`KeepGraph`); ``"auto"`` is resolved to a count when the first graph is
             measured.
         split: cut every batch into micro-batches whose graph holds about 8 numbers per parameter,
@@ -150,8 +162,9 @@ class KeptGraphs:
         >>> loss_of = lambda batch: snapshot.call(lambda m, b: m(b).pow(2).mean(), batch)
         >>> build = lambda index: torch.autograd.grad(loss_of(snapshot.batches[index]), snapshot.leaves,
         ...                                           create_graph=True)
-        >>> graphs = KeptGraphs(snapshot, build, lambda graph: list(graph), loss_of, keep=1)
-        >>> _ = graphs.get(0), graphs.get(1)
+        >>> builder = GraphBuilder(build, lambda graph: list(graph), loss_of)
+        >>> graphs = KeptGraphs(snapshot, keep=1)
+        >>> _ = graphs.get(0, builder), graphs.get(1, builder)
         >>> [graph is not None for graph in graphs.graphs], graphs.nbytes > 0
         ([True, False], True)
     """
@@ -159,9 +172,6 @@ class KeptGraphs:
     def __init__(
         self,
         snapshot: ModelSnapshot,
-        build: Callable[[int], Any],
-        unread: Callable[[Any], list[Tensor]],
-        loss_of: Callable[[Any], Tensor],
         *,
         keep: KeepGraph = True,
         split: bool = False,
@@ -173,7 +183,6 @@ class KeptGraphs:
         self.split = bool(split)
         self.nbytes: int | None = None
         self.graphs: list[Any] | None = None
-        self._build, self._unread, self._loss_of = build, unread, loss_of
 
     def kept(self, index: int) -> bool:
         """Whether batch ``index``'s graph is kept (a product must then retain it)."""
@@ -182,44 +191,44 @@ class KeptGraphs:
             return True  # the first graph is kept while it is measured
         return keep if isinstance(keep, bool) else index < keep
 
-    def prepare(self) -> None:
+    def prepare(self, builder: GraphBuilder) -> None:
         """Before the first pass over the batches, which a split may change: build and measure batch 0's graph."""
         if self.split and self.nbytes is None:
-            self.get(0)
+            self.get(0, builder)
 
     def release(self) -> None:
         """Drop the kept graphs; the next product rebuilds them."""
         self.graphs = None
 
-    def get(self, index: int) -> Any:
+    def get(self, index: int, builder: GraphBuilder) -> Any:
         """The graph of batch ``index``, built on first use and kept when the policy allows."""
         if self.nbytes is None:
-            graph = self._measured(index)
+            graph = self._measured(index, builder)
             if not self.kept(index):
                 return graph
         elif not self.kept(index):
-            return self._counted(index)[0]
+            return self._counted(index, builder)[0]
         else:
             graph = None
         if self.graphs is None:
             self.graphs = [None] * len(self.snapshot.batches)
         if self.graphs[index] is None:
             try:
-                self.graphs[index] = graph if graph is not None else self._counted(index)[0]
+                self.graphs[index] = graph if graph is not None else self._counted(index, builder)[0]
             except torch.OutOfMemoryError:
                 self.graphs, self.keep = None, False
                 warnings.warn("out of memory while keeping gradient graphs; recomputing them per product",
                               RuntimeWarning, stacklevel=3)
-                return self._counted(index)[0]
+                return self._counted(index, builder)[0]
         return self.graphs[index]
 
-    def _counted(self, index: int) -> tuple[Any, int]:
+    def _counted(self, index: int, builder: GraphBuilder) -> tuple[Any, int]:
         """The graph of batch ``index`` and the bytes it holds, its unread values released."""
         snapshot = self.snapshot
         saved = SavedBytes(exclude=[*snapshot.leaves, *snapshot.others])
         with saved.counting():
-            graph = self._build(index)
-        for tensor in self._unread(graph):
+            graph = builder.build(index)
+        for tensor in builder.unread(graph):
             storage = tensor.untyped_storage()
             if tensor.is_contiguous() and not saved.holds(tensor) and storage.nbytes() == tensor.nbytes:
                 storage.resize_(0)
@@ -227,7 +236,7 @@ class KeptGraphs:
             saved.add(part)
         return graph, saved.nbytes
 
-    def _micro_batch_size(self) -> int | None:
+    def _micro_batch_size(self, builder: GraphBuilder) -> int | None:
         """Samples per micro-batch, or ``None`` to keep the batches whole (a graph of few numbers per
         parameter, or samples that interact in the loss).
 
@@ -241,7 +250,7 @@ class KeptGraphs:
         try:
             snapshot.split_batches(math.ceil(count / _TRIAL_PIECES))
             trial = snapshot.batch_sizes[0]
-            per_sample = self._counted(0)[1] / trial
+            per_sample = self._counted(0, builder)[1] / trial
             snapshot.batches, snapshot.batch_sizes = whole_batches
             pieces = min(math.ceil(count * per_sample / max(limit, 1)), count)
             if pieces <= 1:
@@ -249,8 +258,9 @@ class KeptGraphs:
             size = math.ceil(count / pieces)
             batch = snapshot.batches[0]
             with torch.no_grad():
-                whole = float(self._loss_of(batch))
-                combined = sum(min(size, count - start) * float(self._loss_of(take_samples(batch, start, start + size)))
+                whole = float(builder.loss_of(batch))
+                loss_of = builder.loss_of
+                combined = sum(min(size, count - start) * float(loss_of(take_samples(batch, start, start + size)))
                                for start in range(0, count, size)) / count
         except Exception:  # a module that cannot take smaller batches (a state sized by the batch): keep them
             snapshot.batches, snapshot.batch_sizes = whole_batches
@@ -259,15 +269,15 @@ class KeptGraphs:
             return None
         return size
 
-    def _measured(self, index: int) -> Any:
+    def _measured(self, index: int, builder: GraphBuilder) -> Any:
         """Build the graph of batch ``index`` and record its bytes; first, with ``split``, cut the batches
         into micro-batches where one batch's graph would be large; with ``"auto"``, decide how many graphs
         to keep."""
         if self.split and index == 0:
-            size = self._micro_batch_size()
+            size = self._micro_batch_size(builder)
             if size is not None:
                 self.snapshot.split_batches(size)
-        graph, nbytes = self._counted(index)
+        graph, nbytes = self._counted(index, builder)
         self.nbytes = nbytes
         if self.keep == "auto":
             allowance = _GRAPH_MEMORY_FRACTION * available_bytes(self.snapshot.device)

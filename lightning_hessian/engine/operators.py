@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_hessian.engine.errors import NonFiniteError, all_finite
-from lightning_hessian.engine.graphs import KeepGraph, KeptGraphs
+from lightning_hessian.engine.graphs import GraphBuilder, KeepGraph, KeptGraphs
 from lightning_hessian.engine.snapshot import (
     ModelSnapshot,
     SnapshotOptions,
@@ -129,8 +129,7 @@ class CurvatureOperator:
         **options: Unpack[SnapshotOptions],
     ) -> None:
         self.snapshot = ModelSnapshot(model, batches, **options)
-        self.graphs = KeptGraphs(self.snapshot, self._build_graph, self._unread, self._loss_of, keep=keep_graph,
-                                 split=split_batches)
+        self.graphs = KeptGraphs(self.snapshot, keep=keep_graph, split=split_batches)
         self.num_matvecs = 0
 
     @property
@@ -210,7 +209,7 @@ class CurvatureOperator:
             )
         snapshot = self.snapshot
         with autograd_enabled():
-            self.graphs.prepare()
+            self.graphs.prepare(self._builder())
             parts = snapshot.unflatten(matrix.detach().to(device=self.device, dtype=self.dtype))
             total = torch.zeros(matrix.shape[1], self.num_params, dtype=self.dtype, device=self.device)
             totals = total.split(snapshot.numels, dim=1)  # views: each batch's product is added in place
@@ -251,6 +250,10 @@ class CurvatureOperator:
 
     def _loss_of(self, batch: Any) -> Tensor:
         return scalar_loss(self.snapshot.call(self._batch_loss, batch), "loss")
+
+    def _builder(self) -> GraphBuilder:
+        """How this operator builds its graphs: made per request, so the graph store holds no reference back."""
+        return GraphBuilder(self._build_graph, self._unread, self._loss_of)
 
 
 def scalar_loss(loss: Any, where: str) -> Tensor:
@@ -349,7 +352,7 @@ class HessianOperator(CurvatureOperator):
         """
         snapshot = self.snapshot
         with autograd_enabled():
-            self.graphs.prepare()
+            self.graphs.prepare(self._builder())
             total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
             for index, size in enumerate(snapshot.batch_sizes):
                 grads = stacked(self._gradients(index, create_graph=False), snapshot.leaves, 1)
@@ -357,7 +360,7 @@ class HessianOperator(CurvatureOperator):
         return total
 
     def _batch_matmat(self, index: int, vectors: list[Tensor]) -> list[Tensor]:
-        grads = self.graphs.get(index)
+        grads = self.graphs.get(index, self._builder())
         used = [(g, v) for g, v in zip(grads, vectors, strict=True) if g is not None]
         if not used:
             return zeros_like_stacked(self.snapshot.leaves, vectors[0].shape[0])
@@ -434,7 +437,7 @@ class GGNOperator(CurvatureOperator):
         return outputs, detached, loss_grad, (dummy, *jt_dummy)
 
     def _batch_matmat(self, index: int, vectors: list[Tensor]) -> list[Tensor]:
-        outputs, detached, loss_grad, (dummy, *jt_dummy) = self.graphs.get(index)
+        outputs, detached, loss_grad, (dummy, *jt_dummy) = self.graphs.get(index, self._builder())
         snapshot = self.snapshot
         # J v by the double-backward trick: J v = d<J^T u, v>/du, linear in the dummy u.
         (jv,) = snapshot.vjp(jt_dummy, vectors, [dummy], retain=True)

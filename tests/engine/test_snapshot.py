@@ -175,14 +175,19 @@ class _Recorded(torch.nn.Module):
 
 
 def test_a_dropped_operator_frees_its_graphs():
-    """Counting the saved tensors must not tie a graph to itself: a saved output that referenced its own
-    node kept every measured graph alive for good (one batch of activations per call)."""
+    """At once, without the cycle collector: counting the saved tensors must not tie a graph to itself (a
+    saved output that referenced its own node kept every measured graph alive for good, one batch of
+    activations per call), and the graph store must hold no reference back to its operator."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), _Recorded(), torch.nn.Linear(8, 3)).double()
     batches = [(x.double(), y) for x, y in cases.split(*cases.gaussian_mixture(20, 3, 4), [10, 10])]
-    for keep_graph in (True, "auto", False):
-        op = HessianOperator(model, cases.cross_entropy, batches, keep_graph=keep_graph, split_batches=True)
-        op.matvec(torch.ones(op.num_params, dtype=F64))
-        output = model[1].output
-        del op
-        gc.collect()
-        assert output() is None, keep_graph
+    gc.collect()
+    gc.disable()
+    try:
+        for keep_graph in (True, "auto", False):
+            op = HessianOperator(model, cases.cross_entropy, batches, keep_graph=keep_graph, split_batches=True)
+            op.matvec(torch.ones(op.num_params, dtype=F64))
+            output = model[1].output
+            del op
+            assert output() is None, keep_graph
+    finally:
+        gc.enable()
