@@ -171,13 +171,15 @@ class Measurement:
         stage: ``"fit"``, ``"validate"``, ``"test"`` or ``"measure"`` (on demand).
         mode: ``"eval"`` or ``"train"``.
         dtype: the products' dtype, e.g. ``"float32"``.
-        num_samples: probe samples over all ranks.
+        num_samples: probe samples over all ranks (of the subset a tracked call or a shrunk snapshot measured).
         lr: the first optimizer's learning rate (``None`` without an optimizer).
         seconds: wall time of the numerics.
         num_matvecs: products over all matrices.
         overhead: fraction of training wall time spent in the callback so far (NaN outside ``fit``).
         hessian: the Hessian's measurement (``None`` for ``matrix="ggn"``).
         ggn: the Gauss-Newton matrix's (``None`` unless asked).
+        snapshot: ``True`` for a snapshot (everything asked for, over the probe set), ``False`` for a
+            tracked call (the top ``track_k`` eigenvalues on a subset of it, warm-started).
     """
 
     step: int
@@ -192,6 +194,7 @@ class Measurement:
     overhead: float = math.nan
     hessian: MatrixMeasurement | None = None
     ggn: MatrixMeasurement | None = None
+    snapshot: bool = True
 
     @property
     def matrices(self) -> dict[str, MatrixMeasurement]:

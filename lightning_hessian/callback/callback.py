@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import math
 import os
-import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
@@ -31,8 +30,17 @@ from lightning_hessian.callback.hooks import GaussNewtonModule, HessianLossModul
 from lightning_hessian.callback.isolation import isolated, loggers_muted
 from lightning_hessian.callback.probes import draw_probe_set
 from lightning_hessian.callback.progress import progress_line
-from lightning_hessian.callback.schedule import Budget, Clock, crossed_multiple
-from lightning_hessian.callback.solver import MatrixSolver, MissingLoss, make_operator
+from lightning_hessian.callback.schedule import (
+    MIN_DENSITY_STEPS,
+    Budget,
+    Clock,
+    Fidelity,
+    Kind,
+    crossed_multiple,
+    fit_fidelity,
+    plan_message,
+)
+from lightning_hessian.callback.solver import MatrixSolver, MissingLoss, make_operator, top_k_matvecs
 from lightning_hessian.engine import NonFiniteError
 from lightning_hessian.engine.batches import count_samples
 from lightning_hessian.engine.density import default_num_probes
@@ -55,10 +63,15 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
     with dropout off; ``mode="train"`` uses batch statistics (dropout still off). Products run in
     float32 (float64 for a float64 model), outside autocast, whatever the training precision.
 
-    **When.** By default within a *budget*: the callback measures at step 0, times its own calls and
-    the training steps, and spaces the following calls so that the whole run spends about
-    ``budget`` (5%) of its wall time in it, log-spaced early and evenly later, plus the call after the
-    last step; it says its plan once, on rank zero, and logs ``<name>/overhead``. An explicit
+    **When.** By default within a *budget*: about ``budget`` (5%) of the run's wall time, timed on the
+    run, for two kinds of call. *Snapshots* measure everything asked for (the top k over the probe
+    set, the density, every view): at step 0, after the last step, and a few log-spaced between; if
+    one costs more than the budget allows, it is shrunk (fewer SLQ probes, probe samples or Lanczos
+    steps, then no density) and the plan says so. *Tracked* calls measure the top ``track_k``
+    eigenvalues only, warm-started, on ``track_samples`` samples (one batch): a few products each,
+    spread evenly over the run, so the top eigenvalues form a curve. Both log to the same tags
+    (``<name>/snapshot`` is 1 at snapshots, 0 at tracked calls). The callback says its plan once, on
+    rank zero, and logs ``<name>/overhead``. An explicit
     schedule means exactly what it says instead: after every ``every_n_steps``-th optimizer step
     (``log_spaced``: only at ``every_n_steps * 2**j``) and at the end of every ``every_n_epochs``-th
     epoch, with ``budget`` then only a cap if given as a number. Never twice at the same step. With
@@ -92,6 +105,13 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             with one. A number with an explicit schedule skips scheduled calls (``<name>/skipped``)
             that would lift the share above it. ``None``: no budget (only the explicit schedule,
             ``at_start`` and ``at_end``).
+        track_every_n_steps: a tracked call after every n-th optimizer step (``1``: every step); the
+            budget then plans only the snapshots. ``None`` (default): the budget plans tracked calls
+            too, and an explicit schedule makes none.
+        track_k: the top eigenvalues a tracked call measures (``<name>/eig_1`` ... ``eig_{track_k}``),
+            at most ``k``.
+        track_samples: the probe samples of a tracked call, the first ones, in whole batches; ``None``
+            (default): the first probe batch, the size training uses.
 
     What to measure:
         k: number of top eigenvalues (``<name>/eig_1`` ... ``<name>/eig_{k}``); at most P.
@@ -183,6 +203,9 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         at_end: bool = True,
         at_evaluate: bool = True,
         budget: float | Literal["auto"] | None = "auto",
+        track_every_n_steps: int | None = None,
+        track_k: int = 1,
+        track_samples: int | None = None,
         k: int = 5,
         smallest: bool = False,
         density: bool = True,
@@ -212,7 +235,8 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
     ) -> None:
         self.config = CallbackConfig(
             every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, log_spaced=log_spaced, at_start=at_start,
-            at_end=at_end, at_evaluate=at_evaluate, budget=budget, k=k, smallest=smallest, density=density,
+            at_end=at_end, at_evaluate=at_evaluate, budget=budget, track_every_n_steps=track_every_n_steps,
+            track_k=track_k, track_samples=track_samples, k=k, smallest=smallest, density=density,
             matrix=matrix, layers=layers, layer_views=layer_views, grad_overlap=grad_overlap, tol=tol,
             max_matvecs=max_matvecs, num_probes=num_probes, num_steps=num_steps, warm_start=warm_start,
             basis_dtype=basis_dtype, basis_device=basis_device, max_basis=max_basis, keep_graph=keep_graph,
@@ -231,6 +255,9 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         self.clock = Clock()
         self._budget: Budget | None = None
         self._next_check = 0
+        self._due: Kind | None = None
+        self._fidelity: Fidelity | None = None
+        self._num_tracked_samples = 0
         self._smoke = False
         self._hparams_logged = False
         self._run_started = False
@@ -277,14 +304,18 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             self._last_step = -1
         self._last_checked = trainer.global_step
         fraction = config.budget_fraction
-        self._budget = None
+        self._budget, self._fidelity = None, None
         if fraction is not None and not self._smoke:
             total = trainer.estimated_stepping_batches
             steps = int(total) if math.isfinite(total) else None
-            self._budget = Budget(fraction, steps, clock=self.clock, start_step=trainer.global_step)
+            self._budget = Budget(fraction, steps, clock=self.clock, start_step=trainer.global_step,
+                                  track=not config.scheduled and config.track_every_n_steps is None)
         self._next_check = trainer.global_step + 1
         if config.at_start and not self._smoke and trainer.global_step == 0 and self._last_step < 0:
-            self._scheduled(trainer, pl_module, "fit")
+            if self._budget is not None and not config.scheduled:
+                self._start_within_budget(trainer, pl_module)
+            else:
+                self._scheduled(trainer, pl_module, "fit")
         else:  # fix the probe set at fit start even when the first measurement comes later
             with isolated(pl_module):
                 self._ensure_probes(trainer, pl_module)
@@ -294,8 +325,17 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         self._last_checked = step
         if self._smoke or step <= max(self._last_step, previous) or step < 1:
             return
-        if self.should_measure(step, previous) or (not self.config.scheduled and self._budget_allows(trainer, step)):
+        config = self.config
+        if self.should_measure(step, previous):
             self._scheduled(trainer, pl_module, "fit")
+            return
+        due = None if config.scheduled else self._budget_due(trainer, step)
+        if due == "snapshot":
+            self._run(trainer, pl_module, "fit")
+            self._budget.took_snapshot(step)
+        elif due == "tracked" or (config.track_every_n_steps is not None
+                                  and crossed_multiple(previous, step, config.track_every_n_steps)):
+            self._scheduled(trainer, pl_module, "fit", kind="tracked")
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         n = self.config.every_n_epochs
@@ -305,6 +345,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if (self.config.at_end or self._smoke) and trainer.global_step > self._last_step:
+            self._fit_end(trainer)
             self._run(trainer, pl_module, "fit")
         path = self.config.history_path
         if path and trainer.loggers:
@@ -393,41 +434,99 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             return
         self._run(trainer, pl_module, stage)
 
-    def _budget_allows(self, trainer: Any, step: int) -> bool:
-        """The budget schedule's decision at ``step`` (rank 0's, under DDP), checked only at planned steps."""
+    def _start_within_budget(self, trainer: Any, pl_module: Any) -> None:
+        """Step 0 under the budget: a tracked call first, whose products price a snapshot before any training
+        step is timed (one product on a batch costs about one training step); then the snapshot, shrunk to
+        what the budget allows, or, if none fits, the tracked call's values stand for the start."""
+        tracked = self._run(trainer, pl_module, "fit", kind="tracked", log=False)
+        budget = self._budget
+        assert budget is not None
+        if tracked is None:
+            self._run(trainer, pl_module, "fit")
+            return
+        per_product = self._per_product(trainer, tracked)
+        batch = count_samples(self.probe_batches[0]) if self.probe_batches else 1
+        self._refit(per_product, budget.snapshot_allowance(per_product * batch))
+        if not budget.snapshots:
+            self._report(trainer, tracked, None, "fit")
+            budget.record("tracked", tracked.step, tracked.seconds)
+        else:
+            self._run(trainer, pl_module, "fit")
+
+    def _latest(self, *, snapshot: bool) -> Measurement:
+        """The latest snapshot (with ``snapshot``, if there is one), else the latest call."""
+        return next((m for m in reversed(self.history) if m.snapshot), self.history[-1]) if snapshot \
+            else self.history[-1]
+
+    def _fit_end(self, trainer: Any) -> None:
+        """Fit the snapshot after the last step to what is left of the budget."""
+        budget = self._budget
+        if budget is None or not self.history or self.config.scheduled:
+            return
+        per_step = budget.step_seconds(trainer.global_step)
+        allowance = None if per_step is None else budget.end_allowance(per_step)
+        if allowance is not None:
+            self._refit(self._per_product(trainer, self._latest(snapshot=True)), max(allowance, 0.0))
+
+    @staticmethod
+    def _per_product(trainer: Any, measurement: Measurement) -> float:
+        """Seconds of one product per probe sample of a rank, as a call measured them."""
+        samples = measurement.num_samples / trainer.world_size
+        return measurement.seconds / max(measurement.num_matvecs * samples, 1e-12)
+
+    def _full_fidelity(self) -> Fidelity:
+        config = self.config
+        return Fidelity(num_batches=len(self.probe_batches or ()), num_probes=self._num_probes or 1,
+                        num_steps=config.num_steps, density=config.density)
+
+    def _refit(self, per_product: float, allowance: float | None) -> None:
+        """Choose the snapshot's fidelity for ``allowance`` seconds (``None``: no limit) at ``per_product``
+        seconds per product and probe sample, and tell the budget what such a snapshot costs."""
+        full = self._full_fidelity()
+        samples = [count_samples(batch) for batch in self.probe_batches or ()]
+        top_k = top_k_matvecs(self.config.k, self.config.tol) or 4 * self.config.k + 10
+        fitted = full if allowance is None else fit_fidelity(full, allowance, per_product, samples, top_k)
+        # When not even the top k of one batch fit, the snapshot after the last step still runs, at its cheapest.
+        self._fidelity = fitted or Fidelity(num_batches=1, num_probes=1, num_steps=MIN_DENSITY_STEPS, density=False)
+        if self._budget is not None:
+            self._budget.snapshots = fitted is not None
+            self._budget.snapshot_seconds = per_product * sum(samples[:self._fidelity.num_batches]) \
+                * self._fidelity.products(top_k)
+
+    def _budget_due(self, trainer: Any, step: int) -> Kind | None:
+        """The budget's decision at ``step`` (rank 0's, under DDP), checked only at planned steps: which kind
+        of call is due, if any."""
         budget = self._budget
         if budget is None or step < self._next_check:
-            return False
-        due = budget.next_step(step) if budget.calls else step
+            return None
+        if (budget.planned is None or budget.replan) and self.history:  # fit the snapshots to t and their cost
+            per_step = budget.step_seconds(step)
+            if per_step is not None:
+                self._refit(self._per_product(trainer, self._latest(snapshot=budget.replan)),
+                            budget.snapshot_allowance(per_step))
+        due, kind = budget.next_call(step)
         if trainer.world_size > 1:  # every rank must take the same branch: rank 0's clocks decide
-            due = trainer.strategy.broadcast(due, src=0)
-        if due > step:
-            self._next_check = due
-            self._announce(trainer, step, due)
-            return False
-        return True
+            due, kind = trainer.strategy.broadcast((due, kind), src=0)
+        if due > step or kind is None:
+            self._next_check = max(due, step + 1)
+            self._announce(trainer, step)
+            return None
+        self._next_check = step + 1
+        return kind
 
-    def _announce(self, trainer: Any, step: int, due: int) -> None:
-        """Say once, on rank zero, what the budget schedule will do."""
+    def _announce(self, trainer: Any, step: int) -> None:
+        """Say once, on rank zero, what the budget will do."""
         budget = self._budget
-        if self.plan is not None or budget is None or not budget.calls:
+        if self.plan is not None or budget is None or budget.planned is None:
             return
         per_step = budget.step_seconds(step)
         if per_step is None:  # the training steps are not timed yet
             return
-        calls = max(budget.affordable_calls(step), 0.0)
-        length = f"{budget.total_steps:,} steps" if budget.total_steps is not None else "the run"
-        more = math.floor(calls)
-        what = (f"it measures about {more} more times, log-spaced early and evenly later (next at step {due:,}), "
-                "and after the last step" if more >= 1 else "it measures again only after the last step")
-        self.plan = (
-            f"HessianSpectrumCallback: one measurement takes {budget.call_seconds:.2g} s, about "
-            f"{budget.call_seconds / max(per_step, 1e-12):,.0f} training steps; to keep its cost near "
-            f"{budget.fraction:.0%} of {length} {what}; {self.config.name}/overhead logs the real share"
-        )
+        fidelity = self._fidelity if budget.snapshots else None
+        self.plan = plan_message(budget, per_step, fidelity, self._full_fidelity(), self.config.name)
         rank_zero_info(self.plan)
 
-    def _scheduled(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    def _scheduled(self, trainer: Any, pl_module: Any, stage: str, kind: Kind = "snapshot") -> None:
         """A scheduled call: with a budget cap on an explicit schedule, skipped (and logged) when it
         would lift the share of the run spent in the callback above the cap."""
         step = trainer.global_step
@@ -445,22 +544,26 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                     loggers.log_scalars(trainer, {f"{self.config.name}/skipped": 1.0,
                                                   f"{self.config.name}/overhead": clock.overhead()}, step)
                 return
-        self._run(trainer, pl_module, stage)
+        self._run(trainer, pl_module, stage, kind=kind)
 
-    def _run(self, trainer: Any, pl_module: Any, stage: str) -> Measurement | None:
-        """Measure, keep the measurement, log it; the cost (numerics and logging) counts as overhead."""
+    def _run(self, trainer: Any, pl_module: Any, stage: str, kind: Kind = "snapshot",
+             log: bool = True) -> Measurement | None:
+        """Measure, keep the measurement, log it; the cost (numerics and logging) counts as overhead.
+
+        With ``log=False`` the measurement is returned unlogged (``None`` if it failed), for the caller
+        to report or drop."""
         clock = self.clock
         spent_before = clock.spent
         step = trainer.global_step
         self._last_step = max(self._last_step, step)
         measurement, error = None, None
         with clock.charged():
-            bar = progress_line(self.config.name, self._expected_products(), self.config.progress
+            bar = progress_line(self.config.name, self._expected_products(kind), self.config.progress
                                 and trainer.is_global_zero)
             try:
                 with isolated(pl_module), loggers_muted(trainer):
                     self._ensure_probes(trainer, pl_module)
-                    measurement = self._compute(trainer, pl_module, stage, bar)
+                    measurement = self._compute(trainer, pl_module, stage, bar, kind)
             except NonFiniteError as err:
                 error = err
             finally:
@@ -473,7 +576,20 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                 loggers.log_run_start(trainer, self.config.name, k=self.config.k, matrix=self.config.matrix,
                                       density=self.config.density)
                 self._run_started = True
-        with clock.charged():  # logging counts too, after the share it logs
+        if not log and measurement is not None:
+            return measurement
+        measurement = self._report(trainer, measurement, error, stage)
+        if self._budget is not None and stage == "fit":
+            self._budget.record(kind, step, clock.spent - spent_before)
+        return measurement
+
+    def _report(self, trainer: Any, measurement: Measurement | None, error: Exception | None,
+                stage: str) -> Measurement | None:
+        """Keep and log a call's measurement, or its failure; the logging counts as overhead too, after
+        the share it logs."""
+        clock = self.clock
+        step = trainer.global_step
+        with clock.charged():
             prefix = self.config.name
             if measurement is None:
                 reason = "no_loss" if isinstance(error, MissingLoss) else "nonfinite"
@@ -482,19 +598,21 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                     warnings.warn(f"HessianSpectrumCallback: no spectrum at step {step}: {error}; training "
                                   "continues", RuntimeWarning, stacklevel=2)
                 loggers.log_no_spectrum(trainer, prefix, step, {"nonfinite": 1.0, "overhead": clock.overhead()})
-            else:
-                measurement = dataclasses.replace(measurement, overhead=clock.overhead())
-                self.history.append(measurement)
-                loggers.log_measurement(trainer, measurement, prefix)
-        if self._budget is not None and stage == "fit":
-            self._budget.record_call(step, clock.spent - spent_before)
+                return None
+            measurement = dataclasses.replace(measurement, overhead=clock.overhead())
+            self.history.append(measurement)
+            loggers.log_measurement(trainer, measurement, prefix)
         return measurement
 
-    def _expected_products(self) -> int:
+    def _expected_products(self, kind: Kind = "snapshot") -> int:
         """About how many products a call takes (for the progress line)."""
         config = self.config
-        probes = self._num_probes or config.num_probes or 1
-        per_matrix = 4 * config.k + 10 + (probes * config.num_steps if config.density else 0)
+        if kind == "tracked":
+            per_matrix = top_k_matvecs(config.track_k, config.tol) or 4 * config.track_k + 10
+        else:
+            fidelity = self._fidelity or Fidelity(1, self._num_probes or config.num_probes or 1, config.num_steps,
+                                                  config.density)
+            per_matrix = fidelity.products(4 * config.k + 10)
         return per_matrix * (2 if config.matrix == "both" else 1)
 
     def _ensure_probes(self, trainer: Any, pl_module: Any) -> None:
@@ -523,9 +641,12 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                              rank=trainer.global_rank, world_size=trainer.world_size)
         self.probe_batches = [self._to_device(trainer, pl_module, b) for b in raw]
         local = sum(count_samples(b) for b in self.probe_batches)
-        total = torch.tensor(float(local), device=trainer.strategy.root_device)
-        self._num_probe_samples = int(trainer.strategy.reduce(total, reduce_op="sum").item()) \
-            if trainer.world_size > 1 else local
+        tracked = self._tracked_batches()
+        counts = torch.tensor([float(local), float(sum(count_samples(b) for b in tracked))],
+                              device=trainer.strategy.root_device)
+        if trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        self._num_probe_samples, self._num_tracked_samples = (int(c) for c in counts.tolist())
         for pattern in config.layers:
             try:
                 select_parameters(pl_module, [pattern])
@@ -539,11 +660,25 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
         return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
-    def _solver(self, dtype: torch.dtype, num_params: int) -> MatrixSolver:
-        """The settings of a call (cheap ones under ``fast_dev_run``)."""
+    @staticmethod
+    def _reduced_count(trainer: Any, batches: list[Any]) -> int:
+        """The samples of ``batches`` over all ranks."""
+        local = sum(count_samples(b) for b in batches)
+        if trainer.world_size == 1:
+            return local
+        total = torch.tensor(float(local), device=trainer.strategy.root_device)
+        return int(trainer.strategy.reduce(total, reduce_op="sum").item())
+
+    def _solver(self, dtype: torch.dtype, num_params: int, kind: Kind = "snapshot") -> MatrixSolver:
+        """The settings of a call: a snapshot's at the fidelity the budget allows (cheap ones under
+        ``fast_dev_run``), or a tracked call's."""
         config = self.config
         self._num_probes = config.num_probes or default_num_probes(num_params)
         basis = {"float32": torch.float32, "float64": torch.float64}.get(config.basis_dtype or "", dtype)
+        if kind == "snapshot" and self._fidelity is not None:
+            fidelity = self._fidelity
+            config = dataclasses.replace(config, num_steps=fidelity.num_steps, density=fidelity.density)
+            return MatrixSolver(config, num_probes=fidelity.num_probes, basis_dtype=basis)
         if self._smoke:
             k = min(config.k, _SMOKE_K)
             config = dataclasses.replace(config, k=k, max_matvecs=max(k, _SMOKE_MATVECS), num_steps=_SMOKE_STEPS,
@@ -551,26 +686,45 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             return MatrixSolver(config, num_probes=1, basis_dtype=basis)
         return MatrixSolver(config, num_probes=self._num_probes, basis_dtype=basis)
 
-    def _compute(self, trainer: Any, pl_module: Any, stage: str, bar: Any) -> Measurement:
-        started = time.perf_counter()
+    def _tracked_batches(self) -> list[Any]:
+        """The probe batches of a tracked call: the first ones, up to ``track_samples`` (at least one)."""
+        batches = self.probe_batches or []
+        wanted = self.config.track_samples
+        taken, count = [], 0
+        for batch in batches:
+            if taken and (wanted is None or count >= wanted):
+                break
+            taken.append(batch)
+            count += count_samples(batch)
+        return taken
+
+    def _compute(self, trainer: Any, pl_module: Any, stage: str, bar: Any, kind: Kind = "snapshot") -> Measurement:
+        started = self.clock.now()
         config = self.config
         float64 = any(p.dtype == torch.float64 for p in pl_module.parameters())
         dtype = torch.float64 if float64 else torch.float32
         optimizers = getattr(trainer, "optimizers", None) or []
         layout = parameter_layout(pl_module)
-        solver = self._solver(dtype, sum(size for _, size in layout))
+        solver = self._solver(dtype, sum(size for _, size in layout), kind)
+        batches, num_samples = self._tracked_batches(), self._num_tracked_samples
+        if kind == "snapshot":
+            batches = (self.probe_batches or [])[:self._fidelity.num_batches if self._fidelity else None]
+            num_samples = self._num_probe_samples if len(batches) == len(self.probe_batches or []) else \
+                self._reduced_count(trainer, batches)
         measured = {}
         for matrix in ("hessian", "ggn"):
             if config.matrix in (matrix, "both"):
-                make = functools.partial(make_operator, trainer, pl_module, self.probe_batches or [], matrix,
+                make = functools.partial(make_operator, trainer, pl_module, batches, matrix,
                                          dtype=dtype, mode=config.mode, loss_fn=config.loss_fn,
-                                         keep_graph=config.keep_graph, split_batches=config.batch_size is None)
-                measured[matrix] = solver.measure(make, matrix, self._warm if config.warm_start else None,
-                                                  layout=layout, bar=bar)
+                                         keep_graph=config.keep_graph,
+                                         split_batches=config.batch_size is None and kind == "snapshot")
+                warm = self._warm if config.warm_start or kind == "tracked" else None
+                measure = solver.track if kind == "tracked" else solver.measure
+                measured[matrix] = measure(make, matrix, warm, layout=layout, bar=bar)
         return Measurement(
             step=trainer.global_step, epoch=trainer.current_epoch, stage=stage, mode=config.mode,
-            dtype=str(dtype).removeprefix("torch."), num_samples=self._num_probe_samples,
+            dtype=str(dtype).removeprefix("torch."), num_samples=num_samples, snapshot=kind == "snapshot",
             lr=float(optimizers[0].param_groups[0]["lr"]) if optimizers else None,
-            seconds=time.perf_counter() - started, num_matvecs=sum(m.num_matvecs for m in measured.values()),
+            seconds=self.clock.now() - started, num_matvecs=sum(m.num_matvecs for m in measured.values()),
             **measured,
         )

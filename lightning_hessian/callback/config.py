@@ -54,6 +54,9 @@ class CallbackConfig:
     at_end: bool = True
     at_evaluate: bool = True
     budget: float | Literal["auto"] | None = "auto"
+    track_every_n_steps: int | None = None
+    track_k: int = 1
+    track_samples: int | None = None
     # what to measure
     k: int = 5
     smallest: bool = False
@@ -87,11 +90,15 @@ class CallbackConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        counts = {"every_n_steps": True, "every_n_epochs": True, "k": False, "num_probes": True,
-                  "num_steps": False, "num_samples": True, "batch_size": True}
+        counts = {"every_n_steps": True, "every_n_epochs": True, "track_every_n_steps": True, "track_k": False,
+                  "track_samples": True, "k": False, "num_probes": True, "num_steps": False, "num_samples": True,
+                  "batch_size": True}
         for name, allow_none in counts.items():
             self._set(name, check_count(name, getattr(self, name), allow_none=allow_none))
         self._set("max_matvecs", check_count("max_matvecs", self.max_matvecs, minimum=self.k, allow_none=True))
+        if self.track_k > self.k:
+            raise ValueError(f"track_k={self.track_k} exceeds k={self.k}: a tracked call measures at most the top "
+                             "k; lower track_k or raise k")
         self._set("seed", check_count("seed", self.seed, minimum=0))
         for name in ("log_spaced", "at_start", "at_end", "at_evaluate", "smallest", "density", "layer_views",
                      "grad_overlap", "warm_start", "reorthogonalize", "progress"):

@@ -263,6 +263,31 @@ class MatrixSolver:
             error_bounds=tuple(top.error_bounds.tolist()),
         )
 
+    def track(
+        self,
+        make: Callable[..., Any],
+        matrix: Matrix,
+        warm: dict[str, Tensor] | None,
+        *,
+        layout: Layout,
+        bar: Any = None,
+    ) -> MatrixMeasurement:
+        """A tracked call on one matrix: the top ``track_k`` eigenvalues only, warm-started from the previous
+        tracked call's vectors (kept under their own key), within ``4 track_k + 8`` products at
+        ``tol >= 1e-3`` (else the engine's cap), each with its residual. ``make`` builds the operator over
+        the tracked subset; the arguments are those of :meth:`measure`."""
+        op = ProgressOperator(make(params=None), bar)
+        k = self.config.track_k
+        _describe(bar, f"{matrix}: top-{k} eigenvalues, tracked")
+        top = self._solve(op, k, warm, f"{matrix}/tracked", checked=True,
+                          max_matvecs=top_k_matvecs(k, self.config.tol))
+        return MatrixMeasurement(
+            matrix=matrix, num_params=op.num_params, eigenvalues=tuple(top.eigenvalues.tolist()),
+            residuals=tuple(top.residuals.tolist()), converged=tuple(top.converged.tolist()),
+            num_matvecs=top.num_matvecs, summary=summarize(top.eigenvalues, None),
+            error_bounds=tuple(top.error_bounds.tolist()),
+        )
+
     def _density(self, op: Any, top: EigenResult, matrix: Matrix, bar: Any) -> SpectralDensity:
         """The SLQ density with the converged top eigenpairs placed exactly (SLQ spends its steps on the
         rest, the bulk)."""

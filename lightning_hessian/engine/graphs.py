@@ -131,6 +131,11 @@ class GraphBuilder(NamedTuple):
         unread: ``unread(graph)``, the graph's tensors whose values products never read (only their
             ``grad_fn``): released after building unless autograd saved them.
         loss_of: ``loss_of(batch)``, the batch's mean loss (a 0-d tensor), to check that a split keeps it.
+
+    Example:
+        >>> builder = GraphBuilder(build=lambda index: None, unread=lambda graph: [], loss_of=lambda batch: None)
+        >>> builder.unread(builder.build(0))
+        []
     """
 
     build: Callable[[int], Any]

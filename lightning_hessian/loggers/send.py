@@ -70,7 +70,8 @@ def log_scalars(trainer: Any, metrics: Mapping[str, float], step: int) -> None:
 
 
 def log_measurement(trainer: Any, measurement: Measurement, prefix: str) -> None:
-    """Scalars of one call to every logger and ``callback_metrics``; histograms and figures where shown.
+    """Scalars of one call to every logger and ``callback_metrics``; at snapshots, histograms and figures
+    where shown.
 
     Example:
         >>> import tempfile
@@ -87,7 +88,8 @@ def log_measurement(trainer: Any, measurement: Measurement, prefix: str) -> None
         (tensor(2.), 7)
     """
     log_scalars(trainer, scalar_metrics(measurement, prefix), measurement.step)
-    log_spectra(trainer, measurement, prefix)
+    if measurement.snapshot:
+        log_spectra(trainer, measurement, prefix)
 
 
 def log_no_spectrum(trainer: Any, prefix: str, step: int, costs: Mapping[str, float]) -> None:

@@ -19,11 +19,16 @@ GGN = "ggn"
 
 
 # Cost tags of a call: they keep their values when a call yields no spectrum.
-COST_TAGS = ("matvecs", "seconds", "overhead", "nonfinite", "skipped")
+COST_TAGS = ("matvecs", "seconds", "overhead", "nonfinite", "skipped", "snapshot")
 
 
-def matrix_metrics(measured: MatrixMeasurement, prefix: str, lr: float | None) -> dict[str, float]:
+def matrix_metrics(measured: MatrixMeasurement, prefix: str, lr: float | None, *,
+                   snapshot: bool = True) -> dict[str, float]:
     """The scalar tags of one matrix, ``{tag: value}``; quantities that are NaN or absent are left out.
+
+    A snapshot logs every quantity, and its eig_1 once more as ``<prefix>/snapshot/eig_1`` (a marker on
+    the top-k chart); a tracked call (``snapshot=False``) only the top eigenvalues, their residual and
+    error bound, and eig_1 times the learning rate.
 
     Example:
         >>> from lightning_hessian.engine import SpectrumSummary
@@ -33,6 +38,15 @@ def matrix_metrics(measured: MatrixMeasurement, prefix: str, lr: float | None) -
         ['hessian/eig_1', 'hessian/eig_2', 'hessian/max_residual', 'hessian/outliers']
     """
     metrics = {f"{prefix}/eig_{i}": float(v) for i, v in enumerate(measured.eigenvalues, start=1)}
+    top = {
+        "max_residual": measured.max_residual,
+        "eig_error_bound": measured.max_error_bound,
+        "sharpness_x_lr": None if lr is None else measured.eigenvalues[0] * lr,
+    }
+    metrics.update({f"{prefix}/{name}": float(v) for name, v in top.items() if _finite(v)})
+    if not snapshot:
+        return metrics
+    metrics[f"{prefix}/snapshot/eig_1"] = float(measured.eigenvalues[0])
     summary = measured.summary
     optional = {
         "eig_min": measured.eig_min,
@@ -41,9 +55,6 @@ def matrix_metrics(measured: MatrixMeasurement, prefix: str, lr: float | None) -
         "near_zero_fraction": summary.near_zero_fraction,
         "negative_mass": summary.negative_mass,
         "grad_overlap": measured.grad_overlap,
-        "max_residual": measured.max_residual,
-        "eig_error_bound": measured.max_error_bound,
-        "sharpness_x_lr": None if lr is None else measured.eigenvalues[0] * lr,
     }
     metrics.update({f"{prefix}/{name}": float(v) for name, v in optional.items() if _finite(v)})
     for name, layer in measured.layers.items():
@@ -63,7 +74,8 @@ def scalar_metrics(measurement: Measurement, prefix: str = "hessian") -> dict[st
 
     Returns:
         ``<prefix>/eig_1``, ..., ``<prefix>/ggn/...`` when the Gauss-Newton matrix was measured, and
-        ``<prefix>/matvecs``, ``<prefix>/seconds``, ``<prefix>/overhead`` and ``<prefix>/nonfinite`` (0).
+        ``<prefix>/matvecs``, ``<prefix>/seconds``, ``<prefix>/overhead``, ``<prefix>/snapshot`` (1 for a
+        snapshot, 0 for a tracked call) and ``<prefix>/nonfinite`` (0).
 
     Example:
         >>> from lightning_hessian.engine import SpectrumSummary
@@ -74,12 +86,14 @@ def scalar_metrics(measurement: Measurement, prefix: str = "hessian") -> dict[st
         >>> metrics["hessian/eig_1"], metrics["hessian/sharpness_x_lr"], metrics["hessian/matvecs"]
         (2.0, 0.2, 20.0)
         >>> sorted(tag for tag in metrics if tag not in matrix_metrics(hessian, "hessian", lr=0.1))
-        ['hessian/matvecs', 'hessian/nonfinite', 'hessian/seconds']
+        ['hessian/matvecs', 'hessian/nonfinite', 'hessian/seconds', 'hessian/snapshot']
     """
     metrics: dict[str, float] = {}
     for name, measured in measurement.matrices.items():
-        metrics.update(matrix_metrics(measured, prefix if name == "hessian" else f"{prefix}/{GGN}", measurement.lr))
-    cost = {"matvecs": measurement.num_matvecs, "seconds": measurement.seconds, "overhead": measurement.overhead}
+        metrics.update(matrix_metrics(measured, prefix if name == "hessian" else f"{prefix}/{GGN}", measurement.lr,
+                                      snapshot=measurement.snapshot))
+    cost = {"matvecs": measurement.num_matvecs, "seconds": measurement.seconds, "overhead": measurement.overhead,
+            "snapshot": float(measurement.snapshot)}
     metrics.update({f"{prefix}/{name}": float(v) for name, v in cost.items() if _finite(v)})
     metrics[f"{prefix}/nonfinite"] = 0.0
     return metrics
@@ -119,16 +133,18 @@ def tensorboard_layout(prefix: str, *, k: int, matrix: str = "hessian",
 
     Example:
         >>> layout = tensorboard_layout("hessian", k=2, matrix="both")
-        >>> layout["hessian: spectrum"]["top-2 eigenvalues of H"]
-        ['Multiline', ['^hessian/eig_1$', '^hessian/eig_2$']]
+        >>> layout["hessian: spectrum"]["top-2 eigenvalues of H"]  # the curve, and eig_1 at snapshots
+        ['Multiline', ['^hessian/eig_1$', '^hessian/eig_2$', '^hessian/snapshot/eig_1$']]
         >>> layout["hessian: spectrum"]["eig_1 of H and G"]
         ['Multiline', ['^hessian/eig_1$', '^hessian/ggn/eig_1$']]
-        >>> sorted(layout["hessian: cost"])
-        ['Hessian-vector products per call', 'overhead (fraction of training time)', 'seconds per call']
+        >>> sorted(layout["hessian: cost"])  # doctest: +NORMALIZE_WHITESPACE
+        ['Hessian-vector products per call', 'kind of call (1: snapshot, 0: tracked)',
+         'overhead (fraction of training time)', 'seconds per call']
     """
     measured = {"hessian": (prefix, "H"), "ggn": (f"{prefix}/{GGN}", "G (Gauss-Newton)")}
     tags = [measured[m] for m in ("hessian", "ggn") if matrix in (m, "both")]
-    spectrum = {f"top-{k} eigenvalues of {name}": _chart(f"{tag}/eig_{i}" for i in range(1, k + 1))
+    spectrum = {f"top-{k} eigenvalues of {name}": _chart([*(f"{tag}/eig_{i}" for i in range(1, k + 1)),
+                                                          f"{tag}/snapshot/eig_1"])
                 for tag, name in tags}
     if len(tags) == 2:
         spectrum["eig_1 of H and G"] = _chart(f"{tag}/eig_1" for tag, _ in tags)
@@ -142,5 +158,6 @@ def tensorboard_layout(prefix: str, *, k: int, matrix: str = "hessian",
         "seconds per call": _chart([f"{prefix}/seconds"]),
         "Hessian-vector products per call": _chart([f"{prefix}/matvecs"]),
         "overhead (fraction of training time)": _chart([f"{prefix}/overhead"]),
+        "kind of call (1: snapshot, 0: tracked)": _chart([f"{prefix}/snapshot"]),
     }
     return {f"{prefix}: spectrum": spectrum, f"{prefix}: cost": cost}

@@ -322,11 +322,12 @@ def test_the_default_budget_measures_at_start_says_its_plan_once_and_spaces_the_
     with caplog.at_level(logging.INFO):
         trainer(max_steps=300, callbacks=[callback]).fit(SlowStepMLP(), DataLoader(dataset(), batch_size=8))
     steps = [r.step for r in callback.history]
-    assert steps[0] == 0 and steps[-1] == 300  # the spectrum at initialization and after the last step
+    assert steps[0] == 0 and steps[-1] == 300  # values at initialization and after the last step
+    assert callback.history[-1].snapshot and not all(r.snapshot for r in callback.history)  # both kinds
     assert 3 <= len(steps) < 100 and steps == sorted(set(steps))  # some calls between, not one per step
-    assert callback.plan.startswith("HessianSpectrumCallback: one measurement takes")
-    assert "training steps; to keep its cost near 20% of 300 steps" in callback.plan
-    assert sum("one measurement takes" in record.getMessage() for record in caplog.records) == 1
+    assert callback.plan.startswith("HessianSpectrumCallback: a snapshot takes")
+    assert "a tracked call" in callback.plan and "to keep its cost near 20% of 300 steps" in callback.plan
+    assert sum("a snapshot takes" in record.getMessage() for record in caplog.records) == 1
     assert 0 < callback.history[-1].overhead < 1
 
 

@@ -1,9 +1,11 @@
-"""When to measure: multiples crossed by jumping steps, the blended position u(s) and the budget's bookkeeping."""
+"""When to measure: multiples crossed by jumping steps, the snapshots' fidelity, and the budget's plan of
+snapshots and tracked calls on the one clock the callback charges."""
 
 from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import time
 
 import pytest
@@ -11,13 +13,18 @@ from torch.utils.data import DataLoader
 
 from lightning_hessian import HessianSpectrumCallback
 from lightning_hessian.callback.schedule import (
+    MAX_SNAPSHOTS,
+    MIN_DENSITY_STEPS,
     OVERHEAD_CAP,
+    SNAPSHOT_SHARE,
     TIMED_STEPS,
     Budget,
     Clock,
-    blended_position,
+    Fidelity,
     crossed_multiple,
-    step_at,
+    fit_fidelity,
+    log_spaced_steps,
+    project_plan,
 )
 
 from helpers import TinyMLP, cross_entropy, dataset, trainer
@@ -50,21 +57,38 @@ def test_log_spaced_multiples_are_every_times_a_power_of_two():
     assert not crossed_multiple(-1, 0, 3, log_spaced=True)  # step 0 is no power-of-two multiple
 
 
-def test_the_blended_position_is_half_log_half_linear_and_stays_in_zero_one():
-    assert blended_position(0, 999) == 0.0 and blended_position(999, 999) == 1.0
-    assert blended_position(9, 999) == pytest.approx(0.5 / 3 + 0.5 * 9 / 999, rel=1e-12)
-    assert blended_position(-5, 999) == 0.0 and blended_position(5000, 999) == 1.0
-    positions = [blended_position(s, 200) for s in range(201)]
-    assert all(a < b for a, b in itertools.pairwise(positions))
-    assert blended_position(100, 200) > 0.5
+def test_log_spaced_steps_are_distinct_inside_and_even_in_log():
+    steps = log_spaced_steps(0, 10_000, 6)
+    assert steps == sorted(set(steps)) and all(0 < s < 10_000 for s in steps) and len(steps) == 6
+    ratios = [math.log1p(b) - math.log1p(a) for a, b in itertools.pairwise([0, *steps, 10_000])]
+    assert max(ratios) - min(ratios) < 0.15  # the steps are whole
+    assert log_spaced_steps(0, 3, 5) == [1, 2]  # as many as fit
+    assert log_spaced_steps(10, 11, 2) == []
 
 
-def test_step_at_is_the_first_step_at_or_after_a_position():
-    total = 200
-    assert [step_at(blended_position(s, total), total) for s in range(total + 1)] == list(range(total + 1))
-    between = (blended_position(40, total) + blended_position(41, total)) / 2
-    assert step_at(between, total) == 41
-    assert step_at(0.0, total) == 0 and step_at(1.0, total) == total and step_at(1.5, total) == total
+def _cost(fidelity: Fidelity, per_product: float, samples: list[int], top_k: int) -> float:
+    return per_product * sum(samples[:fidelity.num_batches]) * fidelity.products(top_k)
+
+
+def test_a_snapshot_shrinks_probes_then_samples_then_steps_then_the_density():
+    full = Fidelity(num_batches=16, num_probes=4, num_steps=32)
+    samples, top_k, per_product = [32] * 16, 28, 1e-4
+    assert fit_fidelity(full, 10.0, per_product, samples, top_k) == full
+    full_cost = _cost(full, per_product, samples, top_k)
+    previous = full
+    shrunk = []
+    for allowance in [full_cost * f for f in (0.9, 0.5, 0.2, 0.1, 0.05, 0.02, 0.012)]:
+        fidelity = fit_fidelity(full, allowance, per_product, samples, top_k)
+        assert fidelity is not None and _cost(fidelity, per_product, samples, top_k) <= allowance
+        # Never more faithful than at a larger allowance, in any respect.
+        assert fidelity.num_probes <= previous.num_probes and fidelity.num_batches <= previous.num_batches
+        assert fidelity.num_steps <= previous.num_steps and fidelity.density <= previous.density
+        previous = fidelity
+        shrunk.append(fidelity)
+    assert shrunk[0] == Fidelity(16, 2, 32)  # first the probes
+    assert shrunk[2].num_probes == 1 and shrunk[2].num_batches < 16 and shrunk[2].num_steps == 32
+    assert shrunk[-1] == Fidelity(1, 1, MIN_DENSITY_STEPS, density=False)  # the top k of one batch
+    assert fit_fidelity(full, 1e-6, per_product, samples, top_k) is None
 
 
 class SimulatedRun:
@@ -80,135 +104,85 @@ class SimulatedRun:
     def train(self, seconds: float) -> None:
         self.now += seconds
 
-    def call(self, step: int, seconds: float) -> None:
+    def call(self, kind: str, step: int, seconds: float) -> None:
         """A call, charged to the clock as the callback charges it, then recorded."""
         spent = self.clock.spent
         with self.clock.charged():
             self.now += seconds
-        self.budget.record_call(step, self.clock.spent - spent)
-
-
-def test_only_a_first_call_at_the_start_step_is_free_of_the_overhead_cap():
-    resumed = SimulatedRun(fraction=0.1, total_steps=None, start_step=100)
-    resumed.call(step=100, seconds=2.0)
-    resumed.call(step=150, seconds=3.0)
-    budget = resumed.budget
-    assert (budget.first_cost, resumed.clock.spent, budget.call_seconds, budget.last_step, budget.calls) \
-        == (2.0, 5.0, 3.0, 150, 2)
-    late = SimulatedRun(fraction=0.1, total_steps=None, start_step=100)
-    late.call(step=150, seconds=2.0)
-    assert late.budget.first_cost == 0.0 and late.budget.calls == 1
+        self.budget.record(kind, step, self.clock.spent - spent)
 
 
 def test_the_overhead_is_the_callbacks_share_of_the_wall_time():
     run = SimulatedRun(fraction=0.1, total_steps=None)
     assert run.clock.overhead() == 0.0 and run.clock.training_seconds() == 0.0
-    run.call(step=0, seconds=1.0)
+    run.call("snapshot", step=0, seconds=1.0)
     run.train(10.0)
-    run.call(step=5, seconds=3.0)
+    run.call("tracked", step=5, seconds=3.0)
     run.train(6.0)
     assert run.clock.overhead() == pytest.approx(0.2) and run.clock.training_seconds() == pytest.approx(16.0)
+    assert run.budget.spent == {"snapshot": 1.0, "tracked": 3.0} and run.budget.first_cost == 1.0
     assert math.isnan(Clock().overhead())  # not started
 
 
-def test_affordable_calls_project_the_budget_over_the_whole_run():
-    run = SimulatedRun(fraction=0.05, total_steps=10_000)
-    run.call(step=0, seconds=2.0)
-    run.train(0.5)
-    assert run.budget.next_step(step=1) == 1 + TIMED_STEPS  # t is timed from here on
-    # 100 steps after the first took 1 s: the run takes 100 s, of which 0.05 / 0.95 * 100 s may go to calls of 2 s
-    run.train(1.0)
-    assert run.budget.affordable_calls(step=101) == pytest.approx((5 / 0.95 - 2.0) / 2.0)
-    assert run.budget.next_step(step=101) == 1839
-
-
-def test_a_slow_first_step_does_not_make_the_calls_look_cheap():
-    """The first step carries the loop's warm-up; timed with it, a call of 0.1 s would look like one step."""
-    run = SimulatedRun(fraction=0.05, total_steps=1000)
-    run.call(step=0, seconds=0.1)
-    run.train(0.1)
-    assert run.budget.step_seconds(step=1) is None
-    for step in range(2, 1 + TIMED_STEPS):
-        run.train(0.01)
-        assert run.budget.step_seconds(step) is None
-    run.train(0.01)
-    assert run.budget.step_seconds(1 + TIMED_STEPS) == pytest.approx(0.01)
-    assert run.budget.affordable_calls(1 + TIMED_STEPS) == pytest.approx((0.05 / 0.95 * 1000 * 0.01 - 0.1) / 0.1)
-
-
-def _share_after_one_more_call(run: SimulatedRun, step: int, seconds_per_step: float) -> float:
-    """The overhead the cap bounds: every call but the free first one, plus the next, over the wall time so far."""
-    budget, spent = run.budget, run.clock.spent
-    held = spent - budget.first_cost + budget.call_seconds
-    return held / ((step - budget.start_step) * seconds_per_step + spent + budget.call_seconds)
-
-
-@pytest.mark.parametrize("total_steps", [None, 10_000], ids=["unknown-length", "known-length"])
-def test_a_call_is_held_back_until_the_share_so_far_fits_under_the_cap(total_steps):
-    run = SimulatedRun(fraction=0.1, total_steps=total_steps, timed_from=(1, 1.0))
-    run.call(step=0, seconds=1.0)
-    run.train(10.0)
-    run.call(step=10, seconds=5.0)
-    run.train(1.0)
-    due = run.budget.next_step(step=11)
-    assert due >= 39
-    assert _share_after_one_more_call(run, 39, 1.0) <= OVERHEAD_CAP * run.budget.fraction
-    assert _share_after_one_more_call(run, 38, 1.0) > OVERHEAD_CAP * run.budget.fraction
-    if total_steps is None:
-        assert due == 39
-        run.train(49.0)
-        assert run.budget.next_step(step=60) == 60
-
-
-def test_nothing_is_planned_once_the_budget_is_spent():
-    run = SimulatedRun(fraction=0.05, total_steps=1000, timed_from=(1, 0.01))
-    run.call(step=0, seconds=100.0)
-    run.train(0.1)
-    assert run.budget.affordable_calls(step=10) < 1
-    assert run.budget.next_step(step=10) == 1001
-
-
-def _simulate(fraction: float, total_steps: int, step_seconds: float, call_seconds: float):
-    """A run: ask at every step from the due one on, call when due, on the clock the callback charges."""
-    run = SimulatedRun(fraction=fraction, total_steps=total_steps)
-    run.call(step=0, seconds=call_seconds)
-    calls, shares, due = [0], [], 1
-    for step in range(1, total_steps + 1):
-        run.train(step_seconds)
-        if step < due:
-            continue
-        due = run.budget.next_step(step)
-        if due <= step:
-            shares.append(_share_after_one_more_call(run, step, step_seconds))
-            run.call(step, call_seconds)
-            calls.append(step)
-    return run, calls, shares
-
-
-@pytest.mark.parametrize(("fraction", "total_steps", "step_seconds", "call_seconds"), [
-    pytest.param(0.05, 10_000, 0.01, 0.5, id="ten-calls"),
-    pytest.param(0.05, 10_000, 0.01, 0.05, id="a-hundred-calls"),
-    pytest.param(0.1, 2000, 0.1, 1.0, id="ten-percent"),
+@pytest.mark.parametrize(("fraction", "total_steps", "step_seconds", "snapshot", "tracked"), [
+    pytest.param(0.05, 20_000, 0.01, 0.5, 0.02, id="mlp-like"),
+    pytest.param(0.05, 20_000, 0.08, 75.0, 0.4, id="cnn-like"),
+    pytest.param(0.1, 2000, 0.1, 1.0, 0.05, id="ten-percent"),
 ])
-def test_the_plan_spends_about_the_budget_and_never_more_than_the_cap_on_the_way(fraction, total_steps,
-                                                                                  step_seconds, call_seconds):
-    run, calls, shares = _simulate(fraction, total_steps, step_seconds, call_seconds)
-    training = total_steps * step_seconds
-    affordable = fraction / (1 - fraction) * training / call_seconds
-    assert affordable - 2 <= len(calls) <= affordable + 1
-    assert run.clock.training_seconds() == pytest.approx(training)
-    assert 0.8 * fraction <= run.clock.overhead() <= fraction
-    assert max(shares) <= OVERHEAD_CAP * fraction + 1e-12
+def test_the_plan_spends_the_budget_on_both_kinds_and_never_more_than_one_tracked_call_over(
+        fraction, total_steps, step_seconds, snapshot, tracked):
+    plan = project_plan(fraction, total_steps, step_seconds, snapshot, tracked)
+    assert plan.budget == pytest.approx(fraction / (1 - fraction) * total_steps * step_seconds)
+    snapshots, points = plan.snapshots, plan.tracked
+    assert snapshots[0] == 0 and snapshots[-1] == total_steps and 2 <= len(snapshots) <= MAX_SNAPSHOTS
+    assert plan.spent <= plan.budget + tracked + 1e-9
+    assert plan.spent >= plan.budget - snapshot - 2 * tracked  # and it spends what it has
+    gaps = [b - a for a, b in itertools.pairwise(points)]
+    typical = statistics.median(gaps)  # evenly spaced, but for a catch-up after a snapshot took a slot
+    assert len(points) >= 50 and sum(abs(g - typical) <= 0.25 * typical for g in gaps) >= 0.9 * len(gaps), gaps
+    between = snapshots[1:-1]
+    assert between == sorted(between) and all(b > 1.5 * a for a, b in itertools.pairwise(between))  # log-spaced
 
 
-def test_after_the_capped_start_the_calls_are_evenly_spaced_in_the_blended_position():
-    total = 10_000
-    _, calls, _ = _simulate(0.05, total, 0.01, 0.5)
-    assert len(calls) == 10
-    gaps = [blended_position(b, total) - blended_position(a, total) for a, b in itertools.pairwise(calls[1:])]
-    assert max(gaps) - min(gaps) < 0.05 * min(gaps)
-    steps = [b - a for a, b in itertools.pairwise(calls[1:])]
-    assert all(a < b for a, b in itertools.pairwise(steps))
+def test_the_snapshots_take_at_most_their_share_and_the_rest_goes_to_tracked_calls():
+    plan = project_plan(0.05, 20_000, 0.01, 0.5, 0.02)
+    snapshot_spent = 0.5 * len(plan.snapshots)
+    assert snapshot_spent <= SNAPSHOT_SHARE * plan.budget + 0.5
+    assert len(plan.tracked) * 0.02 >= plan.budget - snapshot_spent - 0.04
+
+
+def test_without_a_known_length_tracked_calls_spend_their_share_of_the_time_so_far():
+    run = SimulatedRun(fraction=0.05, total_steps=None)
+    run.call("snapshot", step=0, seconds=0.5)
+    run.budget.tracked_seconds, due = 0.02, 1
+    for step in range(1, 20_001):
+        run.train(0.01)
+        if step >= due:
+            due, kind = run.budget.next_call(step)
+            assert kind != "snapshot"  # no snapshots between without a known end
+            if due <= step and kind is not None:
+                run.call(kind, step, 0.02)
+                due = step + 1
+    earned = (1 - SNAPSHOT_SHARE) * 0.05 / 0.95 * 20_000 * 0.01
+    assert earned - 0.02 <= run.budget.spent["tracked"] <= earned + 0.02
+
+
+def test_a_snapshot_between_is_held_back_until_the_overhead_so_far_fits_under_the_cap():
+    plan = project_plan(0.05, 20_000, 0.01, 2.0, 0.02)
+    # One more snapshot of 2 s (the free first one aside) needs 2 / (2 * 0.05) - 2 = 18 s of training.
+    assert plan.snapshots[1] * 0.01 >= 2.0 / (OVERHEAD_CAP * 0.05) - 2.0 - 1e-9
+
+
+def test_nothing_is_due_before_the_steps_are_timed_or_once_the_budget_is_spent():
+    run = SimulatedRun(fraction=0.05, total_steps=1000, track=True)
+    run.call("snapshot", step=0, seconds=0.1)
+    run.budget.tracked_seconds = 0.01
+    run.train(0.1)
+    assert run.budget.next_call(step=1) == (1 + TIMED_STEPS, None)
+    spent = SimulatedRun(fraction=0.05, total_steps=1000, timed_from=(1, 0.01))
+    spent.call("snapshot", step=0, seconds=100.0)
+    spent.train(0.1)
+    assert spent.budget.next_call(step=10) == (1001, None)
 
 
 class SimulatedTime:
@@ -227,11 +201,12 @@ class SimulatedTime:
 
 
 def test_a_real_run_spends_the_budget_on_the_clock_it_logs():
-    """The callback's own clock, simulated: steps of 0.2 s and calls of C = about 1 s over 400 steps. A 5%
-    budget affords B = 80 * 0.05 / 0.95 = 4.2 s of calls, about B / C calls before the last step (the first
-    after the start held back by the overhead cap, the others evenly spaced in the blended position), plus
-    the call after it; the logged overhead is the clock's."""
-    simulated = SimulatedTime(step_seconds=0.2, loss_seconds=0.1)
+    """The callback's own clock, simulated: steps of 1 s and 50 ms per loss evaluation of a call, over 400
+    steps. The 5% budget, B = 400 * 0.05 / 0.95 = 21 s, buys values at the start, at most eight snapshots
+    with the one after the last step, and tracked calls on one batch between; the run spends about B and
+    never more than B and one tracked call (the real milliseconds of each call come on top), and the
+    logged overhead is the clock's."""
+    simulated = SimulatedTime(step_seconds=1.0, loss_seconds=0.05)
 
     class SlowSteps(TinyMLP):
         def training_step(self, batch, batch_idx):
@@ -242,12 +217,15 @@ def test_a_real_run_spends_the_budget_on_the_clock_it_logs():
                                        progress=False)
     callback.clock = Clock(now=simulated)
     trainer(max_steps=400, callbacks=[callback]).fit(SlowSteps(), DataLoader(dataset(), batch_size=8))
-    assert callback._budget.clock is callback.clock
-    steps = [measurement.step for measurement in callback.history]
+    budget = callback._budget
+    assert budget.clock is callback.clock
+    snapshots = [m.step for m in callback.history if m.snapshot]
+    tracked = [m for m in callback.history if not m.snapshot]
+    assert callback.history[0].step == 0 and snapshots[-1] == 400 and 2 <= len(snapshots) <= MAX_SNAPSHOTS
+    assert all(m.num_samples == 8 and len(m.hessian.eigenvalues) == 1 for m in tracked)
+    assert len(tracked) >= 10 and statistics.median(m.num_matvecs for m in tracked[1:]) <= 8
     spent, elapsed = callback.clock.spent, callback.clock.elapsed()
-    cost = spent / len(steps)
-    assert 0.5 < cost < 1.5 and 80 + spent < elapsed < 80 + spent + 10  # real seconds of 400 tiny steps on top
-    assert steps[0] == 0 and steps[-1] == 400 and abs(len(steps) - 1 - 80 * 0.05 / 0.95 / cost) <= 1.5, steps
-    gaps = [blended_position(b, 400) - blended_position(a, 400) for a, b in itertools.pairwise(steps[1:-1])]
-    assert len(gaps) >= 1 and max(gaps) < 1.2 * min(gaps), steps
+    total = 400 * 0.05 / 0.95
+    assert 0.8 * total < spent < 1.1 * total + budget.tracked_seconds, (spent, total)
     assert callback.history[-1].overhead == pytest.approx(spent / elapsed, rel=0.05)
+    assert "tracked calls" in callback.plan

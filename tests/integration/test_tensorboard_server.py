@@ -94,13 +94,16 @@ def test_layout_has_the_top_k_on_one_chart_h_and_g_together_trace_outliers_and_c
     charts = _charts(_get(served["base"], "/data/plugin/custom_scalars/layout"))
     assert set(charts) == {"hessian: spectrum", "hessian: cost"}
     spectrum, cost = charts["hessian: spectrum"], charts["hessian: cost"]
-    assert spectrum[f"top-{K} eigenvalues of H"] == [f"^hessian/eig_{i}$" for i in range(1, K + 1)]
-    assert spectrum[f"top-{K} eigenvalues of G (Gauss-Newton)"] == [f"^hessian/ggn/eig_{i}$" for i in range(1, K + 1)]
+    # The top k's curve, and eig_1 at the snapshots (here every call) as a marker on it.
+    assert spectrum[f"top-{K} eigenvalues of H"] == [f"^hessian/eig_{i}$" for i in range(1, K + 1)] \
+        + ["^hessian/snapshot/eig_1$"]
+    assert spectrum[f"top-{K} eigenvalues of G (Gauss-Newton)"] == [f"^hessian/ggn/eig_{i}$" for i in range(1, K + 1)] \
+        + ["^hessian/ggn/snapshot/eig_1$"]
     assert spectrum["eig_1 of H and G"] == ["^hessian/eig_1$", "^hessian/ggn/eig_1$"]
     assert spectrum["trace"] == ["^hessian/trace$", "^hessian/ggn/trace$"]
     assert spectrum["outlier count"] == ["^hessian/outliers$", "^hessian/ggn/outliers$"]
     assert sorted(tag for tags in cost.values() for tag in tags) == [
-        "^hessian/matvecs$", "^hessian/overhead$", "^hessian/seconds$"]
+        "^hessian/matvecs$", "^hessian/overhead$", "^hessian/seconds$", "^hessian/snapshot$"]
 
 
 def test_every_chart_draws_its_tags_at_every_measured_step(served):
