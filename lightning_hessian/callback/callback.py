@@ -344,7 +344,10 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             self._scheduled(trainer, pl_module, "fit")
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if (self.config.at_end or self._smoke) and trainer.global_step > self._last_step:
+        # A tracked call at the last step does not stand for the snapshot after it.
+        tracked_last = bool(self.history) and not self.history[-1].snapshot \
+            and self.history[-1].step == trainer.global_step
+        if (self.config.at_end or self._smoke) and (trainer.global_step > self._last_step or tracked_last):
             self._fit_end(trainer)
             self._run(trainer, pl_module, "fit")
         path = self.config.history_path
