@@ -449,7 +449,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             return
         per_product = self._per_product(trainer, tracked)
         batch = count_samples(self.probe_batches[0]) if self.probe_batches else 1
-        self._refit(per_product, budget.snapshot_allowance(per_product * batch))
+        self._refit(trainer, per_product, budget.snapshot_allowance(per_product * batch))
         if not budget.snapshots:
             self._report(trainer, tracked, None, "fit")
             budget.record("tracked", tracked.step, tracked.seconds)
@@ -469,7 +469,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         per_step = budget.step_seconds(trainer.global_step)
         allowance = None if per_step is None else budget.end_allowance(per_step)
         if allowance is not None:
-            self._refit(self._per_product(trainer, self._latest(snapshot=True)), max(allowance, 0.0))
+            self._refit(trainer, self._per_product(trainer, self._latest(snapshot=True)), max(allowance, 0.0))
 
     @staticmethod
     def _per_product(trainer: Any, measurement: Measurement) -> float:
@@ -482,19 +482,23 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         return Fidelity(num_batches=len(self.probe_batches or ()), num_probes=self._num_probes or 1,
                         num_steps=config.num_steps, density=config.density)
 
-    def _refit(self, per_product: float, allowance: float | None) -> None:
+    def _refit(self, trainer: Any, per_product: float, allowance: float | None) -> None:
         """Choose the snapshot's fidelity for ``allowance`` seconds (``None``: no limit) at ``per_product``
-        seconds per product and probe sample, and tell the budget what such a snapshot costs."""
+        seconds per product and probe sample (rank 0's choice, under DDP: every rank must run the same
+        products), and tell the budget what such a snapshot costs."""
         full = self._full_fidelity()
         samples = [count_samples(batch) for batch in self.probe_batches or ()]
         top_k = top_k_matvecs(self.config.k, self.config.tol) or 4 * self.config.k + 10
         fitted = full if allowance is None else fit_fidelity(full, allowance, per_product, samples, top_k)
         # When not even the top k of one batch fit, the snapshot after the last step still runs, at its cheapest.
-        self._fidelity = fitted or Fidelity(num_batches=1, num_probes=1, num_steps=MIN_DENSITY_STEPS, density=False)
+        fidelity = fitted or Fidelity(num_batches=1, num_probes=1, num_steps=MIN_DENSITY_STEPS, density=False)
+        seconds = per_product * sum(samples[:fidelity.num_batches]) * fidelity.products(top_k)
+        if trainer.world_size > 1:
+            fitted, fidelity, seconds = trainer.strategy.broadcast((fitted, fidelity, seconds), src=0)
+        self._fidelity = fidelity
         if self._budget is not None:
             self._budget.snapshots = fitted is not None
-            self._budget.snapshot_seconds = per_product * sum(samples[:self._fidelity.num_batches]) \
-                * self._fidelity.products(top_k)
+            self._budget.snapshot_seconds = seconds
 
     def _budget_due(self, trainer: Any, step: int) -> Kind | None:
         """The budget's decision at ``step`` (rank 0's, under DDP), checked only at planned steps: which kind
@@ -505,7 +509,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         if (budget.planned is None or budget.replan) and self.history:  # fit the snapshots to t and their cost
             per_step = budget.step_seconds(step)
             if per_step is not None:
-                self._refit(self._per_product(trainer, self._latest(snapshot=budget.replan)),
+                self._refit(trainer, self._per_product(trainer, self._latest(snapshot=budget.replan)),
                             budget.snapshot_allowance(per_step))
         due, kind = budget.next_call(step)
         if trainer.world_size > 1:  # every rank must take the same branch: rank 0's clocks decide
@@ -722,8 +726,8 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                                          keep_graph=config.keep_graph,
                                          split_batches=config.batch_size is None and kind == "snapshot")
                 warm = self._warm if config.warm_start or kind == "tracked" else None
-                measure = solver.track if kind == "tracked" else solver.measure
-                measured[matrix] = measure(make, matrix, warm, layout=layout, bar=bar)
+                measured[matrix] = solver.track(make, matrix, warm, bar=bar) if kind == "tracked" else \
+                    solver.measure(make, matrix, warm, layout=layout, bar=bar)
         return Measurement(
             step=trainer.global_step, epoch=trainer.current_epoch, stage=stage, mode=config.mode,
             dtype=str(dtype).removeprefix("torch."), num_samples=num_samples, snapshot=kind == "snapshot",

@@ -255,38 +255,21 @@ class MatrixSolver:
         overlap = None
         if self.config.grad_overlap and matrix == "hessian":
             overlap = gradient_overlap(op.gradient(), top.eigenvectors)
-        return MatrixMeasurement(
-            matrix=matrix, num_params=op.num_params, eigenvalues=tuple(top.eigenvalues.tolist()),
-            residuals=tuple(top.residuals.tolist()), converged=tuple(top.converged.tolist()), num_matvecs=count,
-            summary=summarize(top.eigenvalues, density), density=density, eig_min=eig_min,
-            eig_min_residual=eig_min_residual, layers=layers, layer_views=views, grad_overlap=overlap,
-            error_bounds=tuple(top.error_bounds.tolist()),
-        )
+        return _packed(matrix, op, top, num_matvecs=count, density=density, eig_min=eig_min,
+                       eig_min_residual=eig_min_residual, layers=layers, layer_views=views, grad_overlap=overlap)
 
-    def track(
-        self,
-        make: Callable[..., Any],
-        matrix: Matrix,
-        warm: dict[str, Tensor] | None,
-        *,
-        layout: Layout,
-        bar: Any = None,
-    ) -> MatrixMeasurement:
+    def track(self, make: Callable[..., Any], matrix: Matrix, warm: dict[str, Tensor] | None, *,
+              bar: Any = None) -> MatrixMeasurement:
         """A tracked call on one matrix: the top ``track_k`` eigenvalues only, warm-started from the previous
         tracked call's vectors (kept under their own key), within ``4 track_k + 8`` products at
         ``tol >= 1e-3`` (else the engine's cap), each with its residual. ``make`` builds the operator over
-        the tracked subset; the arguments are those of :meth:`measure`."""
+        the tracked subset; the other arguments are those of :meth:`measure`."""
         op = ProgressOperator(make(params=None), bar)
         k = self.config.track_k
         _describe(bar, f"{matrix}: top-{k} eigenvalues, tracked")
         top = self._solve(op, k, warm, f"{matrix}/tracked", checked=True,
                           max_matvecs=top_k_matvecs(k, self.config.tol))
-        return MatrixMeasurement(
-            matrix=matrix, num_params=op.num_params, eigenvalues=tuple(top.eigenvalues.tolist()),
-            residuals=tuple(top.residuals.tolist()), converged=tuple(top.converged.tolist()),
-            num_matvecs=top.num_matvecs, summary=summarize(top.eigenvalues, None),
-            error_bounds=tuple(top.error_bounds.tolist()),
-        )
+        return _packed(matrix, op, top, num_matvecs=top.num_matvecs)
 
     def _density(self, op: Any, top: EigenResult, matrix: Matrix, bar: Any) -> SpectralDensity:
         """The SLQ density with the converged top eigenpairs placed exactly (SLQ spends its steps on the
@@ -296,6 +279,17 @@ class MatrixSolver:
         return spectral_density(op, num_probes=self.num_probes, num_steps=self.config.num_steps, seed=self.config.seed,
                                 deflate=exact, reorthogonalize=self.config.reorthogonalize,
                                 basis_dtype=self.basis_dtype, basis_device=self.config.basis_device)
+
+
+def _packed(matrix: Matrix, op: Any, top: EigenResult, *, num_matvecs: int, density: SpectralDensity | None = None,
+            **views: Any) -> MatrixMeasurement:
+    """One matrix's measurement from its top-k solve, its density (if any) and the other views."""
+    return MatrixMeasurement(
+        matrix=matrix, num_params=op.num_params, eigenvalues=tuple(top.eigenvalues.tolist()),
+        residuals=tuple(top.residuals.tolist()), converged=tuple(top.converged.tolist()), num_matvecs=num_matvecs,
+        summary=summarize(top.eigenvalues, density), density=density, error_bounds=tuple(top.error_bounds.tolist()),
+        **views,
+    )
 
 
 def _describe(bar: Any, text: str) -> None:
