@@ -33,6 +33,7 @@ from lightning_hessian.callback.probes import draw_probe_set
 from lightning_hessian.callback.progress import progress_line
 from lightning_hessian.callback.schedule import Budget, Clock, crossed_multiple
 from lightning_hessian.callback.solver import MatrixSolver, MissingLoss, make_operator
+from lightning_hessian.callback.stability import StabilityWatch
 from lightning_hessian.engine import NonFiniteError
 from lightning_hessian.engine.batches import count_samples
 from lightning_hessian.engine.density import default_num_probes
@@ -234,6 +235,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         self._smoke = False
         self._hparams_logged = False
         self._run_started = False
+        self._stability = StabilityWatch()
 
     # --- Lightning hooks ---------------------------------------------------------------------
 
@@ -295,7 +297,8 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         if self._smoke or step <= max(self._last_step, previous) or step < 1:
             return
         if self.should_measure(step, previous) or (not self.config.scheduled and self._budget_allows(trainer, step)):
-            self._scheduled(trainer, pl_module, "fit")
+            with self._stability.training_batch(batch):  # the batch sharpness's batch
+                self._scheduled(trainer, pl_module, "fit")
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         n = self.config.every_n_epochs
@@ -567,10 +570,14 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                                          keep_graph=config.keep_graph, split_batches=config.batch_size is None)
                 measured[matrix] = solver.measure(make, matrix, self._warm if config.warm_start else None,
                                                   layout=layout, bar=bar)
+        stability = self._stability.measure(trainer, pl_module, config, solver, measured.get("hessian"),
+                                            self.probe_batches or [], dtype, self._warm if config.warm_start else None,
+                                            top_k_matvecs(1, config.tol))
         return Measurement(
             step=trainer.global_step, epoch=trainer.current_epoch, stage=stage, mode=config.mode,
             dtype=str(dtype).removeprefix("torch."), num_samples=self._num_probe_samples,
             lr=float(optimizers[0].param_groups[0]["lr"]) if optimizers else None,
-            seconds=time.perf_counter() - started, num_matvecs=sum(m.num_matvecs for m in measured.values()),
-            **measured,
+            seconds=time.perf_counter() - started,
+            num_matvecs=sum(m.num_matvecs for m in measured.values()) + (stability.num_matvecs if stability else 0),
+            stability=stability, **measured,
         )

@@ -3,7 +3,8 @@
 Read back from the run files (the ``.wandb`` record log with wandb's own protobuf classes, and the
 table files under ``files/media/table``): each run defines the callback's tags against
 ``trainer/global_step``, holds the top k of every measurement as a ``wandb.Table`` and as a line plot
-of eigenvalue against index, and keeps the last top k in its summary.
+of eigenvalue against index, and keeps the last top k in its summary, with the peaks of eig_1 and of
+the stability ratio.
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ def test_the_callback_tags_are_defined_against_the_trainer_step(compared):
         defined = {(m.glob_name or m.name): m.step_metric for m in run["metrics"]}
         assert defined["hessian/*"] == "trainer/global_step"
         assert "trainer/global_step" in defined
+        peaks = {m.name: m.step_metric for m in run["metrics"] if m.summary.max}
+        assert peaks == {"hessian/stability": "trainer/global_step", "hessian/eig_1": "trainer/global_step"}
         steps = [row["trainer/global_step"] for row in run["history"] if "hessian/eig_1" in row]
         assert steps == STEPS
 
@@ -167,7 +170,11 @@ def test_the_summary_holds_the_last_top_k_for_the_runs_table(compared):
         summary, last = run["summary"], result.history[-1]
         assert summary["hessian/top_k"] == pytest.approx(list(last.hessian.eigenvalues))
         assert summary["hessian/top_k_step"] == STEPS[-1]
-        for i, value in enumerate(last.hessian.eigenvalues, start=1):
+        for i, value in enumerate(last.hessian.eigenvalues[1:], start=2):
             assert summary[f"hessian/eig_{i}"] == pytest.approx(value)
+        # eig_1 and the stability ratio keep their peak, so the runs table sorts runs by it
+        history = result.history
+        assert summary["hessian/eig_1"] == {"max": pytest.approx(max(m.hessian.eigenvalues[0] for m in history))}
+        assert summary["hessian/stability"] == {"max": pytest.approx(max(m.stability.stability for m in history))}
         assert summary["hessian/sharpness_x_lr"] == pytest.approx(last.hessian.eigenvalues[0] * result.lr)
         assert summary["trainer/global_step"] == STEPS[-1]
