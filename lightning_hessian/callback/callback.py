@@ -72,6 +72,14 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
     ``training_step(batch, -1)`` returns. The Gauss-Newton matrix needs ``hessian_outputs`` and
     ``hessian_output_loss`` (:class:`~lightning_hessian.callback.hooks.GaussNewtonModule`).
 
+    **Edge of stability.** With the Hessian measured, each call also reads the first optimizer: its
+    update's top eigenvalue over its threshold, ``<name>/stability`` (1 at the edge; SGD with
+    momentum, dampening or Nesterov, Adam, AdamW, RMSprop, Adagrad), for adaptive optimizers the
+    preconditioned sharpness ``<name>/preconditioned_eig_1`` (a top-1 solve over the probe set), and
+    after a training step ``<name>/batch_sharpness``, the curvature of the batch just trained on along
+    its gradient (one gradient and one product). An optimizer whose edge is not known gets none of
+    these, and a warning says why, once.
+
     **Side effects: none.** Parameters, buffers, ``.grad``, ``requires_grad``, module modes, the
     module's plain state (attributes such as a recurrent hidden state, counters, torchmetrics
     states), every RNG stream and the data order are as they were; ``self.log``, ``self.logger`` and
