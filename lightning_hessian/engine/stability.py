@@ -35,7 +35,16 @@ SUPPORTED = ("SGD", *ADAPTIVE)
 
 
 class UnsupportedOptimizer(ValueError):
-    """The optimizer's update is not one this module can linearize; the message says why."""
+    """The optimizer's update is not one this module can linearize; the message says why.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> try:
+        ...     update_rules(torch.optim.SGD(net.parameters(), lr=0.1, maximize=True))
+        ... except UnsupportedOptimizer as err:
+        ...     print(err)
+        SGD with maximize=True ascends the loss: it has no edge of stability
+    """
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,13 @@ def update_rules(optimizer: torch.optim.Optimizer) -> list[UpdateRule]:
 
 
 def is_adaptive(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer divides its step by a preconditioner read from its state."""
+    """Whether the optimizer divides its step by a preconditioner read from its state.
+
+    Example:
+        >>> params = torch.nn.Linear(2, 1).parameters()
+        >>> is_adaptive(torch.optim.AdamW(params)), is_adaptive(torch.optim.SGD(torch.nn.Linear(2, 1).parameters()))
+        (True, False)
+    """
     return type(optimizer).__name__ in ADAPTIVE
 
 
