@@ -210,6 +210,29 @@ def batch_sharpness_oracle(optimizer, module, batch):
     return float(gradient @ hessian @ gradient / (gradient @ gradient))
 
 
+def test_adam_on_several_parameters_reads_each_ones_state_in_the_operators_order():
+    """Least squares over all 24 samples (the probe set), a weight [1, 3] and a bias [1] with their own
+    second moments and L2 decay: the dense P^-1/2 (H + w) P^-1/2, P in named_parameters' order."""
+    data = least_squares_data()
+
+    def oracle(optimizer, module, batch):
+        x, _ = data.tensors
+        design = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+        root = torch.cat([preconditioner_of(optimizer, p).flatten() for p in module.parameters()]).sqrt()
+        curvature = (design.T @ design / len(x) + 0.1 * torch.eye(4, dtype=torch.float64)) / torch.outer(root, root)
+        return float(torch.linalg.eigvalsh(curvature)[-1])
+
+    probe, recorder = callback(k=2), Recorder(oracle)
+    module = LeastSquares(lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.99), weight_decay=0.1))
+    trainer(max_steps=4, callbacks=[probe, recorder]).fit(module, DataLoader(data, batch_size=6, shuffle=True))
+    later = probe.history[1:]
+    assert [m.step for m in later] == [1, 2, 3, 4]
+    for measurement in later:
+        top = recorder.expected[measurement.step]
+        assert measurement.stability.preconditioned_eig_1 == pytest.approx(top, rel=1e-6)
+        assert measurement.stability.stability == pytest.approx(top * 0.2 * 0.01 / 3.6, rel=1e-6)
+
+
 def test_batch_sharpness_is_the_training_batch_curvature_along_its_gradient():
     probe, recorder = callback(k=2), Recorder(batch_sharpness_oracle)
     module = LeastSquares()

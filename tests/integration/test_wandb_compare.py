@@ -9,11 +9,9 @@ the stability ratio.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import struct
-import sys
 import time
 from pathlib import Path
 
@@ -22,22 +20,15 @@ import wandb
 from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2
 
+from helpers import load_example
+
 # A server process or W&B runs: seconds to a minute each.
 pytestmark = pytest.mark.slow
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "compare_runs.py"
 PROJECT = "lightning-hessian-compare"
 RUNS = ((8, 0.1), (64, 0.2))  # (batch size, learning rate)
 STEPS = [0, 2, 4]
 K = 3
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("compare_runs", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def _records(path: Path):
@@ -116,8 +107,8 @@ def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     environment = dict(os.environ)  # wandb may set variables; the per-test restore does not cover this fixture
     try:
-        results = _load_example().compare(out, runs=RUNS, max_steps=4, every_n_steps=2, k=K, num_samples=64,
-                                          wandb_mode="offline", project=PROJECT)
+        results = load_example("compare_runs").compare(out, runs=RUNS, max_steps=4, every_n_steps=2, k=K,
+                                                       num_samples=64, wandb_mode="offline", project=PROJECT)
     finally:
         wandb.finish()
         os.environ.clear()
