@@ -9,7 +9,7 @@ top eigenvalue every ``--every`` steps and logs ``hessian/stability``, the ratio
 own threshold, which rises to 1 in both runs and hovers there. The figure (``--figure``) shows the
 ratio, and for each run the curvature against its threshold.
 
-    python examples/edge_of_stability.py                 # about a minute on one core
+    python examples/edge_of_stability.py                 # about 30 s on one core
     python examples/edge_of_stability.py --figure docs/img/edge_of_stability.png
 
 ``train(...)`` does one run from Python and returns its measurements.
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_hessian import HessianSpectrumCallback, Measurement
+from lightning_hessian.loggers.figures import new_figure, save_figure
 from lightning_hessian.paper.data import DigitsDataModule
 from lightning_hessian.paper.models import MLPClassifier
 
@@ -86,12 +87,8 @@ def describe(name: str, history: list[Measurement]) -> str:
 
 def figure(runs: dict[str, list[Measurement]], path: Path) -> None:
     """The ratio of both runs against 1, and each run's curvature against its threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig = new_figure(14, 3.8)
+    axes = fig.subplots(1, 3)
     colors = ("tab:blue", "tab:orange")
     for (name, history), color in zip(runs.items(), colors, strict=True):
         measured = [m for m in history if m.stability.stability is not None]
@@ -117,10 +114,7 @@ def figure(runs: dict[str, list[Measurement]], path: Path) -> None:
     for panel in axes:
         panel.set_xlabel("step")
         panel.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

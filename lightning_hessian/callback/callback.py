@@ -578,9 +578,8 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                                          keep_graph=config.keep_graph, split_batches=config.batch_size is None)
                 measured[matrix] = solver.measure(make, matrix, self._warm if config.warm_start else None,
                                                   layout=layout, bar=bar)
-        stability = self._stability.measure(trainer, pl_module, config, solver, measured.get("hessian"),
-                                            self.probe_batches or [], dtype, self._warm if config.warm_start else None,
-                                            top_k_matvecs(1, config.tol))
+        stability = self._stability.measure(trainer, pl_module, solver, measured.get("hessian"),
+                                            self.probe_batches or [], dtype, self._warm if config.warm_start else None)
         return Measurement(
             step=trainer.global_step, epoch=trainer.current_epoch, stage=stage, mode=config.mode,
             dtype=str(dtype).removeprefix("torch."), num_samples=self._num_probe_samples,

@@ -17,8 +17,7 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_hessian.callback.config import CallbackConfig
-from lightning_hessian.callback.solver import MatrixSolver, make_operator
+from lightning_hessian.callback.solver import MatrixSolver, make_operator, top_k_matvecs
 from lightning_hessian.engine import EigenResult, NonFiniteError, top_eigenvalues
 from lightning_hessian.engine.snapshot import select_parameters
 from lightning_hessian.engine.stability import (
@@ -67,13 +66,11 @@ class StabilityWatch:
         self,
         trainer: Any,
         pl_module: Any,
-        config: CallbackConfig,
         solver: MatrixSolver,
         hessian: MatrixMeasurement | None,
         probe_batches: list[Any],
         dtype: torch.dtype,
         warm: dict[str, Tensor] | None,
-        max_matvecs: int | None,
     ) -> Stability | None:
         """The first optimizer's stability at this call, or ``None``.
 
@@ -84,15 +81,13 @@ class StabilityWatch:
         Args:
             trainer: the Trainer; its first optimizer is only read.
             pl_module: the LightningModule.
-            config: the callback's settings (loss, mode, graphs, tolerance).
-            solver: this call's numeric settings (tolerance, seed, basis, product cap).
+            solver: this call's settings (loss, mode, graphs, tolerance, seed, basis, product cap).
             hessian: this call's Hessian measurement (its eig_1 is SGD's curvature).
             probe_batches: this rank's probe batches (the preconditioned solve's).
             dtype: the products' dtype.
             warm: warm-start vectors by key, updated in place; ``None`` for cold starts.
-            max_matvecs: cap on the products of the preconditioned solve, unless ``solver`` sets one
-                (``None``: the engine's).
         """
+        config = solver.config
         optimizers = getattr(trainer, "optimizers", None) or []
         if not optimizers or hessian is None:
             return None
@@ -105,10 +100,9 @@ class StabilityWatch:
                 self.said_unknown = True
             return None
 
-        def make(batches: list[Any], keep_graph: bool | str) -> Any:
+        def make(batches: list[Any], *, keep_graph: bool | str, split_batches: bool) -> Any:
             return make_operator(trainer, pl_module, batches, "hessian", dtype=dtype, mode=config.mode,
-                                 loss_fn=config.loss_fn, keep_graph=keep_graph,
-                                 split_batches=config.batch_size is None)
+                                 loss_fn=config.loss_fn, keep_graph=keep_graph, split_batches=split_batches)
 
         fields: dict[str, Any] = {"optimizer": type(optimizer).__name__,
                                   "threshold": min(rule.threshold for rule in rules)}
@@ -120,26 +114,30 @@ class StabilityWatch:
             scale = preconditioner(optimizer, params)
             if scale is not None:  # after the optimizer's first step
                 decays = weight_decays(optimizer, params)
-                op = PreconditionedOperator(make(probe_batches, config.keep_graph),
+                op = PreconditionedOperator(make(probe_batches, keep_graph=config.keep_graph,
+                                                 split_batches=config.batch_size is None),
                                             scale, decays if bool(decays.any()) else None)
-                top = _top_one(op, solver, warm, max_matvecs)
+                top = _top_one(op, solver, warm)
                 eig_1 = float(top.eigenvalues[0])
                 fields.update(stability=stability_ratio(eig_1, rules, preconditioned=True), preconditioned_eig_1=eig_1,
                               preconditioned_residual=float(top.residuals[0]))
                 count += top.num_matvecs
         if self.batch is not None:
             try:
-                fields["batch_sharpness"] = batch_sharpness(make([self.batch], False))
+                # Whole and with its graph kept, as training held it: the graph the gradient's pass
+                # builds serves the product (two passes over the batch in all).
+                op = make([self.batch], keep_graph=True, split_batches=False)
+                fields["batch_sharpness"] = batch_sharpness(op)
                 count += 1
             except NonFiniteError:  # the batch's loss or product overflowed, or it gave no loss
                 pass
         return Stability(**fields, num_matvecs=count)
 
 
-def _top_one(op: PreconditionedOperator, solver: MatrixSolver, warm: dict[str, Tensor] | None,
-             max_matvecs: int | None) -> EigenResult:
+def _top_one(op: PreconditionedOperator, solver: MatrixSolver, warm: dict[str, Tensor] | None) -> EigenResult:
     """The top eigenpair of ``op`` at the call's tolerance, warm-started from ``warm[WARM_KEY]`` and
-    leaving this call's vector there.
+    leaving this call's vector there, under the top-k solve's cap at k = 1 (12 products at the
+    default tolerance) unless ``max_matvecs`` is set.
 
     The engine's check for a missed eigenvalue is skipped: the first call starts at random (with
     k = 1 it sees every distinct eigenvalue), later ones from the last top eigenvector, which a larger
@@ -147,9 +145,10 @@ def _top_one(op: PreconditionedOperator, solver: MatrixSolver, warm: dict[str, T
     """
     stored = warm.pop(WARM_KEY, None) if warm is not None else None
     v0 = stored if stored is not None and stored.numel() == op.num_params else None
-    cap = solver.max_matvecs if solver.max_matvecs is not None else max_matvecs
-    result = top_eigenvalues(op, 1, tol=solver.tol, v0=v0, max_matvecs=cap, seed=solver.seed,
-                             basis_dtype=solver.basis_dtype, basis_device=solver.basis_device, verify=False)
+    config = solver.config
+    cap = config.max_matvecs if config.max_matvecs is not None else top_k_matvecs(1, config.tol)
+    result = top_eigenvalues(op, 1, tol=config.tol, v0=v0, max_matvecs=cap, seed=config.seed,
+                             basis_dtype=solver.basis_dtype, basis_device=config.basis_device, verify=False)
     if warm is not None:
         warm[WARM_KEY] = result.eigenvectors[0].to(device="cpu", dtype=torch.float32)
     return result

@@ -228,7 +228,7 @@ class PreconditionedOperator:
         shift: ``[P]`` added to H's diagonal (the L2 weight decay), default none.
 
     Example:
-        >>> from lightning_hessian.engine.eigen import DiagonalOperator
+        >>> from lightning_hessian.engine.linear_operator import DiagonalOperator
         >>> op = PreconditionedOperator(DiagonalOperator([4.0, 1.0]), torch.tensor([4.0, 0.25]))
         >>> op.matmat(torch.eye(2, dtype=torch.float64))  # P^-1 H
         tensor([[1., 0.],
