@@ -7,9 +7,9 @@ other runs (e.g. ``--runs 25:0.2 1000:0.2`` compares batch sizes). ``HessianSpec
 the Hessian of the loss over the whole training set at step 0, every ``--every`` steps and at the
 end. The runs log to one TensorBoard directory (one run folder each) and to one W&B project (offline
 unless ``--wandb-mode online``), so either tool overlays them: ``hessian/eig_1`` and
-``hessian/sharpness_x_lr`` (against the edge of stability at 2), the outliers (``hessian/outliers``,
-``hessian/density/top_k``) and the bulk (``hessian/density/bulk``). ``docs/compare.md`` shows how
-to read them.
+``hessian/stability`` (eig_1 over the optimizer's threshold, 2 / lr here: 1 is the edge of
+stability), the outliers (``hessian/outliers``, ``hessian/density/top_k``) and the bulk
+(``hessian/density/bulk``). ``docs/compare.md`` shows how to read them.
 
     python examples/compare_runs.py                 # about 30 s of CPU time on 2 cores
     tensorboard --logdir runs/compare/tensorboard   # then open http://localhost:6006
@@ -116,16 +116,16 @@ def compare(out: str | os.PathLike = "runs/compare", *, runs: Sequence[tuple[int
 
 
 def describe(result: RunResult) -> str:
-    """Two lines: lambda_1, lambda_1 x lr and the outlier count at the first and the last measurement."""
+    """Three lines: lambda_1, the stability ratio and the outlier count at the first and the last
+    measurement, and the largest ratio of the run."""
     lines = [f"{result.name}:"]
     for record in (result.history[0], result.history[-1]):
         hessian = record.hessian
-        top = hessian.eigenvalues[0]
-        lines.append(f"  step {record.step:4d}: lambda_1 {top:6.3f}, lambda_1 x lr {top * result.lr:5.2f}, "
-                     f"outliers {hessian.summary.outliers:2d}, near-zero fraction "
+        lines.append(f"  step {record.step:4d}: lambda_1 {hessian.eigenvalues[0]:6.3f}, stability "
+                     f"{record.stability.stability:5.2f}, outliers {hessian.summary.outliers:2d}, near-zero fraction "
                      f"{hessian.summary.near_zero_fraction:.2f}")
-    peak = max(record.hessian.eigenvalues[0] for record in result.history)
-    lines.append(f"  largest lambda_1 x lr over the run: {peak * result.lr:.2f} (edge of stability: 2)")
+    peak = max(record.stability.stability for record in result.history)
+    lines.append(f"  largest stability over the run: {peak:.2f} (edge of stability: 1)")
     return "\n".join(lines)
 
 

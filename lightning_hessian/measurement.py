@@ -162,6 +162,47 @@ class MatrixMeasurement:
 
 
 @dataclass(frozen=True)
+class Stability:
+    """Where the first optimizer's update stands against its edge of stability, at one call.
+
+    Attributes:
+        optimizer: the optimizer's class name, e.g. ``"SGD"``.
+        threshold: the largest stable eigenvalue of the update's curvature (``2 / lr`` for plain
+            gradient descent; the smallest over param groups), in the units of
+            ``preconditioned_eig_1`` for adaptive optimizers and of the Hessian's eigenvalues otherwise.
+        stability: the top eigenvalue of the update's linearization over the threshold, 1 at the edge
+            (``None`` for an adaptive optimizer before its first step: it has no preconditioner yet).
+        preconditioned_eig_1: top eigenvalue of ``P^-1/2 (H + W) P^-1/2`` (adaptive optimizers only).
+        preconditioned_residual: its relative residual.
+        batch_sharpness: the curvature of the batch just trained on along its own gradient,
+            ``g' H_B g / g' g`` (``None`` at calls that follow no training step).
+        num_matvecs: products spent on these quantities (the batch's gradient not counted).
+
+    Example:
+        >>> call = Stability("SGD", threshold=20.0, stability=0.5, batch_sharpness=9.0, num_matvecs=1)
+        >>> Stability.from_dict(call.to_dict()) == call
+        True
+    """
+
+    optimizer: str
+    threshold: float
+    stability: float | None = None
+    preconditioned_eig_1: float | None = None
+    preconditioned_residual: float | None = None
+    batch_sharpness: float | None = None
+    num_matvecs: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, plain: Mapping[str, Any]) -> Stability:
+        """The inverse of :meth:`to_dict`."""
+        return cls(**plain)
+
+
+@dataclass(frozen=True)
 class Measurement:
     """One call of the callback: where and how it measured, what it cost, and each matrix.
 
@@ -180,6 +221,8 @@ class Measurement:
         ggn: the Gauss-Newton matrix's (``None`` unless asked).
         snapshot: ``True`` for a snapshot (everything asked for, over the probe set), ``False`` for a
             tracked call (the top ``track_k`` eigenvalues on a subset of it, warm-started).
+        stability: the first optimizer against its edge of stability (``None`` without an optimizer,
+            without the Hessian, or for an optimizer whose edge is not known).
     """
 
     step: int
@@ -195,6 +238,7 @@ class Measurement:
     hessian: MatrixMeasurement | None = None
     ggn: MatrixMeasurement | None = None
     snapshot: bool = True
+    stability: Stability | None = None
 
     @property
     def matrices(self) -> dict[str, MatrixMeasurement]:
@@ -215,6 +259,7 @@ class Measurement:
         plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         plain.update({name: None if m is None else m.to_dict() for name, m in (("hessian", self.hessian),
                                                                               ("ggn", self.ggn))})
+        plain["stability"] = None if self.stability is None else self.stability.to_dict()
         return plain
 
     @classmethod
@@ -224,6 +269,8 @@ class Measurement:
         for name in ("hessian", "ggn"):
             if values.get(name) is not None:
                 values[name] = MatrixMeasurement.from_dict(values[name])
+        if values.get("stability") is not None:
+            values["stability"] = Stability.from_dict(values["stability"])
         return cls(**values)
 
 

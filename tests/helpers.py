@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -81,3 +86,13 @@ def top_dense(module: nn.Module, batches, k: int, **kwargs) -> torch.Tensor:
 def assert_eigenvalues(measured: list[float], expected: torch.Tensor, rtol: float = 1e-6) -> None:
     """Measured eigenvalues (a record's plain floats) equal the float64 oracle to ``rtol``."""
     torch.testing.assert_close(torch.tensor(measured, dtype=torch.float64), expected, rtol=rtol, atol=0)
+
+
+def load_example(name: str) -> ModuleType:
+    """The script ``examples/<name>.py`` as a module (it is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -6,7 +6,7 @@
 Two kinds of picture:
 
 - matplotlib figures drawn from the event files (``compare_eos.png``, ``compare_spectrum.png``),
-  with what TensorBoard cannot draw: the edge-of-stability line at 2 and a log count axis;
+  with what TensorBoard cannot draw: each run's 2 / lr and a log count axis;
 - screenshots of TensorBoard itself (``tensorboard_custom_scalars.png``,
   ``tensorboard_density.png``), taken by headless Chromium from a TensorBoard server started on
   127.0.0.1 for the purpose and stopped afterwards. Skipped, with a message, where ``chromium`` is
@@ -54,28 +54,28 @@ def _lr(folder: Path, prefix: str = "hessian") -> float:
 
 
 def edge_of_stability_figure(logdir: Path, path: Path, prefix: str = "hessian") -> None:
-    """lambda_1 against 2 / lr, lambda_1 x lr against 2, and the outlier count, for every run."""
+    """lambda_1 against 2 / lr, the stability ratio against 1, and the outlier count, for every run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = _runs(logdir)
-    figure, (sharpness, product, outliers) = plt.subplots(1, 3, figsize=(13, 3.6))
+    figure, (sharpness, ratio, outliers) = plt.subplots(1, 3, figsize=(13, 3.6))
     for (name, events), color in zip(runs.items(), RUN_COLORS, strict=False):
         lr = _lr(logdir / name, prefix)
         steps, values = _series(events, f"{prefix}/eig_1")
         sharpness.plot(steps, values, "o-", ms=3, color=color, label=name)
         sharpness.axhline(2 / lr, color=color, ls="--", lw=1, label=f"2 / lr = {2 / lr:g}")
-        steps, values = _series(events, f"{prefix}/sharpness_x_lr")
-        product.plot(steps, values, "o-", ms=3, color=color, label=name)
+        steps, values = _series(events, f"{prefix}/stability")
+        ratio.plot(steps, values, "o-", ms=3, color=color, label=name)
         steps, values = _series(events, f"{prefix}/outliers")
         outliers.plot(steps, values, "o-", ms=3, color=color, label=name)
-    product.axhline(2, color="black", ls="--", lw=1, label="edge of stability (2)")
+    ratio.axhline(1, color="black", ls="--", lw=1, label="edge of stability (1)")
     sharpness.set_title(r"$\lambda_1$ (hessian/eig_1)")
-    product.set_title(r"$\lambda_1 \times$ lr (hessian/sharpness_x_lr)")
+    ratio.set_title("stability (hessian/stability)")
     outliers.set_title("outliers (hessian/outliers)")
-    for axes in (sharpness, product, outliers):
+    for axes in (sharpness, ratio, outliers):
         axes.set_xlabel("step")
         axes.legend(fontsize=7)
     figure.tight_layout()

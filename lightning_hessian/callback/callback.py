@@ -41,6 +41,7 @@ from lightning_hessian.callback.schedule import (
     plan_message,
 )
 from lightning_hessian.callback.solver import MatrixSolver, MissingLoss, make_operator, top_k_matvecs
+from lightning_hessian.callback.stability import StabilityWatch
 from lightning_hessian.engine import NonFiniteError
 from lightning_hessian.engine.batches import count_samples
 from lightning_hessian.engine.density import default_num_probes
@@ -83,6 +84,14 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
     module defines it (:class:`~lightning_hessian.callback.hooks.HessianLossModule`), else the loss
     ``training_step(batch, -1)`` returns. The Gauss-Newton matrix needs ``hessian_outputs`` and
     ``hessian_output_loss`` (:class:`~lightning_hessian.callback.hooks.GaussNewtonModule`).
+
+    **Edge of stability.** With the Hessian measured, each call also reads the first optimizer: its
+    update's top eigenvalue over its threshold, ``<name>/stability`` (1 at the edge; SGD with
+    momentum, dampening or Nesterov, Adam, AdamW, RMSprop, Adagrad), for adaptive optimizers the
+    preconditioned sharpness ``<name>/preconditioned_eig_1`` (a top-1 solve over the probe set), and
+    after a training step ``<name>/batch_sharpness``, the curvature of the batch just trained on along
+    its gradient (one gradient and one product). An optimizer whose edge is not known gets none of
+    these, and a warning says why, once.
 
     **Side effects: none.** Parameters, buffers, ``.grad``, ``requires_grad``, module modes, the
     module's plain state (attributes such as a recurrent hidden state, counters, torchmetrics
@@ -261,6 +270,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         self._smoke = False
         self._hparams_logged = False
         self._run_started = False
+        self._stability = StabilityWatch()
 
     # --- Lightning hooks ---------------------------------------------------------------------
 
@@ -325,6 +335,11 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         self._last_checked = step
         if self._smoke or step <= max(self._last_step, previous) or step < 1:
             return
+        with self._stability.training_batch(batch):  # the batch sharpness's batch
+            self._train_step_call(trainer, pl_module, step, previous)
+
+    def _train_step_call(self, trainer: Any, pl_module: Any, step: int, previous: int) -> None:
+        """The call due after training step ``step`` (the last step checked was ``previous``), if any."""
         config = self.config
         if self.should_measure(step, previous):
             self._scheduled(trainer, pl_module, "fit")
@@ -718,20 +733,23 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             batches = (self.probe_batches or [])[:self._fidelity.num_batches if self._fidelity else None]
             num_samples = self._num_probe_samples if len(batches) == len(self.probe_batches or []) else \
                 self._reduced_count(trainer, batches)
+        split_batches = config.batch_size is None and kind == "snapshot"
+        warm = self._warm if config.warm_start or kind == "tracked" else None
         measured = {}
         for matrix in ("hessian", "ggn"):
             if config.matrix in (matrix, "both"):
                 make = functools.partial(make_operator, trainer, pl_module, batches, matrix,
                                          dtype=dtype, mode=config.mode, loss_fn=config.loss_fn,
-                                         keep_graph=config.keep_graph,
-                                         split_batches=config.batch_size is None and kind == "snapshot")
-                warm = self._warm if config.warm_start or kind == "tracked" else None
+                                         keep_graph=config.keep_graph, split_batches=split_batches)
                 measured[matrix] = solver.track(make, matrix, warm, bar=bar) if kind == "tracked" else \
                     solver.measure(make, matrix, warm, layout=layout, bar=bar)
+        stability = self._stability.measure(trainer, pl_module, solver, measured.get("hessian"), batches, dtype,
+                                            warm, split_batches=split_batches)
         return Measurement(
             step=trainer.global_step, epoch=trainer.current_epoch, stage=stage, mode=config.mode,
             dtype=str(dtype).removeprefix("torch."), num_samples=num_samples, snapshot=kind == "snapshot",
             lr=float(optimizers[0].param_groups[0]["lr"]) if optimizers else None,
-            seconds=self.clock.now() - started, num_matvecs=sum(m.num_matvecs for m in measured.values()),
-            **measured,
+            seconds=self.clock.now() - started,
+            num_matvecs=sum(m.num_matvecs for m in measured.values()) + (stability.num_matvecs if stability else 0),
+            stability=stability, **measured,
         )

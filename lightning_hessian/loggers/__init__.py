@@ -35,6 +35,7 @@ from lightning_hessian.loggers.tags import (
     STEP_METRIC,
     matrix_metrics,
     scalar_metrics,
+    stability_metrics,
     tensorboard_layout,
 )
 from lightning_hessian.loggers.tensorboard import add_histogram, write_tensorboard_layout
@@ -45,5 +46,6 @@ __all__ = [
     "density_histogram", "density_views", "json_ready", "log_figure", "log_hyperparams", "log_interpolation",
     "log_measurement", "log_metrics", "log_no_spectrum", "log_run_start", "log_scalars", "log_spectra",
     "log_spectrum", "log_text", "matrix_metrics", "scalar_metrics", "spectrum_figure", "spectrum_table",
-    "tensorboard_layout", "top_k_histogram", "wandb_define_metrics", "write_json", "write_tensorboard_layout",
+    "stability_metrics", "tensorboard_layout", "top_k_histogram", "wandb_define_metrics", "write_json",
+    "write_tensorboard_layout",
 ]

@@ -17,7 +17,7 @@ import torch
 
 from lightning_hessian._compat import TENSORBOARD_LOGGERS, WANDB_LOGGERS
 from lightning_hessian.loggers.figures import density_views, spectrum_figure
-from lightning_hessian.loggers.tags import COST_TAGS, GGN, scalar_metrics, tensorboard_layout
+from lightning_hessian.loggers.tags import COST_TAGS, GGN, STABILITY_EDGE, scalar_metrics, tensorboard_layout
 from lightning_hessian.loggers.tensorboard import add_histogram, write_tensorboard_layout
 from lightning_hessian.loggers.wandb import log_spectrum, wandb_define_metrics
 from lightning_hessian.measurement import Measurement
@@ -188,8 +188,9 @@ def log_spectra(trainer: Any, measurement: Measurement, prefix: str) -> None:
     ``<prefix>/spectrum`` through ``add_figure``. W&B gets the same histograms as ``wandb.Histogram``,
     the figure as a ``wandb.Image``, the top k as a ``wandb.Table`` (``<prefix>/spectrum_table``) and
     as a line plot of eigenvalue against index (``<prefix>/spectrum_line``), and the run summary
-    keeps the last top k (``<prefix>/top_k``, with its step ``<prefix>/top_k_step``). Other loggers
-    get nothing here (they have the scalars), and nothing is drawn for them.
+    keeps the last top k (``<prefix>/top_k``, with its step ``<prefix>/top_k_step``). TensorBoard also
+    gets ``<prefix>/stability_edge`` (1) with each stability ratio, the edge line of its stability
+    chart. Other loggers get nothing here (they have the scalars), and nothing is drawn for them.
 
     Example:
         >>> import tempfile
@@ -231,6 +232,10 @@ def log_spectra(trainer: Any, measurement: Measurement, prefix: str) -> None:
                 logger.experiment.add_figure(f"{tag}/spectrum", figure, global_step=step, close=False)
             else:
                 log_spectrum(logger.experiment, tag, measured, views, figure, step)
+    if measurement.stability is not None and measurement.stability.stability is not None:
+        for logger in showing:
+            if isinstance(logger, TENSORBOARD_LOGGERS):
+                logger.experiment.add_scalar(f"{prefix}/{STABILITY_EDGE}", 1.0, global_step=step)
 
 
 def log_figure(loggers: Sequence[Any], tag: str, figure: Any, step: int = 0) -> None:

@@ -3,7 +3,8 @@
 Tags, with ``<prefix>`` the callback's ``name`` (``hessian`` by default): the Hessian's quantities
 are ``<prefix>/<quantity>``, the Gauss-Newton matrix's ``<prefix>/ggn/<quantity>``, a layer block's
 top eigenvalue ``<prefix>/layer/<name>/eig_1``, a module's trace and share of the top eigenvector
-``<prefix>/layer/<name>/trace`` and ``.../eig_1_mass``.
+``<prefix>/layer/<name>/trace`` and ``.../eig_1_mass``; the optimizer's edge of stability
+``<prefix>/stability`` and its companions (:func:`stability_metrics`).
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from lightning_hessian.measurement import MatrixMeasurement, Measurement
+from lightning_hessian.measurement import MatrixMeasurement, Measurement, Stability
 
 GGN = "ggn"
 
 
 # Cost tags of a call: they keep their values when a call yields no spectrum.
 COST_TAGS = ("matvecs", "seconds", "overhead", "nonfinite", "skipped", "snapshot")
+# Tags whose W&B summary is their largest value over the run, not the last: runs and sweeps sort by the peak.
+PEAK_TAGS = ("stability", "eig_1")
+# The constant 1 that TensorBoard draws next to <prefix>/stability: a custom-scalars chart has no
+# horizontal line of its own.
+STABILITY_EDGE = "stability_edge"
 
 
 def matrix_metrics(measured: MatrixMeasurement, prefix: str, lr: float | None, *,
@@ -65,6 +71,24 @@ def matrix_metrics(measured: MatrixMeasurement, prefix: str, lr: float | None, *
     return metrics
 
 
+def stability_metrics(stability: Stability, prefix: str) -> dict[str, float]:
+    """The edge-of-stability tags of one call; quantities that are NaN or absent are left out.
+
+    ``<prefix>/stability`` (1 at the edge), ``<prefix>/stability_threshold``,
+    ``<prefix>/preconditioned_eig_1`` with ``<prefix>/preconditioned_residual`` (adaptive
+    optimizers) and ``<prefix>/batch_sharpness``.
+
+    Example:
+        >>> stability_metrics(Stability("SGD", threshold=20.0, stability=0.5, batch_sharpness=9.0), "hessian")
+        {'hessian/stability': 0.5, 'hessian/stability_threshold': 20.0, 'hessian/batch_sharpness': 9.0}
+    """
+    values = {"stability": stability.stability, "stability_threshold": stability.threshold,
+              "preconditioned_eig_1": stability.preconditioned_eig_1,
+              "preconditioned_residual": stability.preconditioned_residual,
+              "batch_sharpness": stability.batch_sharpness}
+    return {f"{prefix}/{name}": float(v) for name, v in values.items() if _finite(v)}
+
+
 def scalar_metrics(measurement: Measurement, prefix: str = "hessian") -> dict[str, float]:
     """Every scalar tag of one call: each matrix's quantities and the call's cost.
 
@@ -73,7 +97,8 @@ def scalar_metrics(measurement: Measurement, prefix: str = "hessian") -> dict[st
         prefix: the callback's ``name``.
 
     Returns:
-        ``<prefix>/eig_1``, ..., ``<prefix>/ggn/...`` when the Gauss-Newton matrix was measured, and
+        ``<prefix>/eig_1``, ..., ``<prefix>/ggn/...`` when the Gauss-Newton matrix was measured, the
+        tags of :func:`stability_metrics` when the optimizer's edge of stability is known, and
         ``<prefix>/matvecs``, ``<prefix>/seconds``, ``<prefix>/overhead``, ``<prefix>/snapshot`` (1 for a
         snapshot, 0 for a tracked call) and ``<prefix>/nonfinite`` (0).
 
@@ -92,6 +117,8 @@ def scalar_metrics(measurement: Measurement, prefix: str = "hessian") -> dict[st
     for name, measured in measurement.matrices.items():
         metrics.update(matrix_metrics(measured, prefix if name == "hessian" else f"{prefix}/{GGN}", measurement.lr,
                                       snapshot=measurement.snapshot))
+    if measurement.stability is not None:
+        metrics.update(stability_metrics(measurement.stability, prefix))
     cost = {"matvecs": measurement.num_matvecs, "seconds": measurement.seconds, "overhead": measurement.overhead,
             "snapshot": float(measurement.snapshot)}
     metrics.update({f"{prefix}/{name}": float(v) for name, v in cost.items() if _finite(v)})
@@ -121,9 +148,11 @@ def tensorboard_layout(prefix: str, *, k: int, matrix: str = "hessian",
     ``{title: ["Multiline", [tag regex, ...]]}``. Each regex is one tag, anchored
     (``^hessian/eig_1$``), so that ``eig_1`` does not also draw ``eig_10``. Charts: the top k of each
     matrix measured; with ``matrix="both"`` eig_1 of H and of the Gauss-Newton matrix G together;
-    eig_1 times the learning rate (2 is the edge of stability of gradient descent); with the density
-    the trace and the mass near and below zero; the outlier count; and the cost of a call (seconds,
-    products, overhead).
+    eig_1 times the learning rate (2 is the edge of stability of plain gradient descent only); unless
+    only the Gauss-Newton matrix is measured, the optimizer's stability ratio with its edge, the
+    constant ``<prefix>/stability_edge`` at 1 that the TensorBoard logger gets with it; with the
+    density the trace and the mass near and below zero; the outlier count; and the cost of a call
+    (seconds, products, overhead).
 
     Args:
         prefix: the callback's ``name``.
@@ -137,6 +166,8 @@ def tensorboard_layout(prefix: str, *, k: int, matrix: str = "hessian",
         ['Multiline', ['^hessian/eig_1$', '^hessian/eig_2$', '^hessian/snapshot/eig_1$']]
         >>> layout["hessian: spectrum"]["eig_1 of H and G"]
         ['Multiline', ['^hessian/eig_1$', '^hessian/ggn/eig_1$']]
+        >>> layout["hessian: spectrum"]["stability (edge of stability: 1)"]
+        ['Multiline', ['^hessian/stability$', '^hessian/stability_edge$']]
         >>> sorted(layout["hessian: cost"])  # doctest: +NORMALIZE_WHITESPACE
         ['Hessian-vector products per call', 'kind of call (1: snapshot, 0: tracked)',
          'overhead (fraction of training time)', 'seconds per call']
@@ -148,7 +179,10 @@ def tensorboard_layout(prefix: str, *, k: int, matrix: str = "hessian",
                 for tag, name in tags}
     if len(tags) == 2:
         spectrum["eig_1 of H and G"] = _chart(f"{tag}/eig_1" for tag, _ in tags)
-    spectrum["eig_1 x learning rate (edge of stability: 2)"] = _chart(f"{tag}/sharpness_x_lr" for tag, _ in tags)
+    spectrum["eig_1 x learning rate (edge of stability: 2 for plain gradient descent)"] = _chart(
+        f"{tag}/sharpness_x_lr" for tag, _ in tags)
+    if matrix != GGN:
+        spectrum["stability (edge of stability: 1)"] = _chart([f"{prefix}/stability", f"{prefix}/{STABILITY_EDGE}"])
     spectrum["outlier count"] = _chart(f"{tag}/outliers" for tag, _ in tags)
     if density:
         spectrum["trace"] = _chart(f"{tag}/trace" for tag, _ in tags)

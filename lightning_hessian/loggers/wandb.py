@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightning_hessian.loggers.figures import Histogram
-from lightning_hessian.loggers.tags import STEP_METRIC
+from lightning_hessian.loggers.tags import PEAK_TAGS, STEP_METRIC
 from lightning_hessian.measurement import MatrixMeasurement
 
 
@@ -14,7 +14,9 @@ def wandb_define_metrics(run: Any, prefix: str) -> None:
     """Define every ``<prefix>/...`` tag of a W&B run against ``trainer/global_step``.
 
     W&B then draws them against the trainer's step (not its own call counter) and overlays runs
-    compared in one workspace step for step.
+    compared in one workspace step for step. ``<prefix>/stability`` and ``<prefix>/eig_1`` keep their
+    largest value over the run in the summary (``summary="max"``), so that the runs table and sweeps
+    sort runs by their peak.
 
     Args:
         run: a ``wandb`` Run (``WandbLogger.experiment``).
@@ -27,9 +29,13 @@ def wandb_define_metrics(run: Any, prefix: str) -> None:
         >>> wandb_define_metrics(Run(), "hessian")
         trainer/global_step {}
         hessian/* {'step_metric': 'trainer/global_step', 'step_sync': True}
+        hessian/stability {'step_metric': 'trainer/global_step', 'step_sync': True, 'summary': 'max'}
+        hessian/eig_1 {'step_metric': 'trainer/global_step', 'step_sync': True, 'summary': 'max'}
     """
     run.define_metric(STEP_METRIC)
     run.define_metric(f"{prefix}/*", step_metric=STEP_METRIC, step_sync=True)
+    for tag in PEAK_TAGS:
+        run.define_metric(f"{prefix}/{tag}", step_metric=STEP_METRIC, step_sync=True, summary="max")
 
 
 def spectrum_table(measured: MatrixMeasurement, step: int) -> tuple[list[str], list[list[Any]]]:

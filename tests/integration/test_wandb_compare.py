@@ -3,16 +3,15 @@
 Read back from the run files (the ``.wandb`` record log with wandb's own protobuf classes, and the
 table files under ``files/media/table``): each run defines the callback's tags against
 ``trainer/global_step``, holds the top k of every measurement as a ``wandb.Table`` and as a line plot
-of eigenvalue against index, and keeps the last top k in its summary.
+of eigenvalue against index, and keeps the last top k in its summary, with the peaks of eig_1 and of
+the stability ratio.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import struct
-import sys
 import time
 from pathlib import Path
 
@@ -21,22 +20,15 @@ import wandb
 from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2
 
+from helpers import load_example
+
 # A server process or W&B runs: seconds to a minute each.
 pytestmark = pytest.mark.slow
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "compare_runs.py"
 PROJECT = "lightning-hessian-compare"
 RUNS = ((8, 0.1), (64, 0.2))  # (batch size, learning rate)
 STEPS = [0, 2, 4]
 K = 3
-
-
-def _load_example():
-    spec = importlib.util.spec_from_file_location("compare_runs", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def _records(path: Path):
@@ -115,8 +107,8 @@ def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     environment = dict(os.environ)  # wandb may set variables; the per-test restore does not cover this fixture
     try:
-        results = _load_example().compare(out, runs=RUNS, max_steps=4, every_n_steps=2, k=K, num_samples=64,
-                                          wandb_mode="offline", project=PROJECT)
+        results = load_example("compare_runs").compare(out, runs=RUNS, max_steps=4, every_n_steps=2, k=K,
+                                                       num_samples=64, wandb_mode="offline", project=PROJECT)
     finally:
         wandb.finish()
         os.environ.clear()
@@ -139,6 +131,8 @@ def test_the_callback_tags_are_defined_against_the_trainer_step(compared):
         defined = {(m.glob_name or m.name): m.step_metric for m in run["metrics"]}
         assert defined["hessian/*"] == "trainer/global_step"
         assert "trainer/global_step" in defined
+        peaks = {m.name: m.step_metric for m in run["metrics"] if m.summary.max}
+        assert peaks == {"hessian/stability": "trainer/global_step", "hessian/eig_1": "trainer/global_step"}
         steps = [row["trainer/global_step"] for row in run["history"] if "hessian/eig_1" in row]
         assert steps == STEPS
 
@@ -167,7 +161,11 @@ def test_the_summary_holds_the_last_top_k_for_the_runs_table(compared):
         summary, last = run["summary"], result.history[-1]
         assert summary["hessian/top_k"] == pytest.approx(list(last.hessian.eigenvalues))
         assert summary["hessian/top_k_step"] == STEPS[-1]
-        for i, value in enumerate(last.hessian.eigenvalues, start=1):
+        for i, value in enumerate(last.hessian.eigenvalues[1:], start=2):
             assert summary[f"hessian/eig_{i}"] == pytest.approx(value)
+        # eig_1 and the stability ratio keep their peak, so the runs table sorts runs by it
+        history = result.history
+        assert summary["hessian/eig_1"] == {"max": pytest.approx(max(m.hessian.eigenvalues[0] for m in history))}
+        assert summary["hessian/stability"] == {"max": pytest.approx(max(m.stability.stability for m in history))}
         assert summary["hessian/sharpness_x_lr"] == pytest.approx(last.hessian.eigenvalues[0] * result.lr)
         assert summary["trainer/global_step"] == STEPS[-1]

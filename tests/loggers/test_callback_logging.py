@@ -24,8 +24,10 @@ SCALARS = [
     *(f"hessian/eig_{i}" for i in (1, 2, 3)),
     "hessian/eig_min", "hessian/trace", "hessian/outliers", "hessian/near_zero_fraction", "hessian/negative_mass",
     "hessian/sharpness_x_lr", "hessian/max_residual", "hessian/matvecs", "hessian/seconds", "hessian/overhead",
-    "hessian/nonfinite", "hessian/layer/net.0/eig_1",
+    "hessian/nonfinite", "hessian/layer/net.0/eig_1", "hessian/stability", "hessian/stability_threshold",
 ]
+# The batch just trained on: at the calls that follow a training step.
+BATCH_STEPS = [2, 4]
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +68,25 @@ def test_tensorboard_events_hold_scalars_histograms_and_figures(logged_run):
     assert first.bucket_limit[0] <= history[0].hessian.eigenvalues[0] <= first.bucket_limit[-1]
     images = events.Images("hessian/spectrum")
     assert [i.step for i in images] == STEPS and images[0].width > 100
+    assert [e.step for e in events.Scalars("hessian/batch_sharpness")] == BATCH_STEPS
+
+
+def test_tensorboard_draws_the_stability_ratio_against_its_edge_at_1(logged_run):
+    from tensorboard.plugins.custom_scalar.layout_pb2 import Layout
+
+    events = EventAccumulator(logged_run["tb"], size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    (written,) = events.Tensors("custom_scalars__config__")
+    layout = Layout.FromString(written.tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    assert charts["stability (edge of stability: 1)"] == ["^hessian/stability$", "^hessian/stability_edge$"]
+    history = logged_run["callback"].history
+    edge = events.Scalars("hessian/stability_edge")
+    assert [(e.step, e.value) for e in edge] == [(step, 1.0) for step in STEPS]
+    ratios = [e.value for e in events.Scalars("hessian/stability")]
+    # SGD at lr 0.1: eig_1 over 2 / lr
+    assert ratios == pytest.approx([m.hessian.eigenvalues[0] * 0.1 / 2 for m in history], rel=1e-6)
+    assert ratios == pytest.approx([m.stability.stability for m in history])
 
 
 def test_wandb_offline_run_receives_scalars_histogram_and_image(logged_run):
@@ -73,7 +94,11 @@ def test_wandb_offline_run_receives_scalars_histogram_and_image(logged_run):
     assert summary["trainer/global_step"] == STEPS[-1]
     for tag in SCALARS:
         assert tag in summary, tag
-    assert summary["hessian/eig_1"] == pytest.approx(last.hessian.eigenvalues[0])
+    history = logged_run["callback"].history
+    # the peak over the run, not the last value: runs and sweeps sort by it
+    assert dict(summary["hessian/eig_1"]) == {"max": pytest.approx(max(m.hessian.eigenvalues[0] for m in history))}
+    assert dict(summary["hessian/stability"]) == {"max": pytest.approx(max(m.stability.stability for m in history))}
+    assert summary["hessian/eig_2"] == pytest.approx(last.hessian.eigenvalues[1])
     histogram = dict(summary["hessian/density"])
     assert histogram["_type"] == "histogram" and len(histogram["values"]) == 200
     assert len(histogram["bins"]) == 201
