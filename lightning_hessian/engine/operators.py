@@ -28,13 +28,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_hessian.engine.batches import take_samples
+from lightning_hessian.engine.batches import count_samples, take_samples
 from lightning_hessian.engine.errors import NonFiniteError, all_finite
 from lightning_hessian.engine.memory import SavedBytes, available_bytes
 from lightning_hessian.engine.snapshot import (
     ModelSnapshot,
     SnapshotOptions,
     autograd_enabled,
+    dense,
     stacked,
     zeros_like_stacked,
 )
@@ -102,8 +103,9 @@ class CurvatureOperator:
 
     Args:
         model: the network; never modified.
-        batches: a re-iterable of batches (a list, a DataLoader); each batch is a tensor, tuple,
-            list or dict whose first tensor has the samples along dimension 0.
+        batches: a re-iterable of batches (a list, a DataLoader); each batch is a tensor or a
+            tuple, list, dict, dataclass or object of them, weighted by its samples (see
+            ``num_samples_fn``).
         keep_graph: keep each batch's first-derivative graph between products, so that one product
             costs about one backward pass instead of a forward and a double backward, at the memory
             of those graphs; an integer keeps the graphs of that many batches (the first ones) and
@@ -117,13 +119,15 @@ class CurvatureOperator:
             change, nor the operator (it averages over samples). Done only if the first batch's loss
             equals its micro-batches' losses weighted by samples (to a relative 1e-4), i.e. when the
             samples do not interact; batch statistics (``mode="train"``) or a loss over in-batch
-            pairs keep the batches whole. Default ``False``.
+            pairs keep the batches whole, and so does a ``num_samples_fn`` other than the default
+            count (the samples may lie along another dimension). Default ``False``.
         **options: the snapshot's (:class:`~lightning_hessian.engine.snapshot.SnapshotOptions`):
             ``params``, name patterns selecting parameters (default all with ``requires_grad``);
             ``dtype``, of the products (e.g. ``torch.float64`` for exact small-model work; default
-            the parameters' dtype, float32 for 16-bit models); ``mode``, ``"eval"`` (default;
+            each parameter's dtype, float32 for 16-bit ones); ``mode``, ``"eval"`` (default;
             running statistics, dropout off) or ``"train"`` (batch statistics, running statistics not
-            updated, dropout still off); ``vectorize``.
+            updated, dropout still off); ``num_samples_fn``, the samples of a batch (default: the
+            leading size of its first tensor with one); ``vectorize``.
 
     Attributes:
         graph_nbytes: bytes held by one batch's kept graph (the first batch's, measured when it is
@@ -298,9 +302,14 @@ class CurvatureOperator:
             saved.add(part)
         return graph, saved.nbytes
 
+    def _splits(self) -> bool:
+        """Whether to cut batches into micro-batches: asked for, and samples counted along dimension 0 (a
+        ``num_samples_fn`` may count along another)."""
+        return self.split_batches and self.snapshot.num_samples_fn in (None, count_samples)
+
     def _measure_first(self) -> None:
         """Before the first pass over the batches, which a split may change: build and measure batch 0's graph."""
-        if self.split_batches and self.graph_nbytes is None:
+        if self._splits() and self.graph_nbytes is None:
             self._graph(0)
 
     def _micro_batch_size(self) -> int | None:
@@ -343,7 +352,7 @@ class CurvatureOperator:
         """Build the graph of batch ``index`` and record its bytes; first, with ``split_batches``, cut the
         batches into micro-batches where one batch's graph would be large; with ``"auto"``, decide how
         many graphs to keep."""
-        if self.split_batches and index == 0:
+        if self._splits() and index == 0:
             size = self._micro_batch_size()
             if size is not None:
                 self.snapshot.split_batches(size)
@@ -452,7 +461,8 @@ class HessianOperator(CurvatureOperator):
         """The gradient of batch ``index``'s loss, one tensor per parameter (``None`` where unused)."""
         snapshot = self.snapshot
         loss = checked_loss(snapshot.call(self.loss_fn, snapshot.batches[index]), "loss_fn")
-        return torch.autograd.grad(loss, snapshot.leaves, create_graph=create_graph, allow_unused=True)
+        grads = torch.autograd.grad(loss, snapshot.leaves, create_graph=create_graph, allow_unused=True)
+        return tuple(None if g is None else dense(g) for g in grads)
 
     def _build_graph(self, index: int) -> tuple[Tensor | None, ...]:
         """The gradient of batch ``index``'s loss, with its graph (``create_graph=True``)."""
@@ -556,7 +566,7 @@ class GGNOperator(CurvatureOperator):
         jt_dummy = torch.autograd.grad(
             outputs, snapshot.leaves, dummy, create_graph=True, allow_unused=True, materialize_grads=True
         )
-        return outputs, detached, loss_grad, (dummy, *jt_dummy)
+        return outputs, detached, loss_grad, (dummy, *map(dense, jt_dummy))
 
     def _batch_matmat(self, index: int, vectors: list[Tensor]) -> list[Tensor]:
         outputs, detached, loss_grad, (dummy, *jt_dummy) = self._graph(index)
