@@ -38,8 +38,8 @@ def map_tensors(batch: Any, fn: Callable[[Tensor], Any]) -> Any:
     if isinstance(batch, Tensor):
         return fn(batch)
     if isinstance(batch, PackedSequence):  # the sizes stay on the CPU, as PackedSequence.to keeps them
-        return type(batch)(fn(batch.data), batch.batch_sizes, *(None if t is None else fn(t)
-                                                                for t in (batch.sorted_indices, batch.unsorted_indices)))
+        indices = (None if t is None else fn(t) for t in (batch.sorted_indices, batch.unsorted_indices))
+        return type(batch)(fn(batch.data), batch.batch_sizes, *indices)
     return _map_parts(batch, lambda part: map_tensors(part, fn))
 
 

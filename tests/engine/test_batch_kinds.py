@@ -124,7 +124,8 @@ def test_packed_sequences_count_their_sequences() -> None:
 def test_a_0d_tensor_holds_no_samples() -> None:
     torch.manual_seed(3)
     x, y = torch.randn(11, 4), torch.randint(0, 3, (11,))
-    batches = [{"max_len": torch.tensor(4), "x": x[:8], "y": y[:8]}, {"max_len": torch.tensor(4), "x": x[8:], "y": y[8:]}]
+    batches = [{"max_len": torch.tensor(4), "x": x[:8], "y": y[:8]},
+               {"max_len": torch.tensor(4), "x": x[8:], "y": y[8:]}]
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     op = HessianOperator(model, lambda m, b: F.cross_entropy(m(b["x"]), b["y"]), batches, dtype=torch.float64)
@@ -173,7 +174,7 @@ def test_a_batch_with_no_tensor_names_num_samples_fn() -> None:
     class Opaque:
         pass
 
-    with pytest.raises(TypeError, match="cannot count the samples of a batch of type Opaque.*num_samples_fn="):
+    with pytest.raises(TypeError, match=r"cannot count the samples of a batch of type Opaque.*num_samples_fn="):
         count_samples(Opaque())
 
 
