@@ -242,7 +242,9 @@ class Event:
         step: ``trainer.global_step``.
         stage: as in :class:`Measurement`.
         reason: ``"nonfinite"`` (the loss or a product was NaN or infinite), ``"no_loss"``
-            (``training_step`` returned ``None``) or ``"budget"`` (skipped to stay within the budget).
+            (``training_step`` returned ``None``), ``"budget"`` (skipped to stay within the budget),
+            ``"uninitialized"`` (the module still had lazy parameters) or ``"unsupported"`` (the model
+            or its batches cannot be measured as configured; the warning names the fix).
 
     Example:
         >>> Event(step=120, stage="fit", reason="nonfinite").to_dict()

@@ -28,15 +28,17 @@ from lightning_hessian import loggers
 from lightning_hessian._compat import CALLBACK_BASES, SHARDED_STRATEGIES
 from lightning_hessian.callback.config import HISTORY_FILE, BasisDtype, CallbackConfig, MatrixChoice, Mode
 from lightning_hessian.callback.isolation import isolated, loggers_muted
-from lightning_hessian.callback.probes import draw_probe_set
+from lightning_hessian.callback.monitors import Monitors
+from lightning_hessian.callback.probes import draw_probe_set, trained_batches
 from lightning_hessian.callback.progress import progress_line
+from lightning_hessian.callback.refusals import Refusals, initialized
 from lightning_hessian.callback.schedule import Budget, crossed_multiple
 from lightning_hessian.callback.solver import MatrixSolver, MissingLoss, make_operator
-from lightning_hessian.engine import NonFiniteError
-from lightning_hessian.engine.batches import count_samples
+from lightning_hessian.engine import NonFiniteError, UnsupportedError
+from lightning_hessian.engine.batches import ambiguous_count, count_samples
 from lightning_hessian.engine.density import default_num_probes
 from lightning_hessian.engine.layers import parameter_layout
-from lightning_hessian.engine.snapshot import select_parameters
+from lightning_hessian.engine.snapshot import flat_dtype, select_parameters
 from lightning_hessian.measurement import Event, Measurement
 
 
@@ -166,6 +168,14 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         dataloader: the probe data, a DataLoader or a list of batches (default: the training
             dataloader, read once more under isolated random streams and without its workers).
         loss_fn: ``loss_fn(pl_module, batch) -> scalar`` mean loss of a batch.
+        num_samples_fn: ``num_samples_fn(batch) -> int``, the number of samples of a batch, which
+            weights it and fills ``num_samples``. Default: as Lightning infers a batch size, the
+            leading size of the batch's first tensor with at least one dimension (tuples, lists,
+            dicts, dataclasses and objects are searched in order; 0-d tensors skipped), and the
+            number of sequences of a ``PackedSequence``; the callback warns once when the batch's
+            tensors disagree on it. Pass it where the samples lie along another dimension, e.g.
+            ``lambda batch: batch[0].shape[1]`` for time-major ``[T, B, ...]`` RNN batches (it
+            keeps the loader's batches: not with ``batch_size``).
         mode: ``"eval"`` or ``"train"`` (see above).
         seed: seed of the probe-set draw, the Lanczos start and the SLQ probes (the same at every
             call, so curves compare like with like).
@@ -222,6 +232,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         batch_size: int | None = None,
         dataloader: Iterable[Any] | None = None,
         loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        num_samples_fn: Callable[[Any], int] | None = None,
         mode: Mode = "eval",
         seed: int = 0,
         name: str = "hessian",
@@ -249,6 +260,8 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         self._smoke = False
         self._hparams_logged = False
         self._run_started = False
+        self._monitors = Monitors(self.config.name)
+        self._refusals = Refusals()
 
     # --- Lightning hooks ---------------------------------------------------------------------
 
@@ -280,11 +293,13 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                     "`hessian_outputs(self, batch)` returning the model outputs and "
                     "`hessian_output_loss(self, outputs, batch)` returning the mean loss"
                 )
-        num_params = sum(p.numel() for _, p in select_parameters(pl_module))
-        if config.k > num_params:
+        selected = [p for _, p in select_parameters(pl_module)]
+        num_params = sum(p.numel() for p in initialized(selected))  # a lazy module's have no size yet
+        if config.k > num_params and len(initialized(selected)) == len(selected):
             raise ValueError(f"k={config.k} exceeds the number of trainable parameters ({num_params}); lower k")
         if stage == "fit":
             self._log_hyperparams(trainer, pl_module)
+            self._monitors.setup(trainer)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         config = self.config
@@ -306,15 +321,26 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             self._scheduled(trainer, pl_module, "fit")
         else:  # fix the probe set at fit start even when the first measurement comes later
             with isolated(pl_module):
-                self._ensure_probes(trainer, pl_module)
+                try:
+                    self._ensure_probes(trainer, pl_module)
+                except UnsupportedError as err:
+                    self._refusals.refuse(trainer, trainer.global_step, "fit", err, self.events)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step, previous = trainer.global_step, self._last_checked
         self._last_checked = step
+        self._monitors.after_batch(trainer)
         if self._smoke or step <= max(self._last_step, previous) or step < 1:
             return
         if self.should_measure(step, previous) or (not self.config.scheduled and self._budget_allows(trainer, step)):
             self._scheduled(trainer, pl_module, "fit")
+        if self._monitors.due_after_batch(trainer):
+            self._run(trainer, pl_module, "fit")
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        """Under ``fit``, measure for the monitors of the callback's tags before a validation they check after."""
+        if not self._smoke and self._monitors.due_before_validation(trainer):
+            self._run(trainer, pl_module, "fit")
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         n = self.config.every_n_epochs
@@ -479,6 +505,9 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         started = time.perf_counter()
         step = trainer.global_step
         self._last_step = max(self._last_step, step)
+        self._monitors.called_step = step
+        if self._refusals.skip(trainer, pl_module, step, stage, self.events):
+            return None
         measurement, error = None, None
         bar = progress_line(self.config.name, self._expected_products(), self.config.progress
                             and trainer.is_global_zero)
@@ -486,6 +515,10 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             with isolated(pl_module), loggers_muted(trainer):
                 self._ensure_probes(trainer, pl_module)
                 measurement = self._compute(trainer, pl_module, stage, bar)
+        except UnsupportedError as err:
+            self._refusals.refuse(trainer, step, stage, err, self.events)
+            self._spent += time.perf_counter() - started
+            return None
         except NonFiniteError as err:
             error = err
         finally:
@@ -508,6 +541,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                 warnings.warn(f"HessianSpectrumCallback: no spectrum at step {step}: {error}; training continues",
                               RuntimeWarning, stacklevel=2)
             loggers.log_no_spectrum(trainer, prefix, step, {"nonfinite": 1.0, "overhead": self._overhead()})
+            self._monitors.no_spectrum(trainer)
         else:
             measurement = dataclasses.replace(measurement, overhead=self._overhead())
             self.history.append(measurement)
@@ -546,10 +580,20 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                     "more; a one-shot stream (a queue, a socket) would lose those samples to the draw: pass the "
                     "probe data as `dataloader=`", UserWarning, stacklevel=2,
                 )
-        raw = draw_probe_set(loader, num_samples=config.num_samples, batch_size=config.batch_size, seed=config.seed,
-                             rank=trainer.global_rank, world_size=trainer.world_size)
+        count = config.num_samples_fn or count_samples
+        try:
+            raw = draw_probe_set(loader, num_samples=config.num_samples, batch_size=config.batch_size,
+                                 seed=config.seed, rank=trainer.global_rank, world_size=trainer.world_size,
+                                 max_batches=None if config.dataloader is not None else trained_batches(trainer),
+                                 num_samples_fn=count)
+        except TypeError as err:  # batches the count or the re-batching cannot read: said once, fit goes on
+            raise UnsupportedError(str(err)) from err
         self.probe_batches = [self._to_device(trainer, pl_module, b) for b in raw]
-        local = sum(count_samples(b) for b in self.probe_batches)
+        ambiguous = ambiguous_count(self.probe_batches[0]) if self.probe_batches and count is count_samples else None
+        if ambiguous is not None and trainer.is_global_zero:
+            warnings.warn(f"HessianSpectrumCallback: {ambiguous} to HessianSpectrumCallback", UserWarning,
+                          stacklevel=2)
+        local = sum(count(b) for b in self.probe_batches)
         total = torch.tensor(float(local), device=trainer.strategy.root_device)
         self._num_probe_samples = int(trainer.strategy.reduce(total, reduce_op="sum").item()) \
             if trainer.world_size > 1 else local
@@ -587,8 +631,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
     def _compute(self, trainer: Any, pl_module: Any, stage: str, bar: Any) -> Measurement:
         started = time.perf_counter()
         config = self.config
-        float64 = any(p.dtype == torch.float64 for p in pl_module.parameters())
-        dtype = torch.float64 if float64 else torch.float32
+        dtype = flat_dtype(pl_module)
         optimizers = getattr(trainer, "optimizers", None) or []
         layout = parameter_layout(pl_module)
         solver = self._solver(dtype, sum(size for _, size in layout))
@@ -597,7 +640,8 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             if config.matrix in (matrix, "both"):
                 make = functools.partial(make_operator, trainer, pl_module, self.probe_batches or [], matrix,
                                          dtype=dtype, mode=config.mode, loss_fn=config.loss_fn,
-                                         keep_graph=config.keep_graph, split_batches=config.batch_size is None)
+                                         keep_graph=config.keep_graph, split_batches=config.batch_size is None,
+                                         num_samples_fn=config.num_samples_fn)
                 measured[matrix] = solver.measure(make, matrix, self._warm if config.warm_start else None,
                                                   layout=layout, bar=bar)
         return Measurement(

@@ -251,6 +251,18 @@ def lifted(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def flat_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a snapshot's flat ``[P]`` vectors for ``module``: float64 if one trainable parameter is
+    float64 (the others keep their own dtypes), else float32 (16-bit models computed in float32).
+
+    Example:
+        >>> flat_dtype(torch.nn.Linear(2, 1).bfloat16()), flat_dtype(torch.nn.Linear(2, 1).double())
+        (torch.float32, torch.float64)
+    """
+    dtypes = {lifted(p.dtype) for p in module.parameters() if p.requires_grad and p.is_floating_point()}
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
 def check_measurable(selected: Sequence[tuple[str, Tensor]], batches: Sequence[Any]) -> None:
     """An :class:`~lightning_hessian.engine.errors.UnsupportedError` naming the fix for parameters or batches
     that hold no values to differentiate: lazy (uninitialized) parameters, the meta device, complex
