@@ -16,37 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.nn.utils.rnn import pack_sequence
 from torch.utils.checkpoint import checkpoint
 
 from lightning_hessian import HessianOperator, UnsupportedError, dense_hessian
 from lightning_hessian.engine.batches import concat_batches, count_samples, map_tensors, rebatch, take_samples
 
-
-class _Whole(nn.Module):
-    def __init__(self, model: nn.Module, loss_of_all: Callable[[nn.Module], Tensor]) -> None:
-        super().__init__()
-        self.model, self.loss_of_all = model, loss_of_all
-
-    def forward(self) -> Tensor:
-        return self.loss_of_all(self.model)
-
-
-def oracle(model: nn.Module, loss_of_all: Callable[[nn.Module], Tensor]) -> Tensor:
-    """The float64 Hessian of ``loss_of_all(model)``, the mean loss over every sample, over the trainable parameters."""
-    replica = copy.deepcopy(model).double().eval()
-    names = [n for n, p in replica.named_parameters() if p.requires_grad]
-    params = dict(replica.named_parameters())
-    shapes = [params[n].shape for n in names]
-    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
-
-    def loss(theta: Tensor) -> Tensor:
-        parts = [c.reshape(s) for c, s in zip(theta.split([s.numel() for s in shapes]), shapes, strict=True)]
-        state = {"model." + n: p for n, p in zip(names, parts, strict=True)}
-        return functional_call(_Whole(replica, loss_of_all), state, (), strict=False)
-
-    return torch.autograd.functional.hessian(loss, flat)
+from helpers import dense_oracle as oracle
 
 
 def matrix_of(op: HessianOperator) -> Tensor:
