@@ -27,6 +27,7 @@ from torch.utils.data import IterableDataset
 from lightning_hessian import loggers
 from lightning_hessian._compat import CALLBACK_BASES, SHARDED_STRATEGIES
 from lightning_hessian.callback.config import HISTORY_FILE, BasisDtype, CallbackConfig, MatrixChoice, Mode
+from lightning_hessian.callback.distributed import warn_history_elsewhere
 from lightning_hessian.callback.isolation import isolated, loggers_muted
 from lightning_hessian.callback.monitors import Monitors
 from lightning_hessian.callback.probes import draw_probe_set, trained_batches
@@ -300,6 +301,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         if stage == "fit":
             self._log_hyperparams(trainer, pl_module)
             self._monitors.setup(trainer)
+            warn_history_elsewhere(trainer, config.history_path)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         config = self.config
@@ -350,7 +352,10 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if (self.config.at_end or self._smoke) and trainer.global_step > self._last_step:
-            self._run(trainer, pl_module, "fit")
+            if self._end_call_fits(trainer):
+                self._run(trainer, pl_module, "fit")
+            else:
+                self._skip_for_budget(trainer, trainer.global_step, "fit")
         path = self.config.history_path
         if path and trainer.loggers:
             directory = trainer.log_dir  # a collective: evaluated on every rank
@@ -469,6 +474,10 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         more = math.floor(calls)
         what = (f"it measures about {more} more times, log-spaced early and evenly later (next at step {due:,}), "
                 "and after the last step" if more >= 1 else "it measures again only after the last step")
+        if more < 1 and budget.total_steps is not None \
+                and not budget.allows_end_call(per_step * (budget.total_steps - budget.start_step)):
+            what = ("its calls so far already spent more than that, so it measures no more, not after the last step "
+                    "either (budget=None measures there regardless)")
         self.plan = (
             f"HessianSpectrumCallback: one measurement takes {budget.call_seconds:.2g} s, about "
             f"{budget.call_seconds / max(per_step, 1e-12):,.0f} training steps; to keep its cost near "
@@ -488,12 +497,24 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             if trainer.world_size > 1:  # every rank must take the same branch: rank 0's clock decides
                 skip = trainer.strategy.broadcast(skip, src=0)
             if skip:
-                self._last_step = step
-                self.events.append(Event(step, stage, "budget"))
-                loggers.log_scalars(trainer, {f"{self.config.name}/skipped": 1.0,
-                                              f"{self.config.name}/overhead": self._overhead()}, step)
+                self._skip_for_budget(trainer, step, stage)
                 return
         self._run(trainer, pl_module, stage)
+
+    def _skip_for_budget(self, trainer: Any, step: int, stage: str) -> None:
+        """A call left out to stay within the budget: an event and ``<name>/skipped``."""
+        self._last_step = step
+        self.events.append(Event(step, stage, "budget"))
+        loggers.log_scalars(trainer, {f"{self.config.name}/skipped": 1.0,
+                                      f"{self.config.name}/overhead": self._overhead()}, step)
+
+    def _end_call_fits(self, trainer: Any) -> bool:
+        """Under the budget schedule, whether the call after the last step keeps the run within the budget plus
+        one call (rank 0's clocks decide under DDP); always with an explicit schedule or no budget."""
+        if self._budget is None or self.config.scheduled:
+            return True
+        fits = self._budget.allows_end_call(self._training_seconds())
+        return trainer.strategy.broadcast(fits, src=0) if trainer.world_size > 1 else fits
 
     def _overhead(self) -> float:
         if self._clock_start is None:

@@ -13,7 +13,8 @@ real costs; t is timed from the end of the first training step on (the first car
 warm-up), over at least ``TIMED_STEPS`` steps before the first planned call. A call is also held
 back while it would lift the overhead so far above ``2 b`` (the call at step 0 excepted), so a run
 stopped early has spent at most twice its share. The call after the last step (``at_end``) is one
-more: a run spends at most b plus one call.
+more, made only while the calls so far spent at most B: a run spends at most b plus one call (on a
+run shorter than one call, that one is the call at step 0).
 """
 
 from __future__ import annotations
@@ -119,6 +120,18 @@ class Budget:
         self.call_seconds = seconds
         self.last_step = step
         self.calls += 1
+
+    def allows_end_call(self, training_seconds: float) -> bool:
+        """Whether the call after the last step still fits: the calls so far spent at most the budget,
+        ``b / (1 - b)`` times the training time, so that the run spends at most b plus one call.
+
+        Example:
+            >>> budget = Budget(fraction=0.05, total_steps=80)
+            >>> budget.record_call(step=0, seconds=0.5)  # one call longer than the whole run's budget
+            >>> budget.allows_end_call(training_seconds=0.1), budget.allows_end_call(training_seconds=100.0)
+            (False, True)
+        """
+        return self.spent <= self.fraction / (1 - self.fraction) * training_seconds
 
     def overhead(self, training_seconds: float) -> float:
         """Fraction of the run's wall time spent in the callback so far."""

@@ -327,6 +327,19 @@ def test_the_default_budget_measures_at_start_says_its_plan_once_and_spaces_the_
     assert 0 < callback.history[-1].overhead < 1
 
 
+def test_a_run_shorter_than_one_call_spends_at_most_the_budget_plus_that_call():
+    callback = HessianSpectrumCallback(k=3)  # default budget: 5% of a run of 40 steps of about a millisecond
+    run = trainer(max_epochs=10, callbacks=[callback])
+    run.fit(TinyMLP(), DataLoader(dataset(), batch_size=8))
+    assert [r.step for r in callback.history] == [0]
+    assert [(e.step, e.reason) for e in callback.events] == [(40, "budget")]  # not after the last step
+    assert "measures no more" in callback.plan
+    assert float(run.callback_metrics["hessian/skipped"]) == 1.0
+    explicit = HessianSpectrumCallback(k=3, budget=None)  # no budget: the call after the last step is made
+    trainer(max_epochs=10, callbacks=[explicit]).fit(TinyMLP(), DataLoader(dataset(), batch_size=8))
+    assert [r.step for r in explicit.history] == [0, 40]
+
+
 def test_every_n_epochs_and_a_budget_cap_on_an_explicit_schedule():
     by_epoch = HessianSpectrumCallback(budget=None, every_n_epochs=1, at_start=False, at_end=False,
                                        k=2, num_samples=16, density=False)
