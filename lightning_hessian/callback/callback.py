@@ -33,7 +33,7 @@ from lightning_hessian.callback.monitors import Monitors
 from lightning_hessian.callback.probes import draw_probe_set, trained_batches
 from lightning_hessian.callback.progress import progress_line
 from lightning_hessian.callback.refusals import Refusals, initialized
-from lightning_hessian.callback.schedule import Budget, crossed_multiple
+from lightning_hessian.callback.schedule import Budget, crossed_multiple, note_time_limit
 from lightning_hessian.callback.solver import MatrixSolver, MissingLoss, make_operator
 from lightning_hessian.engine import NonFiniteError, UnsupportedError
 from lightning_hessian.engine.batches import ambiguous_count, count_samples
@@ -302,6 +302,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             self._log_hyperparams(trainer, pl_module)
             self._monitors.setup(trainer)
             warn_history_elsewhere(trainer, config.history_path)
+            note_time_limit(trainer)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         config = self.config
@@ -610,7 +611,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         except TypeError as err:  # batches the count or the re-batching cannot read: said once, fit goes on
             raise UnsupportedError(str(err)) from err
         self.probe_batches = [self._to_device(trainer, pl_module, b) for b in raw]
-        ambiguous = ambiguous_count(self.probe_batches[0]) if self.probe_batches and count is count_samples else None
+        ambiguous = ambiguous_count(self.probe_batches) if count is count_samples else None
         if ambiguous is not None and trainer.is_global_zero:
             warnings.warn(f"HessianSpectrumCallback: {ambiguous} to HessianSpectrumCallback", UserWarning,
                           stacklevel=2)
@@ -662,7 +663,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                 make = functools.partial(make_operator, trainer, pl_module, self.probe_batches or [], matrix,
                                          dtype=dtype, mode=config.mode, loss_fn=config.loss_fn,
                                          keep_graph=config.keep_graph, split_batches=config.batch_size is None,
-                                         num_samples_fn=config.num_samples_fn)
+                                         num_samples_fn=config.num_samples_fn or count_samples)
                 measured[matrix] = solver.measure(make, matrix, self._warm if config.warm_start else None,
                                                   layout=layout, bar=bar)
         return Measurement(

@@ -20,7 +20,6 @@ import warnings
 from typing import Any
 
 import torch
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from lightning_hessian.loggers.tags import COST_TAGS
 
@@ -96,7 +95,7 @@ class Monitors:
         self._spectral: set[str] = set()  # the spectral tags dropped so far, which a call without a spectrum NaNs
 
     def setup(self, trainer: Any) -> None:
-        """Find the monitors; say once what cannot be followed, and that a time limit counts the callback's time."""
+        """Find the monitors; say once what cannot be followed."""
         self.watching = monitors(trainer, self.prefix)
         self.called_step = -1
         self._spectral = set()
@@ -107,9 +106,6 @@ class Monitors:
             warnings.warn(f"HessianSpectrumCallback: {', '.join(unfollowed)} checks on a timer, which the callback "
                           f"cannot measure for; its {self.prefix}/ tags are absent at those checks (they are "
                           "current or absent): save on steps or epochs instead", UserWarning, stacklevel=3)
-        if any(type(callback).__name__ == "Timer" for callback in getattr(trainer, "callbacks", None) or []):
-            rank_zero_info("HessianSpectrumCallback: the Trainer stops on time (max_time or a Timer); the callback's "
-                           "calls count against it, so the run trains fewer steps than it would without them")
 
     def after_batch(self, trainer: Any) -> None:
         """Drop the callback's values once training has moved past the step they were measured at."""

@@ -9,8 +9,9 @@ all of it and :meth:`SavedState.restore` puts it back:
   and the walk goes on into the items, at any depth (tuples are walked too), so a tensor in a dict
   of tensors is covered like a tensor attribute;
 - a tensor changed in place gets its values back when it holds up to ``CLONED_ELEMENTS``
-  elements; a larger one cannot be put back, and a warning names it;
-- a NumPy array of up to ``CLONED_ELEMENTS`` elements gets its values back;
+  elements and the copies of one walk hold no more than ``CLONED_TOTAL`` (so a dataset of many
+  small tensors is not copied whole); another one cannot be put back, and a warning names it;
+- a NumPy array of up to ``CLONED_ELEMENTS`` elements gets its values back, within the same total;
 - a random generator gets its state back: ``torch.Generator``, NumPy's ``Generator``,
   ``BitGenerator`` and ``RandomState``, Python's ``random.Random``;
 - with ``objects=True`` (data loaders), the walk also enters other objects that have a
@@ -38,6 +39,8 @@ import torch
 # Tensors (and NumPy arrays) of up to this many elements changed in place get their values back
 # (they are copied when the state is saved); larger ones are only detected.
 CLONED_ELEMENTS = 1 << 20
+# The copies one walk makes hold at most this many elements in all (64 MB of float32).
+CLONED_TOTAL = 16 * CLONED_ELEMENTS
 # How many levels of plain objects an ``objects=True`` walk enters below its roots.
 OBJECT_DEPTH = 4
 # Values with nothing inside to save.
@@ -90,6 +93,7 @@ class SavedState:
         self._objects = objects
         self._seen: set[int] = set()
         self._undo: list[Callable[[], None]] = []
+        self._left = CLONED_TOTAL  # elements the walk may still copy
 
     def add(self, owner: Any, *, skip: frozenset[str] = frozenset()) -> None:
         """Save the instance attributes of ``owner`` (those named in ``skip`` left alone) and what they hold."""
@@ -157,7 +161,7 @@ class SavedState:
         if value.is_inference():  # made under inference mode: it cannot be changed in place outside it
             return
         version = value._version
-        saved = value.detach().clone() if value.numel() <= CLONED_ELEMENTS else None
+        saved = value.detach().clone() if self._copyable(value.numel()) else None
 
         def undo() -> None:
             if value._version == version:
@@ -172,8 +176,15 @@ class SavedState:
 
         self._undo.append(undo)
 
+    def _copyable(self, size: int) -> bool:
+        """Whether a tensor or array of ``size`` elements is copied (and so counted against the total)."""
+        if size > min(CLONED_ELEMENTS, self._left):
+            return False
+        self._left -= size
+        return True
+
     def _save_array(self, value: numpy.ndarray) -> None:
-        if value.size > CLONED_ELEMENTS or not value.flags.writeable or value.dtype.hasobject:
+        if not value.flags.writeable or value.dtype.hasobject or not self._copyable(value.size):
             return
         saved = value.copy()
         self._undo.append(lambda: numpy.copyto(value, saved))

@@ -21,12 +21,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 # Early calls may lift the overhead so far up to this multiple of the budget: room for the log-spaced
 # start of the plan, while a run stopped early has spent at most twice its share.
 OVERHEAD_CAP = 2.0
 # Training steps timed (after the first) before the budget plans a call.
 TIMED_STEPS = 5
+
+
+def note_time_limit(trainer: Any) -> None:
+    """Say once (rank zero) that a Trainer stopping on time (``max_time`` or a ``Timer``) counts the callback's calls,
+    so the run trains fewer steps than it would without them."""
+    if any(type(callback).__name__ == "Timer" for callback in getattr(trainer, "callbacks", None) or []):
+        rank_zero_info("HessianSpectrumCallback: the Trainer stops on time (max_time or a Timer); the callback's "
+                       "calls count against it, so the run trains fewer steps than it would without them")
 
 
 def crossed_multiple(previous: int, step: int, every: int, *, log_spaced: bool = False) -> bool:

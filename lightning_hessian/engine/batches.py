@@ -117,11 +117,16 @@ def leading_sizes(batch: Any) -> list[int]:
         >>> leading_sizes({"max_len": torch.tensor(7), "x": torch.zeros(4, 7), "y": torch.zeros(4)})
         [4, 4]
     """
+    return [size for size, _ in _leading_parts(batch)]
+
+
+def _leading_parts(batch: Any) -> list[tuple[int, Any]]:
+    """``(leading size, part)`` for every tensor of at least one dimension and every ``PackedSequence``."""
     if isinstance(batch, PackedSequence):
-        return [int(batch.batch_sizes[0])] if batch.batch_sizes.numel() else [0]
+        return [(int(batch.batch_sizes[0]) if batch.batch_sizes.numel() else 0, batch)]
     if isinstance(batch, Tensor):
-        return [batch.shape[0]] if batch.dim() > 0 else []
-    return [size for part in _parts(batch) for size in leading_sizes(part)]
+        return [(batch.shape[0], batch)] if batch.dim() > 0 else []
+    return [found for part in _parts(batch) for found in _leading_parts(part)]
 
 
 def count_samples(batch: Any) -> int:
@@ -147,22 +152,39 @@ def count_samples(batch: Any) -> int:
     return sizes[0]
 
 
-def ambiguous_count(batch: Any) -> str | None:
-    """A warning's text when a batch's tensors disagree on their leading size (the count may not be the
-    number of samples, as for a time-major ``[T, B, ...]`` batch), else ``None``.
+def ambiguous_count(batches: list[Any]) -> str | None:
+    """A warning's text when the tensors of a batch disagree on their leading size (the count may not be the
+    number of samples, as for a time-major ``[T, B, ...]`` batch), else ``None``. A tensor that is the same
+    in every batch (a class-weight vector each batch carries) holds no samples and is left out, once there
+    are two batches to compare.
 
     Example:
-        >>> ambiguous_count((torch.zeros(6, 25, 8), torch.zeros(25))) is not None
+        >>> ambiguous_count([(torch.zeros(6, 25, 8), torch.zeros(25))]) is not None
+        True
+        >>> weight = torch.ones(4)
+        >>> ambiguous_count([(torch.zeros(8, 3), weight), (torch.ones(8, 3), weight)]) is None
         True
     """
-    sizes = leading_sizes(batch)
-    if len(set(sizes)) <= 1:
+    parts = [_leading_parts(batch) for batch in batches]
+    if not parts or not parts[0]:
         return None
-    others = sorted(set(sizes) - {sizes[0]})
-    return (f"the batch's tensors have different leading sizes ({sizes[0]}, then {', '.join(map(str, others))}); "
-            f"each batch counts {sizes[0]} samples, the first tensor's leading size, and batches are weighted so. "
-            "If the samples lie along another dimension (a time-major [T, B, ...] RNN batch), pass "
-            "num_samples_fn=lambda batch: <its number of samples>")
+    width = min(len(found) for found in parts)
+    constant = [len(parts) > 1 and _same_everywhere([found[j][1] for found in parts]) for j in range(width)]
+    for found in parts:
+        sizes = [size for j, (size, _) in enumerate(found) if j >= width or not constant[j]]
+        if len(set(sizes)) > 1:
+            others = sorted(set(sizes) - {sizes[0]})
+            return (f"the batch's tensors have different leading sizes ({sizes[0]}, then "
+                    f"{', '.join(map(str, others))}); each batch counts {sizes[0]} samples, the first tensor's "
+                    "leading size, and batches are weighted so. If the samples lie along another dimension (a "
+                    "time-major [T, B, ...] RNN batch), pass num_samples_fn=lambda batch: <its number of samples>")
+    return None
+
+
+def _same_everywhere(values: list[Any]) -> bool:
+    first = values[0]
+    return all(isinstance(v, Tensor) and isinstance(first, Tensor) and v.shape == first.shape
+               and v.dtype == first.dtype and torch.equal(v, first) for v in values)
 
 
 def move_batch(batch: Any, device: torch.device, dtype: torch.dtype | None) -> Any:

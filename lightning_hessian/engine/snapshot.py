@@ -382,7 +382,7 @@ class ModelSnapshot:
         self.dtype = max((leaf.dtype for leaf in self.leaves), key=lambda d: torch.finfo(d).bits)
         self.others = tuple(self._others.values())
         self.num_samples = sum(self.batch_sizes)
-        if num_samples_fn is None and (message := ambiguous_count(self.batches[0])) is not None:
+        if num_samples_fn is None and (message := ambiguous_count(self.batches)) is not None:
             warnings.warn(message, UserWarning, stacklevel=3)
 
     def count(self, batch: Any, index: int = 0) -> int:

@@ -340,6 +340,15 @@ def test_a_run_shorter_than_one_call_spends_at_most_the_budget_plus_that_call():
     assert [r.step for r in explicit.history] == [0, 40]
 
 
+def test_a_time_limit_is_said_to_count_the_callbacks_calls(caplog):
+    callback = HessianSpectrumCallback(k=2, density=False)
+    with caplog.at_level(logging.INFO):
+        trainer(max_time={"seconds": 30}, max_steps=2, callbacks=[callback]).fit(
+            TinyMLP(), DataLoader(dataset(), batch_size=8))
+    said = [r.getMessage() for r in caplog.records if "stops on time" in r.getMessage()]
+    assert len(said) == 1 and "trains fewer steps" in said[0]
+
+
 def test_every_n_epochs_and_a_budget_cap_on_an_explicit_schedule():
     by_epoch = HessianSpectrumCallback(budget=None, every_n_epochs=1, at_start=False, at_end=False,
                                        k=2, num_samples=16, density=False)

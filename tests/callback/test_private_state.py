@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from lightning_hessian import HessianSpectrumCallback
 from lightning_hessian.callback.isolation import plain_state_kept
-from lightning_hessian.callback.saved_state import SavedState
+from lightning_hessian.callback.saved_state import CLONED_ELEMENTS, CLONED_TOTAL, SavedState
 
 QUIET = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 NUM_SAMPLES, FEATURES, CLASSES = 120, 6, 3
@@ -336,6 +336,17 @@ def test_saved_state_covers_every_kind_of_value_it_promises():
     assert not owner.tensor.any() and not owner.array.any() and not owner.deep["a"][0]["b"][0].any()
     assert len(owner.deep["a"]) == 1 and owner.inner.count == 0
     assert owner.removed == "here" and not hasattr(owner, "added")
+
+
+def test_the_copies_of_one_walk_stop_at_the_total_and_a_change_beyond_it_is_named():
+    net = nn.Linear(2, 2)
+    copied = CLONED_TOTAL // CLONED_ELEMENTS
+    net.buffers_list = [torch.zeros(CLONED_ELEMENTS) for _ in range(copied + 1)]
+    with pytest.warns(RuntimeWarning, match=rf"large tensor attribute Linear.buffers_list\[{copied}\] in place"):
+        with plain_state_kept(net):
+            for tensor in net.buffers_list:
+                tensor.add_(1.0)
+    assert all(not tensor.any() for tensor in net.buffers_list[:copied]) and net.buffers_list[copied].all()
 
 
 def test_plain_state_kept_puts_a_generator_of_a_submodule_back():
