@@ -67,6 +67,8 @@ FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "16384"}
 # A default run whose training takes as long as this many warm calls holds about three budgeted
 # measurements at 5%, besides the first and the last, and as many more as warm calls are cheaper.
 OVERHEAD_RUN_CALLS = 70
+# The budget of the smoke version of that run, long enough for calls after the first.
+SMOKE_RUN_BUDGET = 0.5
 # Steps of the short run that times Lightning's whole loop per training step (data, hooks, epochs).
 LOOP_TIMING_STEPS = 300
 
@@ -555,7 +557,9 @@ def main(argv: list[str] | None = None) -> int:
         row.update(default_calls(workload, calls, **smoke))
         row["allocated_rest"] = None if args.no_allocation_peak else allocation_rest(name, args.smoke)["rest"]
         if workload.overhead_run and not args.no_overhead_run:
-            row["run"] = overhead_run(workload, _warm_seconds(row), 100 if args.smoke else None, **smoke)
+            # a smoke run of 100 steps is shorter than one call at 5%: a larger share keeps calls after the first
+            budget = {"budget": SMOKE_RUN_BUDGET} if args.smoke else {}
+            row["run"] = overhead_run(workload, _warm_seconds(row), 100 if args.smoke else None, **smoke, **budget)
         rows[name] = row
         print(f"scale: {name} done ({time.perf_counter() - started:.0f} s)", flush=True)
         # Written after every workload, so that a run stopped early keeps what it measured.

@@ -121,6 +121,11 @@ class MatrixMeasurement:
     grad_overlap: float | None = None
     error_bounds: tuple[float, ...] = ()
 
+    def __eq__(self, other: object) -> bool:
+        return same_values(self, other)
+
+    __hash__ = None  # type: ignore[assignment]  # mappings inside: not hashable
+
     @property
     def max_error_bound(self) -> float:
         """The largest estimated eigenvalue error of the top k (NaN when not recorded)."""
@@ -240,6 +245,11 @@ class Measurement:
     snapshot: bool = True
     stability: Stability | None = None
 
+    def __eq__(self, other: object) -> bool:
+        return same_values(self, other)
+
+    __hash__ = None  # type: ignore[assignment]  # mappings inside: not hashable
+
     @property
     def matrices(self) -> dict[str, MatrixMeasurement]:
         """The matrices measured, by name (``"hessian"``, ``"ggn"``)."""
@@ -282,7 +292,9 @@ class Event:
         step: ``trainer.global_step``.
         stage: as in :class:`Measurement`.
         reason: ``"nonfinite"`` (the loss or a product was NaN or infinite), ``"no_loss"``
-            (``training_step`` returned ``None``) or ``"budget"`` (skipped to stay within the budget).
+            (``training_step`` returned ``None``), ``"budget"`` (skipped to stay within the budget),
+            ``"uninitialized"`` (the module still had lazy parameters) or ``"unsupported"`` (the model
+            or its batches cannot be measured as configured; the warning names the fix).
 
     Example:
         >>> Event(step=120, stage="fit", reason="nonfinite").to_dict()
@@ -296,6 +308,32 @@ class Event:
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values."""
         return dataclasses.asdict(self)
+
+
+def same_values(a: Any, b: Any) -> bool:
+    """Whether two records of one type hold the same plain values (:meth:`Measurement.to_dict`), NaN equal
+    to NaN: a history compares equal to its checkpoint or JSON round trip.
+
+    Example:
+        >>> from lightning_hessian.engine import SpectrumSummary
+        >>> summary = SpectrumSummary(0, 1.0, 2.0, float("nan"), float("nan"))
+        >>> one = MatrixMeasurement("hessian", 3, (2.0,), (1e-9,), (True,), 10, summary)
+        >>> one == MatrixMeasurement.from_dict(one.to_dict()), one == dataclasses.replace(one, num_matvecs=11)
+        (True, False)
+    """
+    if type(a) is not type(b):
+        return NotImplemented
+    return _plain_equal(a.to_dict(), b.to_dict())
+
+
+def _plain_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_plain_equal(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_plain_equal(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
 
 
 def _density_to_dict(density: SpectralDensity | None) -> dict[str, Any] | None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
 from lightning_hessian import dense_hessian
@@ -76,6 +79,31 @@ def trainer(**kwargs) -> pl.Trainer:
                 "enable_model_summary": False, "enable_checkpointing": False}
     settings.update(kwargs)
     return pl.Trainer(**settings)
+
+
+class _WholeLoss(nn.Module):
+    def __init__(self, model: nn.Module, loss_of_all: Callable[[nn.Module], Tensor]) -> None:
+        super().__init__()
+        self.model, self.loss_of_all = model, loss_of_all
+
+    def forward(self) -> Tensor:
+        return self.loss_of_all(self.model)
+
+
+def dense_oracle(model: nn.Module, loss_of_all: Callable[[nn.Module], Tensor]) -> Tensor:
+    """The float64 Hessian of ``loss_of_all(model)``, the mean loss over every sample, over the trainable parameters."""
+    replica = copy.deepcopy(model).double().eval()
+    names = [n for n, p in replica.named_parameters() if p.requires_grad]
+    params = dict(replica.named_parameters())
+    shapes = [params[n].shape for n in names]
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def loss(theta: Tensor) -> Tensor:
+        parts = [c.reshape(s) for c, s in zip(theta.split([s.numel() for s in shapes]), shapes, strict=True)]
+        state = {"model." + n: p for n, p in zip(names, parts, strict=True)}
+        return functional_call(_WholeLoss(replica, loss_of_all), state, (), strict=False)
+
+    return torch.autograd.functional.hessian(loss, flat)
 
 
 def top_dense(module: nn.Module, batches, k: int, **kwargs) -> torch.Tensor:

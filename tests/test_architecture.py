@@ -73,7 +73,8 @@ def test_the_benchmarks_import_no_private_name_of_the_package():
 # Private names of other libraries that the package must use: Lightning's batch transfer path (what the
 # training loop runs), a tensor's version counter, torch's normalization and dropout base classes, and the
 # override point of a peer library's operator (benchmarks).
-_FOREIGN_PRIVATE = {"_on_before_batch_transfer", "_version", "_NormBase", "_DropoutNd", "_BatchNorm", "_matmat"}
+_FOREIGN_PRIVATE = {"_on_before_batch_transfer", "_version", "_NormBase", "_DropoutNd", "_BatchNorm", "_matmat",
+                    "_BaseDataLoaderIter", "_indices", "_values"}
 
 
 def test_no_code_reaches_into_a_private_attribute_of_another_object():

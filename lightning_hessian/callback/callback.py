@@ -26,10 +26,13 @@ from torch.utils.data import IterableDataset
 from lightning_hessian import loggers
 from lightning_hessian._compat import CALLBACK_BASES, SHARDED_STRATEGIES
 from lightning_hessian.callback.config import HISTORY_FILE, BasisDtype, CallbackConfig, MatrixChoice, Mode
+from lightning_hessian.callback.distributed import warn_history_elsewhere
 from lightning_hessian.callback.hooks import GaussNewtonModule, HessianLossModule
 from lightning_hessian.callback.isolation import isolated, loggers_muted
-from lightning_hessian.callback.probes import draw_probe_set
+from lightning_hessian.callback.monitors import Monitors
+from lightning_hessian.callback.probes import draw_probe_set, trained_batches
 from lightning_hessian.callback.progress import progress_line
+from lightning_hessian.callback.refusals import Refusals, initialized
 from lightning_hessian.callback.schedule import (
     MIN_DENSITY_STEPS,
     Budget,
@@ -38,15 +41,16 @@ from lightning_hessian.callback.schedule import (
     Kind,
     crossed_multiple,
     fit_fidelity,
+    note_time_limit,
     plan_message,
 )
 from lightning_hessian.callback.solver import MatrixSolver, MissingLoss, make_operator, top_k_matvecs
 from lightning_hessian.callback.stability import StabilityWatch
-from lightning_hessian.engine import NonFiniteError
-from lightning_hessian.engine.batches import count_samples
+from lightning_hessian.engine import NonFiniteError, UnsupportedError
+from lightning_hessian.engine.batches import ambiguous_count, count_samples
 from lightning_hessian.engine.density import default_num_probes
 from lightning_hessian.engine.layers import parameter_layout
-from lightning_hessian.engine.snapshot import select_parameters
+from lightning_hessian.engine.snapshot import flat_dtype, select_parameters
 from lightning_hessian.measurement import Event, Measurement
 
 # Under ``fast_dev_run`` the one measurement after the last step is this cheap: at most this many
@@ -177,6 +181,14 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         dataloader: the probe data, a DataLoader or a list of batches (default: the training
             dataloader, read once more under isolated random streams and without its workers).
         loss_fn: ``loss_fn(pl_module, batch) -> scalar`` mean loss of a batch.
+        num_samples_fn: ``num_samples_fn(batch) -> int``, the number of samples of a batch, which
+            weights it and fills ``num_samples``. Default: as Lightning infers a batch size, the
+            leading size of the batch's first tensor with at least one dimension (tuples, lists,
+            dicts, dataclasses and objects are searched in order; 0-d tensors skipped), and the
+            number of sequences of a ``PackedSequence``; the callback warns once when the batch's
+            tensors disagree on it. Pass it where the samples lie along another dimension, e.g.
+            ``lambda batch: batch[0].shape[1]`` for time-major ``[T, B, ...]`` RNN batches (it
+            keeps the loader's batches: not with ``batch_size``).
         mode: ``"eval"`` or ``"train"`` (see above).
         seed: seed of the probe-set draw, the Lanczos start and the SLQ probes (the same at every
             call, so curves compare like with like).
@@ -236,6 +248,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         batch_size: int | None = None,
         dataloader: Iterable[Any] | None = None,
         loss_fn: Callable[[Any, Any], Tensor] | None = None,
+        num_samples_fn: Callable[[Any], int] | None = None,
         mode: Mode = "eval",
         seed: int = 0,
         name: str = "hessian",
@@ -250,6 +263,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             max_matvecs=max_matvecs, num_probes=num_probes, num_steps=num_steps, warm_start=warm_start,
             basis_dtype=basis_dtype, basis_device=basis_device, max_basis=max_basis, keep_graph=keep_graph,
             reorthogonalize=reorthogonalize, num_samples=num_samples, batch_size=batch_size, dataloader=dataloader,
+            num_samples_fn=num_samples_fn,
             loss_fn=loss_fn, mode=mode, seed=seed, name=name, history_file=history_file, progress=progress
         )
         self.history: list[Measurement] = []
@@ -271,6 +285,8 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         self._hparams_logged = False
         self._run_started = False
         self._stability = StabilityWatch()
+        self._monitors = Monitors(self.config.name)
+        self._refusals = Refusals()
 
     # --- Lightning hooks ---------------------------------------------------------------------
 
@@ -299,11 +315,15 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                 "(the GaussNewtonModule protocol): `hessian_outputs(self, batch)` returning the model outputs and "
                 "`hessian_output_loss(self, outputs, batch)` returning the mean loss"
             )
-        num_params = sum(p.numel() for _, p in select_parameters(pl_module))
-        if config.k > num_params:
+        selected = [p for _, p in select_parameters(pl_module)]
+        num_params = sum(p.numel() for p in initialized(selected))  # a lazy module's have no size yet
+        if config.k > num_params and len(initialized(selected)) == len(selected):
             raise ValueError(f"k={config.k} exceeds the number of trainable parameters ({num_params}); lower k")
         if stage == "fit":
             self._log_hyperparams(trainer, pl_module)
+            self._monitors.setup(trainer)
+            warn_history_elsewhere(trainer, config.history_path)
+            note_time_limit(trainer)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         config = self.config
@@ -328,15 +348,21 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                 self._scheduled(trainer, pl_module, "fit")
         else:  # fix the probe set at fit start even when the first measurement comes later
             with isolated(pl_module):
-                self._ensure_probes(trainer, pl_module)
+                try:
+                    self._ensure_probes(trainer, pl_module)
+                except UnsupportedError as err:
+                    self._refusals.refuse(trainer, trainer.global_step, "fit", err, self.events)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step, previous = trainer.global_step, self._last_checked
         self._last_checked = step
+        self._monitors.after_batch(trainer)
         if self._smoke or step <= max(self._last_step, previous) or step < 1:
             return
         with self._stability.training_batch(batch):  # the batch sharpness's batch
             self._train_step_call(trainer, pl_module, step, previous)
+            if self._monitors.due_after_batch(trainer):
+                self._run(trainer, pl_module, "fit")
 
     def _train_step_call(self, trainer: Any, pl_module: Any, step: int, previous: int) -> None:
         """The call due after training step ``step`` (the last step checked was ``previous``), if any."""
@@ -352,6 +378,11 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                                   and crossed_multiple(previous, step, config.track_every_n_steps)):
             self._scheduled(trainer, pl_module, "fit", kind="tracked")
 
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        """Under ``fit``, measure for the monitors of the callback's tags before a validation they check after."""
+        if not self._smoke and self._monitors.due_before_validation(trainer):
+            self._run(trainer, pl_module, "fit")
+
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         n = self.config.every_n_epochs
         if n is not None and not self._smoke and (trainer.current_epoch + 1) % n == 0 \
@@ -359,12 +390,13 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             self._scheduled(trainer, pl_module, "fit")
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        # A tracked call at the last step does not stand for the snapshot after it.
-        tracked_last = bool(self.history) and not self.history[-1].snapshot \
-            and self.history[-1].step == trainer.global_step
-        if (self.config.at_end or self._smoke) and (trainer.global_step > self._last_step or tracked_last):
-            self._fit_end(trainer)
-            self._run(trainer, pl_module, "fit")
+        if self.config.at_end or self._smoke:
+            kind = self._fit_end(trainer)
+            # A tracked call at the last step does not stand for the snapshot after it.
+            tracked_last = kind == "snapshot" and bool(self.history) and not self.history[-1].snapshot \
+                and self.history[-1].step == trainer.global_step
+            if trainer.global_step > self._last_step or tracked_last:
+                self._run(trainer, pl_module, "fit", kind=kind)
         path = self.config.history_path
         if path and trainer.loggers:
             directory = trainer.log_dir  # a collective: evaluated on every rank
@@ -463,7 +495,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             self._run(trainer, pl_module, "fit")
             return
         per_product = self._per_product(trainer, tracked)
-        batch = count_samples(self.probe_batches[0]) if self.probe_batches else 1
+        batch = self._count(self.probe_batches[0]) if self.probe_batches else 1
         self._refit(trainer, per_product, budget.snapshot_allowance(per_product * batch))
         if not budget.snapshots:
             self._report(trainer, tracked, None, "fit")
@@ -476,15 +508,19 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         return next((m for m in reversed(self.history) if m.snapshot), self.history[-1]) if snapshot \
             else self.history[-1]
 
-    def _fit_end(self, trainer: Any) -> None:
-        """Fit the snapshot after the last step to what is left of the budget."""
+    def _fit_end(self, trainer: Any) -> Kind:
+        """Fit the snapshot after the last step to what is left of the budget; the kind of that call: a
+        tracked call when not even the top k of one batch fit (the run then spends at most the budget plus
+        one tracked call)."""
         budget = self._budget
         if budget is None or not self.history or self.config.scheduled:
-            return
+            return "snapshot"
         per_step = budget.step_seconds(trainer.global_step)
         allowance = None if per_step is None else budget.end_allowance(per_step)
-        if allowance is not None:
-            self._refit(trainer, self._per_product(trainer, self._latest(snapshot=True)), max(allowance, 0.0))
+        if allowance is None:
+            return "snapshot"
+        self._refit(trainer, self._per_product(trainer, self._latest(snapshot=True)), max(allowance, 0.0))
+        return "snapshot" if budget.snapshots else "tracked"
 
     @staticmethod
     def _per_product(trainer: Any, measurement: Measurement) -> float:
@@ -502,10 +538,10 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         seconds per product and probe sample (rank 0's choice, under DDP: every rank must run the same
         products), and tell the budget what such a snapshot costs."""
         full = self._full_fidelity()
-        samples = [count_samples(batch) for batch in self.probe_batches or ()]
+        samples = [self._count(batch) for batch in self.probe_batches or ()]
         top_k = top_k_matvecs(self.config.k, self.config.tol) or 4 * self.config.k + 10
         fitted = full if allowance is None else fit_fidelity(full, allowance, per_product, samples, top_k)
-        # When not even the top k of one batch fit, the snapshot after the last step still runs, at its cheapest.
+        # When not even the top k of one batch fit, a snapshot measured anyway (a monitor's) runs at its cheapest.
         fidelity = fitted or Fidelity(num_batches=1, num_probes=1, num_steps=MIN_DENSITY_STEPS, density=False)
         seconds = per_product * sum(samples[:fidelity.num_batches]) * fidelity.products(top_k)
         if trainer.world_size > 1:
@@ -560,13 +596,17 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             if trainer.world_size > 1:  # every rank must take the same branch: rank 0's clock decides
                 skip = trainer.strategy.broadcast(skip, src=0)
             if skip:
-                self._last_step = step
-                self.events.append(Event(step, stage, "budget"))
-                with clock.charged():
-                    loggers.log_scalars(trainer, {f"{self.config.name}/skipped": 1.0,
-                                                  f"{self.config.name}/overhead": clock.overhead()}, step)
+                self._skip_for_budget(trainer, step, stage)
                 return
         self._run(trainer, pl_module, stage, kind=kind)
+
+    def _skip_for_budget(self, trainer: Any, step: int, stage: str) -> None:
+        """A call left out to stay within the budget: an event and ``<name>/skipped``."""
+        self._last_step = step
+        self.events.append(Event(step, stage, "budget"))
+        with self.clock.charged():
+            loggers.log_scalars(trainer, {f"{self.config.name}/skipped": 1.0,
+                                          f"{self.config.name}/overhead": self.clock.overhead()}, step)
 
     def _run(self, trainer: Any, pl_module: Any, stage: str, kind: Kind = "snapshot",
              log: bool = True) -> Measurement | None:
@@ -578,6 +618,9 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         spent_before = clock.spent
         step = trainer.global_step
         self._last_step = max(self._last_step, step)
+        self._monitors.called_step = step
+        if self._refusals.skip(trainer, pl_module, step, stage, self.events):
+            return None
         measurement, error = None, None
         with clock.charged():
             bar = progress_line(self.config.name, self._expected_products(kind), self.config.progress
@@ -586,6 +629,9 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                 with isolated(pl_module), loggers_muted(trainer):
                     self._ensure_probes(trainer, pl_module)
                     measurement = self._compute(trainer, pl_module, stage, bar, kind)
+            except UnsupportedError as err:
+                self._refusals.refuse(trainer, step, stage, err, self.events)
+                return None
             except NonFiniteError as err:
                 error = err
             finally:
@@ -620,6 +666,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                     warnings.warn(f"HessianSpectrumCallback: no spectrum at step {step}: {error}; training "
                                   "continues", RuntimeWarning, stacklevel=2)
                 loggers.log_no_spectrum(trainer, prefix, step, {"nonfinite": 1.0, "overhead": clock.overhead()})
+                self._monitors.no_spectrum(trainer)
                 return None
             measurement = dataclasses.replace(measurement, overhead=clock.overhead())
             self.history.append(measurement)
@@ -659,12 +706,21 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                     "more; a one-shot stream (a queue, a socket) would lose those samples to the draw: pass the "
                     "probe data as `dataloader=`", UserWarning, stacklevel=2,
                 )
-        raw = draw_probe_set(loader, num_samples=config.num_samples, batch_size=config.batch_size, seed=config.seed,
-                             rank=trainer.global_rank, world_size=trainer.world_size)
+        count = config.num_samples_fn or count_samples
+        try:
+            raw = draw_probe_set(loader, num_samples=config.num_samples, batch_size=config.batch_size,
+                                 seed=config.seed, rank=trainer.global_rank, world_size=trainer.world_size,
+                                 max_batches=None if config.dataloader is not None else trained_batches(trainer),
+                                 num_samples_fn=count)
+        except TypeError as err:  # batches the count or the re-batching cannot read: said once, fit goes on
+            raise UnsupportedError(str(err)) from err
         self.probe_batches = [self._to_device(trainer, pl_module, b) for b in raw]
-        local = sum(count_samples(b) for b in self.probe_batches)
-        tracked = self._tracked_batches()
-        counts = torch.tensor([float(local), float(sum(count_samples(b) for b in tracked))],
+        ambiguous = ambiguous_count(self.probe_batches) if count is count_samples else None
+        if ambiguous is not None and trainer.is_global_zero:
+            warnings.warn(f"HessianSpectrumCallback: {ambiguous} to HessianSpectrumCallback", UserWarning,
+                          stacklevel=2)
+        local = sum(count(b) for b in self.probe_batches)
+        counts = torch.tensor([float(local), float(sum(count(b) for b in self._tracked_batches()))],
                               device=trainer.strategy.root_device)
         if trainer.world_size > 1:
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
@@ -682,10 +738,13 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
         return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
 
-    @staticmethod
-    def _reduced_count(trainer: Any, batches: list[Any]) -> int:
+    def _count(self, batch: Any) -> int:
+        """The samples of one batch: ``num_samples_fn``'s count, by default the leading size."""
+        return (self.config.num_samples_fn or count_samples)(batch)
+
+    def _reduced_count(self, trainer: Any, batches: list[Any]) -> int:
         """The samples of ``batches`` over all ranks."""
-        local = sum(count_samples(b) for b in batches)
+        local = sum(self._count(b) for b in batches)
         if trainer.world_size == 1:
             return local
         total = torch.tensor(float(local), device=trainer.strategy.root_device)
@@ -717,14 +776,13 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             if taken and (wanted is None or count >= wanted):
                 break
             taken.append(batch)
-            count += count_samples(batch)
+            count += self._count(batch)
         return taken
 
     def _compute(self, trainer: Any, pl_module: Any, stage: str, bar: Any, kind: Kind = "snapshot") -> Measurement:
         started = self.clock.now()
         config = self.config
-        float64 = any(p.dtype == torch.float64 for p in pl_module.parameters())
-        dtype = torch.float64 if float64 else torch.float32
+        dtype = flat_dtype(pl_module)
         optimizers = getattr(trainer, "optimizers", None) or []
         layout = parameter_layout(pl_module)
         solver = self._solver(dtype, sum(size for _, size in layout), kind)
@@ -740,7 +798,8 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             if config.matrix in (matrix, "both"):
                 make = functools.partial(make_operator, trainer, pl_module, batches, matrix,
                                          dtype=dtype, mode=config.mode, loss_fn=config.loss_fn,
-                                         keep_graph=config.keep_graph, split_batches=split_batches)
+                                         keep_graph=config.keep_graph, split_batches=split_batches,
+                                         num_samples_fn=config.num_samples_fn)
                 measured[matrix] = solver.track(make, matrix, warm, bar=bar) if kind == "tracked" else \
                     solver.measure(make, matrix, warm, layout=layout, bar=bar)
         stability = self._stability.measure(trainer, pl_module, solver, measured.get("hessian"), batches, dtype,

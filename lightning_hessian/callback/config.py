@@ -28,7 +28,7 @@ HISTORY_FILE = "{name}_history.json"
 """Default ``history_file``: ``{name}`` is replaced by the callback's ``name``."""
 
 # Fields that are objects, not settings: never logged as hyperparameters.
-_OBJECTS = ("dataloader", "loss_fn")
+_OBJECTS = ("dataloader", "loss_fn", "num_samples_fn")
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ class CallbackConfig:
     batch_size: int | None = None
     dataloader: Iterable[Any] | None = None
     loss_fn: Callable[[Any, Any], Tensor] | None = None
+    num_samples_fn: Callable[[Any], int] | None = None
     mode: Mode = "eval"
     seed: int = 0
     # output
@@ -123,6 +124,11 @@ class CallbackConfig:
         self._set("layers", tuple(layers or ()))
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError(f"loss_fn={self.loss_fn!r} must be callable as loss_fn(pl_module, batch)")
+        if self.num_samples_fn is not None and not callable(self.num_samples_fn):
+            raise TypeError(f"num_samples_fn={self.num_samples_fn!r} must be callable as num_samples_fn(batch) -> int")
+        if self.num_samples_fn is not None and self.batch_size is not None:
+            raise ValueError("batch_size= re-batches the samples along dimension 0, which num_samples_fn may not count "
+                             "along; with num_samples_fn keep the loader's batches (batch_size=None)")
         if self.dataloader is not None and not isinstance(self.dataloader, Iterable):
             raise TypeError(f"dataloader={self.dataloader!r} must be a DataLoader or an iterable of batches")
         if not isinstance(self.name, str) or not self.name or self.name.strip("/") != self.name:

@@ -9,6 +9,7 @@ on a rank without probe samples or whose loss is not finite, so no rank waits fo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -88,3 +89,17 @@ class SummedOperator:
     def matvec(self, vector: Tensor) -> Tensor:
         """Multiply with one flat vector ``[P]``; returns ``[P]``."""
         return self.matmat(vector.reshape(-1))
+
+
+def warn_history_elsewhere(trainer: Any, history_path: str | None) -> None:
+    """Under a launcher that runs ``fit`` in new processes (``ddp_spawn``, ``ddp_notebook``), say once on rank
+    zero that ``callback.history`` of the process that called ``fit`` stays empty, and how to read it."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if type(launcher).__name__ != "_MultiProcessingLauncher" or not trainer.is_global_zero:
+        return
+    where = (f"the history file {history_path!r} in the logger's directory holds them (it needs a logger); "
+             "`callback.load_state_dict(json.load(open(path)))` puts them into callback.history"
+             if history_path else "pass history_file= (and a logger) to keep them in a file")
+    warnings.warn("HessianSpectrumCallback measures in the processes this strategy starts, so callback.history of "
+                  f"the process that called fit stays empty: {where}", UserWarning, stacklevel=3)
+

@@ -8,25 +8,26 @@ snapshot of everything the module's code could change: buffers, ``.grad`` and ``
 module modes, and the plain state of every submodule (its instance attributes: a recurrent hidden
 state, a counter, a cache, torchmetrics states).
 
-Plain state is restored by identity (an attribute rebound to a new object gets its old object back,
-an attribute added is removed), one level into lists, dicts and sets (their items are put back),
-and by value for tensors of up to ``CLONED_ELEMENTS`` elements changed in place. A larger tensor
-changed in place cannot be restored; a warning names it. :func:`plain_state_kept` does this around
-every evaluation of the loss, so each probe batch sees the state training left, not the state an
-earlier probe batch left.
+Plain state is saved and put back by :class:`~lightning_hessian.callback.saved_state.SavedState`:
+by identity (an attribute rebound to a new object gets its old object back, an attribute added is
+removed), into lists, dicts, sets, deques and tuples at any depth (their items are put back), by
+value for tensors and NumPy arrays of up to ``saved_state.CLONED_ELEMENTS`` elements changed in
+place, and by state for random generators (torch, NumPy, Python). A larger tensor changed in place
+cannot be restored; a warning names it. :func:`plain_state_kept` does this around every evaluation of the
+loss, so each probe batch sees the state training left, not the state an earlier probe batch left.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from pytorch_lightning.utilities.seed import isolate_rng
 from torch import nn
+
+from lightning_hessian.callback.saved_state import SavedState
 
 # Module methods a measurement swaps out: ``forward``/``training_step`` for their uncompiled
 # originals (Lightning keeps them in ``_compiler_ctx``), ``log``/``log_dict`` for no-ops.
@@ -38,16 +39,15 @@ def _discard(*args: Any, **kwargs: Any) -> None:
     """Stands in for ``LightningModule.log`` while ``training_step`` computes a loss for us."""
 
 
-# In-place changes to tensor attributes of up to this many elements are undone (they are copied
-# before every loss evaluation); larger ones are only detected.
-CLONED_ELEMENTS = 1 << 20
 # Module internals that are not plain state: parameters and buffers are handled on their own, and
 # the submodule tree is not changed by a loss.
 _STRUCTURE = frozenset({"_parameters", "_buffers", "_modules"})
 
 
 class PlainState:
-    """The instance attributes of a module and its submodules, to put back later.
+    """The instance attributes of a module and its submodules, to put back later (see
+    :class:`~lightning_hessian.callback.saved_state.SavedState`: containers at any depth, tensors and
+    NumPy arrays by value, random generators by state).
 
     Example:
         >>> net = torch.nn.Linear(2, 2)
@@ -61,53 +61,13 @@ class PlainState:
     """
 
     def __init__(self, module: nn.Module) -> None:
-        self._saved = []
+        self._saved = SavedState(objects=False)
         for sub in module.modules():
-            entries = {}
-            for key, value in sub.__dict__.items():
-                if key in _STRUCTURE:
-                    continue
-                entries[key] = (value, *_contents(value))
-            self._saved.append((sub, entries))
+            self._saved.add(sub, skip=_STRUCTURE)
 
     def restore(self) -> None:
         """Put every attribute back; warn about large tensors changed in place."""
-        for sub, entries in self._saved:
-            for key in [k for k in sub.__dict__ if k not in _STRUCTURE and k not in entries]:
-                del sub.__dict__[key]
-            for key, (value, contents, version) in entries.items():
-                sub.__dict__[key] = value
-                _put_back(value, contents, version, f"{type(sub).__name__}.{key}")
-
-
-def _contents(value: Any) -> tuple[Any, int | None]:
-    """What restoring ``value`` needs besides its identity: a copy of its items or small tensor, its version."""
-    if isinstance(value, torch.Tensor):
-        if value.is_inference():  # made under inference mode: it cannot be changed in place outside it
-            return None, None
-        small = value.numel() <= CLONED_ELEMENTS
-        return (value.detach().clone() if small else None), value._version
-    if isinstance(value, (list, dict, set)):
-        return copy.copy(value), None
-    return None, None
-
-
-def _put_back(value: Any, contents: Any, version: int | None, name: str) -> None:
-    if isinstance(value, torch.Tensor):
-        if version is None or value._version == version:
-            return
-        if contents is None:
-            warnings.warn(f"HessianSpectrumCallback: the loss changed the large tensor attribute {name} in place, "
-                          "which cannot be undone; compute the loss without writing to module attributes "
-                          "(e.g. define hessian_loss)", RuntimeWarning, stacklevel=4)
-            return
-        with torch.no_grad():
-            value.copy_(contents)
-    elif isinstance(value, list):
-        value[:] = contents
-    elif isinstance(value, (dict, set)):
-        value.clear()
-        value.update(contents)
+        self._saved.restore()
 
 
 @contextlib.contextmanager
@@ -127,6 +87,25 @@ def plain_state_kept(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         state.restore()
+
+
+def kept_loss(loss_fn: Callable[[Any, Any], torch.Tensor]) -> Callable[[Any, Any], torch.Tensor]:
+    """``loss_fn(module, batch)`` with the module's plain state (random generators included) put back after
+    every evaluation, as for the module's own losses.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> net.gen = torch.Generator().manual_seed(0)
+        >>> noisy = kept_loss(lambda m, b: torch.randn(1, generator=m.gen).sum())
+        >>> bool(noisy(net, None) == noisy(net, None))
+        True
+    """
+
+    def loss(module: nn.Module, batch: Any) -> torch.Tensor:
+        with plain_state_kept(module):
+            return loss_fn(module, batch)
+
+    return loss
 
 
 class _Discard:

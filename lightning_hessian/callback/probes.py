@@ -3,10 +3,13 @@
 Drawn once from a dataloader: whole batches from its start until they hold ``num_samples`` samples
 (a batch is never cut, so per-sample fields such as raw texts stay aligned and a stateful module
 sees batches of the size training uses), with the global seed set to ``seed`` for the draw and every
-random stream (global and the loader's own generators) put back afterwards, so the training data
-order does not change (an extra pass over a shuffled loader would otherwise change the next epoch's
-order). A DataLoader with workers is read in this process instead, through a copy with the same
-dataset, sampler and collation, so no worker is created or advanced for the draw.
+random stream put back afterwards, the global ones and every state the loader owns (the generators,
+counters and other attributes of the loader, its sampler, batch sampler, dataset and collate
+object), so the training data order does not change (an extra pass over a shuffled loader would
+otherwise change the next epoch's order). A DataLoader with workers is read in this process
+instead, through a copy with the same dataset, sampler and collation, so no worker is created or
+advanced for the draw. Of the training loader, the draw reads at most the batches an epoch trains on
+(``limit_train_batches``, ``overfit_batches``).
 
 Under DDP, a loader with a ``DistributedSampler`` (Lightning adds one to the training loader) is
 already split by rank: each rank takes its share of ``num_samples`` from its own part. A loader
@@ -17,8 +20,10 @@ to rank ``i % world_size``, so the probe set is the same as in one process.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy
@@ -26,25 +31,18 @@ import torch
 from pytorch_lightning.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
+from lightning_hessian.callback.saved_state import SavedState
 from lightning_hessian.engine.batches import count_samples, rebatch
-
-
-def _generators(loader: Any) -> list[torch.Generator]:
-    """The private generators a DataLoader draws from (its own, its sampler's, its batch sampler's)."""
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    owners = [loader, getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)]
-    found: list[torch.Generator] = []
-    for owner in owners:
-        generator = getattr(owner, "generator", None)
-        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
-            found.append(generator)
-    return found
 
 
 @contextlib.contextmanager
 def _untouched_rng(loader: Any, seed: int) -> Iterator[None]:
-    """Seed the global RNGs (torch, NumPy, Python) for a draw; restore them and the loader's generators after."""
-    saved = [(g, g.get_state()) for g in _generators(loader)]
+    """Seed the global RNGs (torch, NumPy, Python) for a draw; put them back after, and with them every
+    state the loader owns (see :class:`~lightning_hessian.callback.saved_state.SavedState`): the
+    generators and counters of the loader, its sampler, batch sampler, dataset and collate object."""
+    owned = SavedState()
+    if not isinstance(loader, (list, tuple)):
+        owned.add(loader)
     with isolate_rng():
         torch.manual_seed(seed)
         numpy.random.seed(seed)
@@ -52,8 +50,7 @@ def _untouched_rng(loader: Any, seed: int) -> Iterator[None]:
         try:
             yield
         finally:
-            for generator, state in saved:
-                generator.set_state(state)
+            owned.restore()
 
 
 def _without_workers(loader: Iterable[Any]) -> Iterable[Any]:
@@ -69,16 +66,30 @@ def _without_workers(loader: Iterable[Any]) -> Iterable[Any]:
     return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, **same)
 
 
-def _first_batches(loader: Iterable[Any], num_samples: int | None) -> list[Any]:
+def _first_batches(loader: Iterable[Any], num_samples: int | None, max_batches: int | None,
+                   counter: Callable[[Any], int]) -> list[Any]:
     """Whole batches from the start of ``loader`` until they hold at least ``num_samples`` samples (all
-    of them when ``None``)."""
+    of them when ``None``), counted by ``counter``, at most ``max_batches`` of them."""
     batches, count = [], 0
-    for batch in loader:
+    for batch in itertools.islice(loader, max_batches):
         batches.append(batch)
-        count += count_samples(batch)
+        count += counter(batch)
         if num_samples is not None and count >= num_samples:
             break
     return batches
+
+
+def trained_batches(trainer: Any) -> int | None:
+    """The batches of the training loader an epoch trains on, after ``limit_train_batches`` and
+    ``overfit_batches`` (this rank's, under DDP); ``None`` when not limited or not known.
+
+    Example:
+        >>> import types
+        >>> trained_batches(types.SimpleNamespace(num_training_batches=2)), trained_batches(object())
+        (2, None)
+    """
+    count = getattr(trainer, "num_training_batches", None)
+    return int(count) if isinstance(count, (int, float)) and math.isfinite(count) else None
 
 
 def draw_probe_set(
@@ -89,6 +100,8 @@ def draw_probe_set(
     seed: int,
     rank: int,
     world_size: int,
+    max_batches: int | None = None,
+    num_samples_fn: Callable[[Any], int] = count_samples,
 ) -> list[Any]:
     """This rank's share of the probe set, as batches straight from the loader (not yet on device).
 
@@ -99,6 +112,9 @@ def draw_probe_set(
             ``None`` keeps the loader's batches.
         seed: global seed during the draw.
         rank, world_size: this process and the number of processes.
+        max_batches: read at most this many batches of the loader (on this rank): the batches a run
+            limited by ``limit_train_batches`` or ``overfit_batches`` trains on; ``None`` for no limit.
+        num_samples_fn: the samples of a batch (default: the leading size of its first tensor).
 
     Returns:
         The batches of this rank; possibly empty when there are fewer batches than ranks.
@@ -117,7 +133,7 @@ def draw_probe_set(
     if sharded and num_samples is not None:
         share = num_samples // world_size + (rank < num_samples % world_size)
     with _untouched_rng(loader, seed):
-        batches = _first_batches(_without_workers(loader), share) if share != 0 else []
+        batches = _first_batches(_without_workers(loader), share, max_batches, num_samples_fn) if share != 0 else []
     if not batches and not sharded:
         raise ValueError("the probe dataloader yielded no samples; pass a non-empty `dataloader=`")
     if not sharded:

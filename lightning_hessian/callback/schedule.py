@@ -37,7 +37,9 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 # Snapshots (between the start and the end) may lift the overhead so far up to this multiple of the
 # budget: a run stopped early has spent at most about twice its share.
@@ -53,6 +55,14 @@ MAX_SNAPSHOTS = 8
 MIN_DENSITY_STEPS = 8
 
 Kind = Literal["snapshot", "tracked"]
+
+
+def note_time_limit(trainer: Any) -> None:
+    """Say once (rank zero) that a Trainer stopping on time (``max_time`` or a ``Timer``) counts the callback's calls,
+    so the run trains fewer steps than it would without them."""
+    if any(type(callback).__name__ == "Timer" for callback in getattr(trainer, "callbacks", None) or []):
+        rank_zero_info("HessianSpectrumCallback: the Trainer stops on time (max_time or a Timer); the callback's "
+                       "calls count against it, so the run trains fewer steps than it would without them")
 
 
 def crossed_multiple(previous: int, step: int, every: int, *, log_spaced: bool = False) -> bool:
@@ -381,7 +391,8 @@ def plan_message(budget: Budget, per_step: float, fidelity: Fidelity | None, ful
     cost = (f"a snapshot takes {budget.snapshot_seconds:.2g} s ({budget.snapshot_seconds / per_step:,.0f} training "
             f"steps), a tracked call {tracked_cost}")
     snapshots = f"{between + 2} snapshots (at the start, after the last step and {between} log-spaced between)" \
-        if fidelity is not None else "no snapshot but the one after the last step"
+        if fidelity is not None else "no snapshot unless what is left of the budget affords one after the last " \
+        "step (tracked calls stand for the start and the end)"
     total = budget.total_seconds(per_step)
     if budget.track and total is not None and budget.tracked_seconds > 0:
         left = budget.tracked_allowance(total) - budget.spent["tracked"]

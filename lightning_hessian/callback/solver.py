@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from lightning_hessian.callback.config import CallbackConfig
 from lightning_hessian.callback.distributed import SummedOperator
 from lightning_hessian.callback.hooks import HessianLossModule
-from lightning_hessian.callback.isolation import plain_state_kept
+from lightning_hessian.callback.isolation import kept_loss, plain_state_kept
 from lightning_hessian.callback.progress import ProgressOperator
 from lightning_hessian.engine import (
     EigenResult,
@@ -100,18 +100,23 @@ def make_operator(
     params: list[str] | None = None,
     keep_graph: bool | str = True,
     split_batches: bool = False,
+    num_samples_fn: Callable[[Any], int] | None = None,
 ) -> Any:
     """The ``"hessian"`` or ``"ggn"`` operator over this rank's batches, summed across ranks under DDP.
 
     The loss is ``loss_fn``, else the module's ``hessian_loss``, else its ``training_step``'s loss.
+    Each parameter computes in its own dtype (16-bit lifted to float32); ``dtype`` is that of the flat
+    vectors (:func:`~lightning_hessian.engine.snapshot.flat_dtype`).
     """
     local = None
     if batches:
-        common = {"params": params, "dtype": dtype, "mode": mode, "keep_graph": keep_graph,
-                  "split_batches": split_batches}
+        common = {"params": params, "dtype": None, "mode": mode, "keep_graph": keep_graph,
+                  "split_batches": split_batches, "num_samples_fn": num_samples_fn}
         if matrix == "hessian":
             if loss_fn is None:
                 loss_fn = hessian_loss if isinstance(pl_module, HessianLossModule) else training_step_loss
+            else:
+                loss_fn = kept_loss(loss_fn)
             local = HessianOperator(pl_module, loss_fn, batches, **common)
         else:
             local = GGNOperator(pl_module, hessian_outputs, pl_module.hessian_output_loss, batches, **common)

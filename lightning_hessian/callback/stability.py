@@ -106,7 +106,8 @@ class StabilityWatch:
 
         def make(batches: list[Any], *, keep_graph: bool | str, split_batches: bool) -> Any:
             return make_operator(trainer, pl_module, batches, "hessian", dtype=dtype, mode=config.mode,
-                                 loss_fn=config.loss_fn, keep_graph=keep_graph, split_batches=split_batches)
+                                 loss_fn=config.loss_fn, keep_graph=keep_graph, split_batches=split_batches,
+                                 num_samples_fn=config.num_samples_fn)
 
         fields: dict[str, Any] = {"optimizer": type(optimizer).__name__,
                                   "threshold": min(rule.threshold for rule in rules)}

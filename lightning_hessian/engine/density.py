@@ -25,9 +25,11 @@ its error varied a tenth as much from seed to seed.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -85,6 +87,15 @@ class SpectralDensity:
     seconds: float
     deflated: Tensor | None = None
     deflated_mask: Tensor | None = None
+
+    def __eq__(self, other: object) -> bool:
+        """Equal fields, tensors compared by shape, dtype and values."""
+        if not isinstance(other, SpectralDensity):
+            return NotImplemented
+        return all(_same_field(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self))
+
+    def __hash__(self) -> int:
+        return hash((self.trace, self.num_params, self.num_matvecs))
 
     @property
     def range(self) -> tuple[float, float]:
@@ -263,3 +274,10 @@ def _with_outliers(nodes: Tensor, weights: Tensor, exact: Tensor,
                          torch.full((num_probes, count), 1 / num_params, dtype=weights.dtype)], dim=1)
     order = nodes.argsort(dim=1)
     return nodes.gather(1, order), weights.gather(1, order), order >= nodes.shape[1] - count
+
+
+def _same_field(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
+                and torch.equal(a, b))
+    return bool(a == b)

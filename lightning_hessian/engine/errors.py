@@ -27,3 +27,18 @@ def all_finite(values: Tensor) -> bool:
         (True, False)
     """
     return values.numel() == 0 or bool(torch.isfinite(values.amax()) & torch.isfinite(values.amin()))
+
+
+class UnsupportedError(ValueError):
+    """The model, its loss or its batches cannot be measured as given; the message names the fix.
+
+    Raised early (when the operator is built or at its first product), never after a partial result.
+
+    Example:
+        >>> from lightning_hessian.engine.operators import HessianOperator
+        >>> try:
+        ...     HessianOperator(torch.nn.Linear(2, 1).to("meta"), lambda m, b: m(b).mean(), [torch.ones(3, 2)])
+        ... except ValueError as error:  # an UnsupportedError is a ValueError
+        ...     print(type(error).__name__)
+        UnsupportedError
+    """

@@ -102,10 +102,16 @@ class SavedBytes:
 
     def holds(self, tensor: Tensor) -> bool:
         """Whether ``tensor``'s storage was counted (saved for backward, or added)."""
-        return tensor.untyped_storage().data_ptr() in self._seen
+        return tensor.layout == torch.strided and tensor.untyped_storage().data_ptr() in self._seen
 
     def add(self, tensor: Tensor) -> None:
-        """Count ``tensor``'s storage (once)."""
+        """Count ``tensor``'s storage (once); a sparse tensor's indices and values."""
+        if tensor.layout == torch.sparse_coo:
+            self.add(tensor._indices())
+            self.add(tensor._values())
+            return
+        if tensor.layout != torch.strided:  # other sparse layouts: their parts are not counted
+            return
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in self._excluded:
             self._seen[storage.data_ptr()] = storage.nbytes()

@@ -26,12 +26,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from lightning_hessian.engine.batches import count_samples
 from lightning_hessian.engine.errors import NonFiniteError, all_finite
 from lightning_hessian.engine.graphs import GraphBuilder, KeepGraph, KeptGraphs
 from lightning_hessian.engine.snapshot import (
     ModelSnapshot,
     SnapshotOptions,
     autograd_enabled,
+    dense,
     stacked,
     zeros_like_stacked,
 )
@@ -70,8 +72,9 @@ class CurvatureOperator:
 
     Args:
         model: the network; never modified.
-        batches: a re-iterable of batches (a list, a DataLoader); each batch is a tensor, tuple,
-            list or dict whose first tensor has the samples along dimension 0.
+        batches: a re-iterable of batches (a list, a DataLoader); each batch is a tensor or a
+            tuple, list, dict, dataclass or object of them, weighted by its samples (see
+            ``num_samples_fn``).
         keep_graph: keep each batch's first-derivative graph between products, so that one product
             costs about one backward pass instead of a forward and a double backward, at the memory
             of those graphs; an integer keeps the graphs of that many batches (the first ones) and
@@ -85,13 +88,15 @@ class CurvatureOperator:
             change, nor the operator (it averages over samples). Done only if the first batch's loss
             equals its micro-batches' losses weighted by samples (to a relative 1e-4), i.e. when the
             samples do not interact; batch statistics (``mode="train"``) or a loss over in-batch
-            pairs keep the batches whole. Default ``False``.
+            pairs keep the batches whole, and so does a ``num_samples_fn`` other than the default
+            count (the samples may lie along another dimension). Default ``False``.
         **options: the snapshot's (:class:`~lightning_hessian.engine.snapshot.SnapshotOptions`):
             ``params``, name patterns selecting parameters (default all with ``requires_grad``);
             ``dtype``, of the products (e.g. ``torch.float64`` for exact small-model work; default
-            the parameters' dtype, float32 for 16-bit models); ``mode``, ``"eval"`` (default;
+            each parameter's dtype, float32 for 16-bit ones); ``mode``, ``"eval"`` (default;
             running statistics, dropout off) or ``"train"`` (batch statistics, running statistics not
-            updated, dropout still off); ``vectorize``.
+            updated, dropout still off); ``num_samples_fn``, the samples of a batch (default: the
+            leading size of its first tensor with one); ``vectorize``.
 
     Attributes:
         graphs: the :class:`~lightning_hessian.engine.graphs.KeptGraphs` products reuse.
@@ -129,7 +134,9 @@ class CurvatureOperator:
         **options: Unpack[SnapshotOptions],
     ) -> None:
         self.snapshot = ModelSnapshot(model, batches, **options)
-        self.graphs = KeptGraphs(self.snapshot, keep=keep_graph, split=split_batches)
+        # Samples counted by another num_samples_fn may lie along another dimension than the split's.
+        splits = split_batches and self.snapshot.num_samples_fn in (None, count_samples)
+        self.graphs = KeptGraphs(self.snapshot, keep=keep_graph, split=splits)
         self.num_matvecs = 0
 
     @property
@@ -330,7 +337,8 @@ class HessianOperator(CurvatureOperator):
         """The gradient of batch ``index``'s loss, one tensor per parameter (``None`` where unused)."""
         snapshot = self.snapshot
         loss = checked_loss(snapshot.call(self.loss_fn, snapshot.batches[index]), "loss_fn")
-        return torch.autograd.grad(loss, snapshot.leaves, create_graph=create_graph, allow_unused=True)
+        grads = torch.autograd.grad(loss, snapshot.leaves, create_graph=create_graph, allow_unused=True)
+        return tuple(None if g is None else dense(g) for g in grads)
 
     def _build_graph(self, index: int) -> tuple[Tensor | None, ...]:
         """The gradient of batch ``index``'s loss, with its graph (``create_graph=True``)."""
@@ -434,7 +442,7 @@ class GGNOperator(CurvatureOperator):
         jt_dummy = torch.autograd.grad(
             outputs, snapshot.leaves, dummy, create_graph=True, allow_unused=True, materialize_grads=True
         )
-        return outputs, detached, loss_grad, (dummy, *jt_dummy)
+        return outputs, detached, loss_grad, (dummy, *map(dense, jt_dummy))
 
     def _batch_matmat(self, index: int, vectors: list[Tensor]) -> list[Tensor]:
         outputs, detached, loss_grad, (dummy, *jt_dummy) = self.graphs.get(index, self._builder())

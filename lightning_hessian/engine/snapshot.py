@@ -26,7 +26,17 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_hessian.engine.batches import count_samples, materialize, move_batch, take_samples
+from lightning_hessian.engine.batches import (
+    SampleCounter,
+    ambiguous_count,
+    count_samples,
+    map_tensors,
+    materialize,
+    move_batch,
+    take_samples,
+)
+from lightning_hessian.engine.checks import check_count
+from lightning_hessian.engine.errors import UnsupportedError
 
 Mode = Literal["eval", "train"]
 
@@ -34,8 +44,9 @@ Mode = Literal["eval", "train"]
 class SnapshotOptions(TypedDict, total=False):
     """The keyword options of a :class:`ModelSnapshot`, which the operators and dense matrices pass on.
 
-    ``params`` (name patterns), ``dtype`` (of the computation), ``mode`` (``"eval"`` or ``"train"``)
-    and ``vectorize`` (several vectors per backward pass): see :class:`ModelSnapshot`.
+    ``params`` (name patterns), ``dtype`` (of the computation), ``mode`` (``"eval"`` or ``"train"``),
+    ``vectorize`` (several vectors per backward pass) and ``num_samples_fn`` (samples per batch): see
+    :class:`ModelSnapshot`.
 
     Example:
         >>> options: SnapshotOptions = {"dtype": torch.float64, "mode": "eval"}
@@ -47,6 +58,7 @@ class SnapshotOptions(TypedDict, total=False):
     dtype: torch.dtype | None
     mode: Mode
     vectorize: bool | None
+    num_samples_fn: SampleCounter | None
 
 
 class BoundModule(nn.Module):
@@ -154,7 +166,8 @@ def twice_differentiable(device: torch.device) -> Iterator[None]:
     Autocast off (products in the snapshot's dtype), attention through the math kernel and cuDNN
     off: the fused attention kernels (flash, memory-efficient, and the CPU flash kernel torch uses by
     default) and cuDNN's RNNs have no derivative of their backward, so a Hessian-vector product
-    through them fails.
+    through them fails. Reentrant activation checkpoints (``checkpoint(..., use_reentrant=True)``) run
+    as plain calls (see :func:`reentrant_checkpoints_inlined`).
 
     Example:
         >>> q = torch.randn(1, 2, 3, 4, requires_grad=True)
@@ -165,8 +178,42 @@ def twice_differentiable(device: torch.device) -> Iterator[None]:
         torch.Size([1, 2, 3, 4])
     """
     with torch.autocast(device.type, enabled=False), sdpa_kernel(SDPBackend.MATH), \
-            torch.backends.cudnn.flags(enabled=False):
+            torch.backends.cudnn.flags(enabled=False), reentrant_checkpoints_inlined():
         yield
+
+
+@contextlib.contextmanager
+def reentrant_checkpoints_inlined() -> Iterator[None]:
+    """Run the blocks of reentrant activation checkpoints as plain calls for the duration of the block.
+
+    A reentrant checkpoint (``torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=True)``) keeps no
+    graph inside ``fn``: its backward recomputes ``fn`` and supports neither ``torch.autograd.grad``
+    (what the products need) nor parameters inside ``fn`` when ``x`` needs no gradient (they get none).
+    Its forward computes ``fn(x)`` all the same, so calling ``fn`` directly gives the same loss with a
+    graph through it, at the memory checkpointing would have saved; the non-reentrant variant needs
+    nothing. Not thread-safe: another thread's reentrant checkpoints run inline meanwhile too.
+
+    Example:
+        >>> from torch.utils.checkpoint import checkpoint
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> with reentrant_checkpoints_inlined():
+        ...     out = checkpoint(layer, torch.ones(1, 2), use_reentrant=True)  # input without grad
+        >>> out.requires_grad  # the layer's parameters are in the graph
+        True
+    """
+    function = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
+    if function is None or "apply" in vars(function):  # no such class, or already inlined (nested)
+        yield
+        return
+
+    def inline(run_function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
+        return run_function(*args)
+
+    function.apply = staticmethod(inline)
+    try:
+        yield
+    finally:
+        del function.apply
 
 
 def autograd_enabled() -> contextlib.AbstractContextManager[Any]:
@@ -188,8 +235,68 @@ def autograd_enabled() -> contextlib.AbstractContextManager[Any]:
     return stack
 
 
-def _copy(tensor: Tensor, dtype: torch.dtype) -> Tensor:
-    return tensor.detach().to(dtype, copy=True) if tensor.is_floating_point() else tensor.detach().clone()
+def _copy(tensor: Tensor, dtype: torch.dtype | None) -> Tensor:
+    if tensor.is_floating_point():
+        return tensor.detach().to(dtype or lifted(tensor.dtype), copy=True)
+    return tensor.detach().clone()
+
+
+def lifted(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor computes in by default: its own, with 16-bit floats lifted to float32.
+
+    Example:
+        >>> lifted(torch.bfloat16), lifted(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def flat_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a snapshot's flat ``[P]`` vectors for ``module``: float64 if one trainable parameter is
+    float64 (the others keep their own dtypes), else float32 (16-bit models computed in float32).
+
+    Example:
+        >>> flat_dtype(torch.nn.Linear(2, 1).bfloat16()), flat_dtype(torch.nn.Linear(2, 1).double())
+        (torch.float32, torch.float64)
+    """
+    dtypes = {lifted(p.dtype) for p in module.parameters() if p.requires_grad and p.is_floating_point()}
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def check_measurable(selected: Sequence[tuple[str, Tensor]], batches: Sequence[Any]) -> None:
+    """An :class:`~lightning_hessian.engine.errors.UnsupportedError` naming the fix for parameters or batches
+    that hold no values to differentiate: lazy (uninitialized) parameters, the meta device, complex
+    parameters.
+
+    Example:
+        >>> try:
+        ...     check_measurable([("w", torch.nn.Parameter(torch.ones(2, dtype=torch.cfloat)))], [])
+        ... except ValueError as error:
+        ...     print(str(error)[:50])
+        parameter 'w' is complex (torch.complex64): the He
+    """
+    for name, p in selected:
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            raise UnsupportedError(
+                f"parameter {name!r} is not initialized yet (a lazy module such as nn.LazyLinear): run one forward "
+                "pass of the model before measuring"
+            )
+        if p.is_meta:
+            raise UnsupportedError(
+                f"parameter {name!r} is on the meta device, which holds no values: materialize the model first "
+                "(model.to_empty(device=...) and load its weights)"
+            )
+        if p.is_complex():
+            raise UnsupportedError(
+                f"parameter {name!r} is complex ({p.dtype}): the Hessian is measured over real parameters; keep it "
+                "out of the selection (params=[...] name patterns, or requires_grad=False) or hold its real and "
+                "imaginary parts as a real parameter (torch.view_as_complex in forward)"
+            )
+    on_meta: list[Tensor] = []
+    for batch in batches:
+        map_tensors(batch, lambda t: on_meta.append(t) if t.is_meta else None)
+    if on_meta:
+        raise UnsupportedError("the batches hold tensors on the meta device, which hold no values; pass real data")
 
 
 class ModelSnapshot:
@@ -202,10 +309,19 @@ class ModelSnapshot:
             moving any global random stream.
         params: name patterns selecting parameters (see :func:`select_parameters`); default all
             with ``requires_grad``.
-        dtype: floating dtype of the computation; default the parameters' dtype, promoted to
-            float32 for 16-bit models.
+        dtype: floating dtype of the computation; default each parameter's and buffer's own dtype
+            (16-bit ones lifted to float32), so a float32 model with a float64 head keeps both, and
+            flat vectors in the widest of them; the batches' floating tensors are cast to ``dtype``, or
+            to the parameters' dtype when they all share one.
         mode: ``"eval"`` (running statistics, dropout off) or ``"train"`` (batch statistics, running
-            statistics not updated, dropout still off).
+            statistics not updated, dropout still off). A loss that fails in eval mode and works in
+            training mode (outputs that differ between the two) raises an
+            :class:`~lightning_hessian.engine.errors.UnsupportedError` that names ``mode="train"``.
+        num_samples_fn: ``num_samples_fn(batch) -> int``, the number of samples of a batch, which
+            weights it; default :func:`~lightning_hessian.engine.batches.count_samples` (the leading
+            size of the first tensor with one; a ``PackedSequence`` counts its sequences), with a
+            warning when the batch's tensors disagree on it (a time-major ``[T, B, ...]`` batch
+            needs ``lambda batch: batch[0].shape[1]``).
         vectorize: multiply several vectors per backward pass with ``is_grads_batched`` (falls back
             to a loop where an operation has no batching rule); ``None``: on CUDA devices only, as on
             a CPU the batched pass cost more per vector than a loop (``benchmarks/RESULTS.md``).
@@ -214,7 +330,7 @@ class ModelSnapshot:
         model, mode, dtype, device: as given or resolved.
         param_names: names of the selected parameters, in flat order.
         num_params: P.
-        batches: the batches on ``device``, floating tensors in ``dtype``.
+        batches: the batches on ``device``, floating tensors cast as ``dtype`` says.
         batch_sizes: samples per batch; ``num_samples``: N, their sum.
         leaves: one leaf tensor per selected parameter (``requires_grad=True``), detached copies.
         others: detached copies of the other parameters and of the buffers.
@@ -234,6 +350,7 @@ class ModelSnapshot:
         dtype: torch.dtype | None = None,
         mode: Mode = "eval",
         vectorize: bool | None = None,
+        num_samples_fn: SampleCounter | None = None,
     ) -> None:
         if mode not in ("eval", "train"):
             raise ValueError(f"mode={mode!r} must be 'eval' or 'train'")
@@ -242,25 +359,37 @@ class ModelSnapshot:
         self.model = model
         self.mode: Mode = mode
         selected = select_parameters(model, params)
+        raw = materialize(batches)
+        check_measurable(selected, raw)
         self.param_names = [n for n, _ in selected]
         self.shapes = [p.shape for _, p in selected]
         self.numels = [p.numel() for _, p in selected]
         self.num_params = sum(self.numels)
         self.device = selected[0][1].device
         self.vectorize = self.device.type == "cuda" if vectorize is None else vectorize
-        natural = selected[0][1].dtype
-        self.dtype = dtype or (torch.float32 if natural in (torch.float16, torch.bfloat16) else natural)
+        natural = {lifted(p.dtype) for _, p in selected}
+        uniform = dtype or (natural.pop() if len(natural) == 1 else None)  # None: each tensor its own
+        self.num_samples_fn = num_samples_fn
         with autograd_enabled():
-            self.batches = [move_batch(b, self.device, self.dtype) for b in materialize(batches)]
+            self.batches = [move_batch(b, self.device, uniform) for b in raw]
             if not self.batches:
                 raise ValueError("batches is empty; pass at least one batch of samples")
-            self.batch_sizes = [count_samples(b) for b in self.batches]
-            self.leaves = [p.detach().to(self.dtype, copy=True).requires_grad_(True) for _, p in selected]
+            self.batch_sizes = [self.count(b, i) for i, b in enumerate(self.batches)]
+            self.leaves = [_copy(p, uniform).requires_grad_(True) for _, p in selected]
             chosen = set(self.param_names)
-            self._others = {n: _copy(p, self.dtype) for n, p in model.named_parameters() if n not in chosen}
-            self._others.update({n: _copy(b, self.dtype) for n, b in model.named_buffers()})
+            self._others = {n: _copy(p, uniform) for n, p in model.named_parameters() if n not in chosen}
+            self._others.update({n: _copy(b, uniform) for n, b in model.named_buffers()})
+        self.dtype = max((leaf.dtype for leaf in self.leaves), key=lambda d: torch.finfo(d).bits)
         self.others = tuple(self._others.values())
         self.num_samples = sum(self.batch_sizes)
+        if num_samples_fn is None and (message := ambiguous_count(self.batches)) is not None:
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+    def count(self, batch: Any, index: int = 0) -> int:
+        """The samples of ``batch`` (position ``index``, for the message): ``num_samples_fn``'s or the default count."""
+        if self.num_samples_fn is None:
+            return count_samples(batch)
+        return check_count(f"num_samples_fn(batch {index})", self.num_samples_fn(batch))  # type: ignore[return-value]
 
     def call(self, fn: Callable[..., Any], *args: Any, leaves: Sequence[Tensor] | None = None) -> Any:
         """Evaluate ``fn(model, *args)`` with the snapshot's tensors in place of the model's.
@@ -272,8 +401,28 @@ class ModelSnapshot:
         state = dict(zip(self.param_names, self.leaves if leaves is None else leaves, strict=True))
         state.update(self._others)
         state = {"model." + name: tensor for name, tensor in state.items()}
-        with module_mode(self.model, self.mode, freeze_statistics=True), twice_differentiable(self.device):
+        try:
+            return self._evaluate(fn, state, args, self.mode)
+        except Exception as err:
+            if self.mode == "eval" and self._works_in_training_mode(fn, state, args):
+                raise UnsupportedError(
+                    f"the loss fails with the model in eval mode ({type(err).__name__}: {err}) and works in training "
+                    "mode: the model's outputs differ between the modes (auxiliary outputs, say); pass mode='train' "
+                    "(batch statistics, dropout still off)"
+                ) from err
+            raise
+
+    def _evaluate(self, fn: Callable[..., Any], state: dict[str, Tensor], args: tuple[Any, ...], mode: Mode) -> Any:
+        with module_mode(self.model, mode, freeze_statistics=True), twice_differentiable(self.device):
             return functional_call(BoundModule(self.model, fn), state, args, strict=False)
+
+    def _works_in_training_mode(self, fn: Callable[..., Any], state: dict[str, Tensor], args: tuple[Any, ...]) -> bool:
+        try:
+            with torch.no_grad():
+                self._evaluate(fn, state, args, "train")
+        except Exception:
+            return False
+        return True
 
     def split_batches(self, size: int) -> None:
         """Cut every batch into micro-batches of at most ``size`` samples, in order (see
@@ -288,24 +437,26 @@ class ModelSnapshot:
         self.batches = [take_samples(batch, start, start + size)
                         for batch, count in zip(self.batches, self.batch_sizes, strict=True)
                         for start in range(0, count, size)]
-        self.batch_sizes = [count_samples(batch) for batch in self.batches]
+        self.batch_sizes = [self.count(batch, i) for i, batch in enumerate(self.batches)]
 
     def flat_parameters(self) -> Tensor:
-        """The selected parameters as one ``[P]`` vector (detached)."""
-        return torch.cat([leaf.detach().reshape(-1) for leaf in self.leaves])
+        """The selected parameters as one ``[P]`` vector (detached, in ``dtype``)."""
+        return torch.cat([leaf.detach().reshape(-1).to(self.dtype) for leaf in self.leaves])
 
     def unflatten(self, matrix: Tensor) -> list[Tensor]:
-        """``[P, S]`` -> one ``[S, *shape]`` tensor per selected parameter."""
+        """``[P, S]`` -> one ``[S, *shape]`` tensor per selected parameter, in that parameter's dtype."""
         columns = matrix.shape[1]
-        return [c.T.reshape(columns, *s) for c, s in zip(matrix.split(self.numels), self.shapes, strict=True)]
+        return [c.T.reshape(columns, *leaf.shape).to(leaf.dtype)
+                for c, leaf in zip(matrix.split(self.numels), self.leaves, strict=True)]
 
     def flatten(self, parts: Sequence[Tensor]) -> Tensor:
-        """One ``[S, *shape]`` tensor per selected parameter -> ``[P, S]``."""
-        return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1).T
+        """One ``[S, *shape]`` tensor per selected parameter -> ``[P, S]`` in ``dtype``."""
+        return torch.cat([p.reshape(p.shape[0], -1).to(self.dtype) for p in parts], dim=1).T
 
     def parameters_of(self, flat: Tensor) -> list[Tensor]:
-        """A ``[P]`` vector as one tensor per selected parameter (views)."""
-        return [chunk.reshape(shape) for chunk, shape in zip(flat.split(self.numels), self.shapes, strict=True)]
+        """A ``[P]`` vector as one tensor per selected parameter (views where the dtypes agree)."""
+        return [chunk.reshape(leaf.shape).to(leaf.dtype)
+                for chunk, leaf in zip(flat.split(self.numels), self.leaves, strict=True)]
 
     def vjp(
         self, outputs: Sequence[Tensor], cotangents: Sequence[Tensor], inputs: Sequence[Tensor], *, retain: bool
@@ -366,7 +517,20 @@ def stacked(grads: Sequence[Tensor | None], inputs: Sequence[Tensor], num_vector
         [tensor([[3., 3.]]), tensor([[0.]])]
     """
     return [
-        g.reshape(num_vectors, *t.shape) if g is not None
+        dense(g).reshape(num_vectors, *t.shape) if g is not None
         else torch.zeros(num_vectors, *t.shape, dtype=t.dtype, device=t.device)
         for g, t in zip(grads, inputs, strict=True)
     ]
+
+
+def dense(gradient: Tensor) -> Tensor:
+    """A gradient in the strided layout: a sparse one (``nn.Embedding(sparse=True)``) made dense, with its graph.
+
+    Example:
+        >>> weight = torch.ones(4, 2, requires_grad=True)
+        >>> loss = torch.nn.functional.embedding(torch.tensor([1]), weight, sparse=True).sum()
+        >>> (g,) = torch.autograd.grad(loss, weight)
+        >>> g.layout, dense(g).layout
+        (torch.sparse_coo, torch.strided)
+    """
+    return gradient if gradient.layout == torch.strided else gradient.to_dense()

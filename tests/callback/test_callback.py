@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import dataclasses
 import inspect
 import logging
 import math
+import textwrap
 import time
 import types
 
@@ -331,6 +333,27 @@ def test_the_default_budget_measures_at_start_says_its_plan_once_and_spaces_the_
     assert 0 < callback.history[-1].overhead < 1
 
 
+def test_a_run_shorter_than_one_snapshot_gets_tracked_values_at_its_start_and_end():
+    callback = HessianSpectrumCallback(k=3)  # default budget: 5% of a run of 40 steps of about a millisecond
+    run = trainer(max_epochs=10, callbacks=[callback])
+    run.fit(TinyMLP(), DataLoader(dataset(), batch_size=8))
+    assert [(r.step, r.snapshot) for r in callback.history] == [(0, False), (40, False)]
+    assert "tracked calls stand for the start and the end" in callback.plan
+    assert float(run.callback_metrics["hessian/snapshot"]) == 0.0
+    explicit = HessianSpectrumCallback(k=3, budget=None)  # no budget: snapshots at the start and the end
+    trainer(max_epochs=10, callbacks=[explicit]).fit(TinyMLP(), DataLoader(dataset(), batch_size=8))
+    assert [(r.step, r.snapshot) for r in explicit.history] == [(0, True), (40, True)]
+
+
+def test_a_time_limit_is_said_to_count_the_callbacks_calls(caplog):
+    callback = HessianSpectrumCallback(k=2, density=False)
+    with caplog.at_level(logging.INFO):
+        trainer(max_time={"seconds": 30}, max_steps=2, callbacks=[callback]).fit(
+            TinyMLP(), DataLoader(dataset(), batch_size=8))
+    said = [r.getMessage() for r in caplog.records if "stops on time" in r.getMessage()]
+    assert len(said) == 1 and "trains fewer steps" in said[0]
+
+
 def test_every_n_epochs_and_a_budget_cap_on_an_explicit_schedule():
     by_epoch = HessianSpectrumCallback(budget=None, every_n_epochs=1, at_start=False, at_end=False,
                                        k=2, num_samples=16, density=False)
@@ -443,3 +466,7 @@ def test_each_setting_is_declared_once_in_the_signature_and_once_in_the_config()
     assert {name: default for name, default in arguments.items() if name != "layers"} \
         == {name: default for name, default in fields.items() if name != "layers"}
     assert arguments["layers"] is None and fields["layers"] == ()
+    source = textwrap.dedent(inspect.getsource(HessianSpectrumCallback.__init__))
+    call = next(node for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "CallbackConfig")
+    assert {keyword.arg for keyword in call.keywords} == set(arguments)  # every setting reaches the config

@@ -88,6 +88,11 @@ def test_ddp_spawn_matches_one_process(tmp_path):
     # callback_metrics hold float32 tensors (the Lightning convention)
     last = history[-1]["hessian"]["eigenvalues"][0]
     assert float(run.callback_metrics["hessian/eig_1"]) == pytest.approx(last, rel=1e-6)
+    # the measurements ran in the spawned processes: the file brings them into this process's callback
+    with open(tmp_path / "given.json") as handle:
+        given.load_state_dict(json.load(handle))
+    assert [m.step for m in given.history] == [0, 2]
+    assert list(given.history[-1].hessian.eigenvalues) == history[-1]["hessian"]["eigenvalues"]
 
     with open(tmp_path / "sharded.json") as handle:
         [record] = json.load(handle)["history"]

@@ -14,7 +14,8 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
-from lightning_hessian.callback.isolation import CLONED_ELEMENTS, PlainState, isolated, loggers_muted, plain_state_kept
+from lightning_hessian.callback.isolation import PlainState, isolated, loggers_muted, plain_state_kept
+from lightning_hessian.callback.saved_state import CLONED_ELEMENTS
 
 
 class Stateful(nn.Module):

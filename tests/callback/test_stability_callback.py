@@ -301,6 +301,7 @@ def test_tracked_calls_carry_the_exact_stability_and_batch_sharpness():
     assert [m.step for m in tracked] == [1, 2, 3, 4]
     for measurement in tracked:
         top, ratio = recorder.expected[measurement.step]
+        assert measurement.stability.preconditioned_eig_1 == pytest.approx(top, rel=1e-4, abs=0)
         assert measurement.stability.stability == pytest.approx(ratio, rel=1e-4, abs=0)
         assert measurement.stability.batch_sharpness is not None
     assert float(run.callback_metrics["hessian/stability"]) == pytest.approx(ratio, rel=1e-4)

@@ -163,7 +163,7 @@ def test_bad_batches_and_vectors():
     model, batches = _model_and_batches()
     with pytest.raises(ValueError, match="batches is empty"):
         HessianOperator(model, cases.cross_entropy, [])
-    with pytest.raises(TypeError, match="a batch must be a tensor, tuple, list or dict of tensors, got str"):
+    with pytest.raises(TypeError, match=r"cannot count the samples of a batch of type str.*num_samples_fn="):
         HessianOperator(model, cases.cross_entropy, ["not a batch"])
     op = HessianOperator(model, cases.cross_entropy, batches)
     with pytest.raises(ValueError, match=r"vectors have shape \(52,\); the operator takes \[P\] or \[P, S\]"):
