@@ -17,6 +17,9 @@ Parts:
   run without the callback, by wall clock.
 - ``per-step``: ``track_every_n_steps=1`` on the MLP and the convnet: products per tracked call after
   the first 20 steps, and their residuals.
+- ``agreement``: on the MLP, at log-spaced steps of a run, a snapshot's eig_1 (over the probe set)
+  and the tracked value at the same weights (the top eigenvalue over the first probe batch), and
+  their relative difference: what a tracked point estimates against the snapshot's.
 - ``run``: a budgeted run of the MLP (``--steps``, 20,000 by default) against the same run without the
   callback, by wall clock.
 """
@@ -38,7 +41,7 @@ from torch.utils.data import TensorDataset
 from benchmarks.measure import command_line
 from benchmarks.report import environment, load_average, table
 from benchmarks.scale import Classifier, Workload, step_seconds, trainer, workloads
-from lightning_hessian import HessianSpectrumCallback
+from lightning_hessian import HessianOperator, HessianSpectrumCallback, top_eigenvalues
 from lightning_hessian.callback.schedule import project_plan
 
 RESULTS = Path(__file__).with_name("RESULTS-curves.md")
@@ -123,6 +126,35 @@ def timed_runs(workload: Workload, steps: int) -> dict[str, Any]:
             "reported": callback.history[-1].overhead, "plan": callback.plan}
 
 
+class _TrackedAtSnapshots(pl.Callback):
+    """After the callback under test: at each of its snapshots, the tracked value at the same weights
+    (the engine's top eigenvalue over the first probe batch, at the default tolerance)."""
+
+    def __init__(self, probe: HessianSpectrumCallback) -> None:
+        self.probe, self.pairs = probe, []
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        last = self.probe.history[-1] if self.probe.history else None
+        if last is None or last.step != trainer.global_step or not last.snapshot:
+            return
+        op = HessianOperator(pl_module, _loss, self.probe.probe_batches[:1])
+        tracked = top_eigenvalues(op, 1, tol=1e-3)
+        self.pairs.append((last.step, last.hessian.eigenvalues[0], float(tracked.eigenvalues[0])))
+
+
+def _loss(module: Any, batch: Any) -> Any:
+    return module.training_step(batch, 0)
+
+
+def agreement_rows(workload: Workload, steps: int) -> list[tuple[int, float, float]]:
+    probe = HessianSpectrumCallback(budget=None, every_n_steps=max(steps // 32, 1), log_spaced=True, at_start=False,
+                                    density=False, progress=False)
+    pairs = _TrackedAtSnapshots(probe)
+    pl.seed_everything(0, verbose=False)
+    trainer([probe, pairs], steps).fit(workload.build(), workload.loader())
+    return pairs.pairs
+
+
 def per_step_row(workload: Workload, steps: int) -> dict[str, Any]:
     tracked = _tracked_calls(workload, steps)
     settled = tracked[20:] or tracked[1:]
@@ -164,6 +196,13 @@ def report(rows: dict[str, Any], command: str, seconds: float, load: tuple[float
                                ", ".join(map(str, r["snapshots"])), str(r["tracked"]),
                                f"steps {r['first']} and {r['last']}"]]),
                       "", f"Plan: {r['plan']}", ""]
+    if "agreement" in rows:
+        lines += ["## A tracked value against the snapshot's, at the same steps (MLP)", "",
+                  "The snapshot's eig_1 is over the 512 probe samples; the tracked value is the top eigenvalue "
+                  "over the first probe batch (64 samples), at the same weights.", "",
+                  *table(["step", "snapshot eig_1", "tracked eig_1", "tracked / snapshot - 1"],
+                         [[f"{step:,}", f"{snap:.4g}", f"{tracked:.4g}", f"{tracked / snap - 1:+.1%}"]
+                          for step, snap, tracked in rows["agreement"]]), ""]
     if "per-step" in rows:
         lines += ["## Tracking every step (`track_every_n_steps=1`)", "",
                   *table(["workload", "tracked calls", "median products after step 20", "largest",
@@ -176,7 +215,7 @@ def report(rows: dict[str, Any], command: str, seconds: float, load: tuple[float
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.curves", description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="plan,short,per-step,run", help="comma-separated parts to run")
+    parser.add_argument("--parts", default="plan,short,agreement,per-step,run", help="comma-separated parts to run")
     parser.add_argument("--workloads", default="mlp,cnn,transformer", help="the plan's workloads")
     parser.add_argument("--steps", type=int, default=PLANNED_STEPS, help="length of the budgeted MLP run")
     parser.add_argument("--smoke", action="store_true", help="tiny versions")
@@ -191,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         small = small_cnn_workload(args.smoke)
         rows["short"] = {**timed_runs(small, 300 if args.smoke else 3000), "description": small.description,
                          "steps": 300 if args.smoke else 3000}
+    if "agreement" in parts:
+        rows["agreement"] = agreement_rows(suite["mlp"], 64 if args.smoke else 3200)
     if "per-step" in parts:
         rows["per-step"] = {name: per_step_row(suite[name], 24 if args.smoke else 60) for name in ("mlp", "cnn")}
     if "run" in parts:

@@ -36,6 +36,10 @@ _GRAPH_MEMORY_FRACTION = 0.5
 # cap saves less than it costs: part of that memory is parameter-sized, and smaller micro-batches fill
 # a GPU less well.
 _MICRO_BATCH_GRAPH_NUMBERS = 8
+# ... but a batch whose graph holds less than this many bytes stays whole whatever the model's size: its
+# memory is negligible on any machine, while micro-batches cost a pass each (on a model of a few thousand
+# parameters, a product on eight micro-batches takes several times one on the whole batch).
+_MICRO_BATCH_MIN_BYTES = 16 * 2**20
 # ... and the micro-batches are used only if their losses, weighted by samples, give the batch's loss
 # to this relative tolerance: the samples do not interact (no batch statistics, no in-batch pairs).
 _SPLIT_RTOL = 1e-4
@@ -256,7 +260,8 @@ class KeptGraphs:
         """
         snapshot = self.snapshot
         count = snapshot.batch_sizes[0]
-        limit = _MICRO_BATCH_GRAPH_NUMBERS * snapshot.num_params * torch.finfo(snapshot.dtype).bits // 8
+        limit = max(_MICRO_BATCH_GRAPH_NUMBERS * snapshot.num_params * torch.finfo(snapshot.dtype).bits // 8,
+                    _MICRO_BATCH_MIN_BYTES)
         whole_batches = snapshot.batches, snapshot.batch_sizes
         try:
             snapshot.split_batches(math.ceil(count / _TRIAL_PIECES))

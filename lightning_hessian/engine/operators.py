@@ -81,15 +81,15 @@ class CurvatureOperator:
             recomputes the others; ``"auto"`` measures the first graph and keeps as many as fit in
             half the memory available on the device (:func:`~lightning_hessian.engine.graphs.available_bytes`).
             Dropped with a warning if the device runs out of memory.
-        split_batches: when the first batch's graph holds more than about 8 numbers per parameter
-            (a convnet's activations on a large batch), cut every batch into micro-batches whose graph
-            holds about that many, so that a product's working memory (which follows one batch's
-            graph) stays near that of a few parameter vectors; the total of the kept graphs does not
-            change, nor the operator (it averages over samples). Done only if the first batch's loss
-            equals its micro-batches' losses weighted by samples (to a relative 1e-4), i.e. when the
-            samples do not interact; batch statistics (``mode="train"``) or a loss over in-batch
-            pairs keep the batches whole, and so does a ``num_samples_fn`` other than the default
-            count (the samples may lie along another dimension). Default ``False``.
+        split_batches: when the first batch's graph holds more than about 8 numbers per parameter and
+            more than 16 MiB (a convnet's activations on a large batch), cut every batch into
+            micro-batches whose graph holds about that many, so that a product's working memory (which follows
+            one batch's graph) stays near that of a few parameter vectors; the total of the kept graphs
+            does not change, nor the operator (it averages over samples). Done only if the first batch's
+            loss equals its micro-batches' losses weighted by samples (to a relative 1e-4), i.e. when
+            the samples do not interact; batch statistics (``mode="train"``) or a loss over in-batch
+            pairs keep the batches whole, and so does a ``num_samples_fn`` other than the default count
+            (the samples may lie along another dimension). Default ``False``.
         **options: the snapshot's (:class:`~lightning_hessian.engine.snapshot.SnapshotOptions`):
             ``params``, name patterns selecting parameters (default all with ``requires_grad``);
             ``dtype``, of the products (e.g. ``torch.float64`` for exact small-model work; default

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
-import time
 
 import pytest
 from torch.utils.data import DataLoader
@@ -27,7 +26,7 @@ from lightning_hessian.callback.schedule import (
     project_plan,
 )
 
-from helpers import TinyMLP, cross_entropy, dataset, trainer
+from helpers import SimulatedTime, TinyMLP, dataset, trainer
 
 
 @pytest.mark.parametrize(("previous", "step", "expected"), [
@@ -183,21 +182,6 @@ def test_nothing_is_due_before_the_steps_are_timed_or_once_the_budget_is_spent()
     spent.call("snapshot", step=0, seconds=100.0)
     spent.train(0.1)
     assert spent.budget.next_call(step=10) == (1001, None)
-
-
-class SimulatedTime:
-    """Wall time that a real run advances on purpose: every training step by ``step_seconds``, every loss
-    evaluation of a measurement by ``loss_seconds`` (the real seconds, milliseconds here, come on top)."""
-
-    def __init__(self, step_seconds: float, loss_seconds: float) -> None:
-        self.offset, self.step_seconds, self.loss_seconds = 0.0, step_seconds, loss_seconds
-
-    def __call__(self) -> float:
-        return time.perf_counter() + self.offset
-
-    def loss(self, module, batch):
-        self.offset += self.loss_seconds
-        return cross_entropy(module, batch)
 
 
 def test_a_real_run_spends_the_budget_on_the_clock_it_logs():

@@ -104,7 +104,15 @@ def _pairwise_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tens
     return 2 * (outputs - outputs.mean(dim=0)).pow(2).sum(dim=1).mean()
 
 
+@pytest.fixture
+def no_byte_floor(monkeypatch):
+    """Micro-batches from the numbers-per-parameter cap alone: the test models' graphs are far below the
+    floor of bytes under which a batch stays whole."""
+    monkeypatch.setattr(graphs, "_MICRO_BATCH_MIN_BYTES", 0)
+
+
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])
+@pytest.mark.usefixtures("no_byte_floor")
 def test_split_batches_cuts_large_graphs_into_micro_batches_and_keeps_the_operator(kind):
     batches = _image_batches()
     if kind == "hessian":
@@ -129,6 +137,7 @@ def test_split_batches_cuts_large_graphs_into_micro_batches_and_keeps_the_operat
     pytest.param("train", cases.cross_entropy, id="batch-statistics"),
     pytest.param("eval", _pairwise_loss, id="in-batch-pairs"),
 ])
+@pytest.mark.usefixtures("no_byte_floor")
 def test_split_batches_keeps_batches_whole_when_samples_interact(mode, loss):
     batches = _image_batches()
     whole = HessianOperator(_small_convnet(), loss, batches, dtype=F64, mode=mode)
@@ -136,6 +145,14 @@ def test_split_batches_keeps_batches_whole_when_samples_interact(mode, loss):
     vectors = torch.randn(whole.num_params, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
     torch.testing.assert_close(split.matmat(vectors), whole.matmat(vectors), rtol=1e-12, atol=1e-14)
     assert split.snapshot.batch_sizes == [12, 12] and split.graph_nbytes == whole.graph_nbytes
+
+
+def test_a_graph_below_the_byte_floor_stays_whole_on_a_small_model():
+    """The convnet's batch holds many numbers per parameter but few bytes: splitting would only cost passes."""
+    split = HessianOperator(_small_convnet(), cases.cross_entropy, _image_batches(), dtype=F64, split_batches=True)
+    split.matmat(torch.ones(split.num_params, 1, dtype=F64))
+    assert split.snapshot.batch_sizes == [12, 12]
+    assert graphs._MICRO_BATCH_GRAPH_NUMBERS * 8 * split.num_params < split.graph_nbytes < graphs._MICRO_BATCH_MIN_BYTES
 
 
 def test_split_batches_keeps_small_graphs_whole():

@@ -159,3 +159,14 @@ def test_budgeted_runs_alternate_and_report_wall_and_cpu_overhead(tmp_path):
     assert len(row[4].split(",")) == 2 and len(row[5].split(",")) == 2  # two runs without, two with
     assert "overhead of a default run at most the budget plus one call (wall; CPU)" in text
     assert "top-k products of the calls after the first along the run" in text
+
+
+@pytest.mark.slow
+def test_curves_writes_every_part(tmp_path):
+    out = tmp_path / "RESULTS-curves.md"
+    command = [sys.executable, "-m", "benchmarks.curves", "--smoke", "--workloads", "mlp", "--out", str(out)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    text = out.read_text()
+    for title in ("What one call costs", "A short run at defaults", "A tracked value against the snapshot's",
+                  "Tracking every step", "A budgeted run of the MLP"):
+        assert f"## {title}" in text, title
