@@ -494,12 +494,12 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         if tracked is None:
             self._run(trainer, pl_module, "fit")
             return
+        budget.record("tracked", tracked.step, tracked.seconds)  # spent, whether or not it stands for the start
         per_product = self._per_product(trainer, tracked)
         batch = self._count(self.probe_batches[0]) if self.probe_batches else 1
         self._refit(trainer, per_product, budget.snapshot_allowance(per_product * batch))
         if not budget.snapshots:
             self._report(trainer, tracked, None, "fit")
-            budget.record("tracked", tracked.step, tracked.seconds)
         else:
             self._run(trainer, pl_module, "fit")
 

@@ -221,7 +221,7 @@ class Budget:
         snapshot_seconds: C_s, the latest snapshot's cost (or its estimate before one ran).
         tracked_seconds: C_t, the latest tracked call's cost.
         spent: seconds spent by each kind so far.
-        first_cost: what the call at the start cost (not held against the overhead cap).
+        first_cost: what the calls at the start cost (not held against the overhead cap).
         calls, snapshots_taken: the calls so far, and the snapshots among them.
         planned: the steps of the snapshots still to come between the start and the end (``None``
             until planned, once t is timed; planned again after each snapshot, at its real cost).
@@ -261,8 +261,8 @@ class Budget:
 
     def record(self, kind: Kind, step: int, seconds: float) -> None:
         """A call of ``kind`` at ``step`` that took ``seconds`` (numerics and logging; the clock has charged them)."""
-        if self.calls == 0 and step == self.start_step:
-            self.first_cost = seconds
+        if step == self.start_step:  # a call at the start (the tracked call that prices a snapshot, and the snapshot)
+            self.first_cost += seconds
         self.spent[kind] += seconds
         if kind == "snapshot":
             self.snapshots_taken += 1

@@ -276,10 +276,11 @@ def batch_sharpness(op: Any) -> float:
         1.911764705882353
     """
     gradient = op.gradient()
-    norm = float(gradient.double().dot(gradient.double()))
+    wide = gradient.double()  # the sums in float64, converted once
+    norm = float(wide.dot(wide))
     if norm == 0.0:
         return math.nan
-    return float(gradient.double().dot(op.matvec(gradient).double())) / norm
+    return float(wide.dot(op.matvec(gradient).double())) / norm
 
 
 def stability_ratio(top_curvature: float, rules: Sequence[UpdateRule], *, preconditioned: bool) -> float:
