@@ -21,11 +21,13 @@ DELAY_SECONDS = 2.0
 
 class ProgressOperator:
     """An operator that forwards to ``op``, counts its products on a progress line and, when ``op``
-    computes on the CPU, releases the free heap after each product.
+    computes on the CPU and ``release_heap`` is set, releases the free heap after each product.
 
     Args:
         op: the operator (engine or DDP-summed).
         bar: the progress line, or ``None`` for none.
+        release_heap: hand the free heap back after each product (a call of many products on a
+            large probe set); off for a few products on one batch, whose freed blocks are reused.
 
     Example:
         >>> import torch
@@ -35,10 +37,10 @@ class ProgressOperator:
         (torch.Size([2, 3]), 2)
     """
 
-    def __init__(self, op: Any, bar: tqdm | None) -> None:
+    def __init__(self, op: Any, bar: tqdm | None, *, release_heap: bool = True) -> None:
         self.op = op
         self.bar = bar
-        self.on_host = op.device.type == "cpu"
+        self.release_heap = release_heap and op.device.type == "cpu"
 
     def __getattr__(self, name: str) -> Any:
         """Everything but the products is the wrapped operator's (``num_params``, ``dtype``, ``gradient``, ...)."""
@@ -51,7 +53,7 @@ class ProgressOperator:
     def matmat(self, vectors: Tensor) -> Tensor:
         """The wrapped operator's product; advances the line by the number of vectors."""
         product = self.op.matmat(vectors)
-        if self.on_host:
+        if self.release_heap:
             release_free_heap()
         if self.bar is not None:
             self.bar.update(1 if vectors.dim() == 1 else vectors.shape[1])

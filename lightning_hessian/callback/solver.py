@@ -269,7 +269,9 @@ class MatrixSolver:
         tracked call's vectors (kept under their own key), within ``4 track_k + 8`` products at
         ``tol >= 1e-3`` (else the engine's cap), each with its residual. ``make`` builds the operator over
         the tracked subset; the other arguments are those of :meth:`measure`."""
-        op = ProgressOperator(make(params=None), bar)
+        # A few products on one batch: the heap they free is small, and handing it back after each one
+        # would only make the next fault its pages in again.
+        op = ProgressOperator(make(params=None), bar, release_heap=False)
         k = self.config.track_k
         _describe(bar, f"{matrix}: top-{k} eigenvalues, tracked")
         top = self._solve(op, k, warm, f"{matrix}/tracked", checked=True,
