@@ -20,7 +20,9 @@ except ImportError:  # only pytorch_lightning is installed
 CALLBACK_BASES: tuple[type, ...] = (pl.Callback,)
 TENSORBOARD_LOGGERS: tuple[type, ...] = (TensorBoardLogger,)
 WANDB_LOGGERS: tuple[type, ...] = (WandbLogger,)
-SHARDED_STRATEGIES: tuple[type, ...] = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+FSDP_STRATEGIES: tuple[type, ...] = (FSDPStrategy,)
+DEEPSPEED_STRATEGIES: tuple[type, ...] = (DeepSpeedStrategy,)
+MODEL_PARALLEL_STRATEGIES: tuple[type, ...] = (ModelParallelStrategy,)
 
 if lightning_pytorch is not None:
     from lightning.pytorch import loggers as _loggers
@@ -29,5 +31,6 @@ if lightning_pytorch is not None:
     CALLBACK_BASES += (lightning_pytorch.Callback,)
     TENSORBOARD_LOGGERS += (_loggers.TensorBoardLogger,)
     WANDB_LOGGERS += (_loggers.WandbLogger,)
-    SHARDED_STRATEGIES += (_strategies.FSDPStrategy, _strategies.DeepSpeedStrategy,
-                           _strategies.ModelParallelStrategy)
+    FSDP_STRATEGIES += (_strategies.FSDPStrategy,)
+    DEEPSPEED_STRATEGIES += (_strategies.DeepSpeedStrategy,)
+    MODEL_PARALLEL_STRATEGIES += (_strategies.ModelParallelStrategy,)

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from lightning_hessian import loggers
-from lightning_hessian._compat import CALLBACK_BASES, SHARDED_STRATEGIES
+from lightning_hessian._compat import CALLBACK_BASES
 from lightning_hessian.callback.config import HISTORY_FILE, BasisDtype, CallbackConfig, MatrixChoice, Mode
 from lightning_hessian.callback.distributed import warn_history_elsewhere
 from lightning_hessian.callback.hooks import GaussNewtonModule, HessianLossModule
@@ -44,6 +44,7 @@ from lightning_hessian.callback.schedule import (
     note_time_limit,
     plan_message,
 )
+from lightning_hessian.callback.sharding import check_strategy
 from lightning_hessian.callback.solver import MatrixSolver, MissingLoss, make_operator, top_k_matvecs
 from lightning_hessian.callback.stability import StabilityWatch
 from lightning_hessian.engine import NonFiniteError, UnsupportedError
@@ -298,11 +299,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         """Refuse what cannot work, before any training; log the settings as hyperparameters."""
         config = self.config
         self._hparams_logged = self._run_started = False
-        if isinstance(trainer.strategy, SHARDED_STRATEGIES):
-            raise RuntimeError(
-                f"HessianSpectrumCallback does not support the sharded strategy {type(trainer.strategy).__name__} "
-                "(FSDP, DeepSpeed, model parallel); use a single device or DDP"
-            )
+        check_strategy(trainer.strategy, config)
         defines_loss = config.loss_fn is not None or isinstance(pl_module, HessianLossModule)
         if config.matrix != "ggn" and not defines_loss and not pl_module.automatic_optimization:
             raise RuntimeError(

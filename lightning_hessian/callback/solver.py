@@ -22,6 +22,7 @@ from lightning_hessian.callback.distributed import SummedOperator
 from lightning_hessian.callback.hooks import HessianLossModule
 from lightning_hessian.callback.isolation import kept_loss, plain_state_kept
 from lightning_hessian.callback.progress import ProgressOperator
+from lightning_hessian.callback.sharding import agreed, sharded_module, sharded_operator
 from lightning_hessian.engine import (
     EigenResult,
     GGNOperator,
@@ -36,6 +37,7 @@ from lightning_hessian.engine.checks import check_count
 from lightning_hessian.engine.eigen import lean_max_basis
 from lightning_hessian.engine.layers import Layout, gradient_overlap, layer_traces, mass_by_layer
 from lightning_hessian.engine.snapshot import select_parameters
+from lightning_hessian.engine.vectors import VectorSpace
 from lightning_hessian.measurement import LayerEigenvalue, LayerView, Matrix, MatrixMeasurement
 
 
@@ -106,17 +108,22 @@ def make_operator(
 
     The loss is ``loss_fn``, else the module's ``hessian_loss``, else its ``training_step``'s loss.
     Each parameter computes in its own dtype (16-bit lifted to float32); ``dtype`` is that of the flat
-    vectors (:func:`~lightning_hessian.engine.snapshot.flat_dtype`).
+    vectors (:func:`~lightning_hessian.engine.snapshot.flat_dtype`). On sharded parameters (FSDP2) every
+    rank builds the engine's sharded operator, which sums over the ranks itself, in the parameters' dtype.
     """
+    if matrix == "hessian":
+        if loss_fn is None:
+            loss_fn = hessian_loss if isinstance(pl_module, HessianLossModule) else training_step_loss
+        else:
+            loss_fn = kept_loss(loss_fn)
+    if matrix == "hessian" and sharded_module(pl_module, params):
+        return sharded_operator(trainer, pl_module, loss_fn, batches, params=params, mode=mode,
+                                num_samples_fn=num_samples_fn)
     local = None
     if batches:
         common = {"params": params, "dtype": None, "mode": mode, "keep_graph": keep_graph,
                   "split_batches": split_batches, "num_samples_fn": num_samples_fn}
         if matrix == "hessian":
-            if loss_fn is None:
-                loss_fn = hessian_loss if isinstance(pl_module, HessianLossModule) else training_step_loss
-            else:
-                loss_fn = kept_loss(loss_fn)
             local = HessianOperator(pl_module, loss_fn, batches, **common)
         else:
             local = GGNOperator(pl_module, hessian_outputs, pl_module.hessian_output_loss, batches, **common)
@@ -178,7 +185,8 @@ class MatrixSolver:
         reveals an eigenvalue beyond them that the solve missed).
         """
         stored = warm.get(key) if warm is not None else None
-        warmed = stored is not None and stored.numel() == op.num_params
+        # Sharded, each rank holds its part of the vectors, and all ranks must start alike.
+        warmed = agreed(op, stored is not None and stored.numel() == VectorSpace(op).length)
         del stored
         config = self.config
         cap = config.max_matvecs if config.max_matvecs is not None else max_matvecs

@@ -9,7 +9,7 @@ matrix averaged over samples; solvers read it (:func:`top_eigenvalues`, :func:`s
 from lightning_hessian.engine.class_structure import ClassStructure, class_structure
 from lightning_hessian.engine.density import SpectralDensity, spectral_density
 from lightning_hessian.engine.eigen import EigenResult, top_eigenvalues
-from lightning_hessian.engine.errors import NonFiniteError, UnsupportedError
+from lightning_hessian.engine.errors import NonFiniteError, NonSmoothError, UnsupportedError
 from lightning_hessian.engine.exact import dense_ggn, dense_hessian
 from lightning_hessian.engine.operators import CurvatureOperator, GGNOperator, HessianOperator
 from lightning_hessian.engine.snapshot import ModelSnapshot
@@ -24,6 +24,7 @@ __all__ = [
     # solvers and their results
     "EigenResult",
     "NonFiniteError",
+    "NonSmoothError",
     "UnsupportedError",
     "SpectralDensity",
     "SpectrumSummary",

@@ -38,6 +38,7 @@ from lightning_hessian.engine.checks import check_count
 from lightning_hessian.engine.eigen import EigenResult
 from lightning_hessian.engine.lanczos import Lanczos, tridiagonal_quadrature
 from lightning_hessian.engine.linear_operator import LinearOperator, rademacher
+from lightning_hessian.engine.vectors import VectorSpace
 
 # Default kernel width as a fraction of the spectral range (largest minus smallest node): wide
 # enough that an 80-step quadrature reads as a smooth curve, narrow enough to separate outliers
@@ -207,8 +208,9 @@ def spectral_density(
     num_steps = check_count("num_steps", num_steps)
     per_pass = check_count("probes_per_pass", num_probes if probes_per_pass is None else probes_per_pass)
     dtype = basis_dtype or (torch.float64 if reorthogonalize else op.dtype)
-    generator = torch.Generator().manual_seed(seed)
-    probes = rademacher((num_probes, num_params), generator, dtype)
+    space = VectorSpace(op)
+    generator = space.generator(seed)
+    probes = rademacher((num_probes, space.length), generator, dtype)
     exact = torch.zeros(0, dtype=torch.float64)
     # ||z||^2 per probe, of the part that deflation leaves: ||z||^2 - ||V z||^2 (all P without it). A
     # probe's measure counts in proportion (the ratio estimator: a probe almost inside the deflated
@@ -217,9 +219,9 @@ def spectral_density(
     squared = torch.full((num_probes,), float(num_params), dtype=torch.float64)
     vectors = None
     if deflate is not None:
-        exact = _check_deflated(deflate, num_params)
+        exact = _check_deflated(deflate, num_params, space.length)
         vectors = deflate.eigenvectors.to(device=probes.device, dtype=dtype)
-        squared = (squared - (probes @ vectors.T).double().pow(2).sum(dim=1)).clamp_min(0)
+        squared = (squared - space.reduce(probes @ vectors.T).double().pow(2).sum(dim=1)).clamp_min(0)
     shares = squared / squared.mean()
     steps = min(num_steps, num_params - exact.numel())
     nodes, weights, diagonals = [], [], []
@@ -249,11 +251,12 @@ def spectral_density(
     )
 
 
-def _check_deflated(deflate: EigenResult, num_params: int) -> Tensor:
-    """The deflated eigenvalues ``(k,)`` float64, after checking that they fit and converged."""
+def _check_deflated(deflate: EigenResult, num_params: int, length: int) -> Tensor:
+    """The deflated eigenvalues ``(k,)`` float64, after checking that they fit (``length`` entries per
+    vector held here) and converged."""
     shape = tuple(deflate.eigenvectors.shape)
-    if len(shape) != 2 or shape[1] != num_params or not 1 <= shape[0] < num_params:
-        raise ValueError(f"deflate has eigenvectors of shape {shape}; they must be (k, {num_params}) with "
+    if len(shape) != 2 or shape[1] != length or not 1 <= shape[0] < num_params:
+        raise ValueError(f"deflate has eigenvectors of shape {shape}; they must be (k, {length}) with "
                          f"1 <= k < {num_params}, e.g. top_eigenvalues(op, k) of the same operator")
     if not bool(deflate.converged.all()):
         raise ValueError("deflate has unconverged eigenpairs; deflating them would distort the density: "

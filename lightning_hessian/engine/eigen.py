@@ -51,6 +51,7 @@ from torch import Tensor
 
 from lightning_hessian.engine.checks import check_choice, check_count, check_fraction
 from lightning_hessian.engine.linear_operator import LinearOperator, rademacher
+from lightning_hessian.engine.vectors import VectorSpace
 
 Which = Literal["largest", "smallest"]
 
@@ -164,13 +165,14 @@ class _KrylovSchur:
     """The solver's state: basis, projected matrix, pending block and the bookkeeping of restarts."""
 
     def __init__(self, op: LinearOperator, start: Tensor, *, capacity: int, dtype: torch.dtype,
-                 device: torch.device, generator: torch.Generator) -> None:
+                 device: torch.device, generator: torch.Generator, space: VectorSpace) -> None:
         self.op = op
         self.generator = generator
-        self.num_params = op.num_params
+        self.space = space
+        self.length = space.length  # of the rows held here: P, or this rank's part of a split vector
         self.capacity = capacity
         initial = min(capacity, max(2 * start.shape[0] + 1, _INITIAL_ROWS))
-        self.rows = torch.empty(initial, self.num_params, dtype=dtype, device=device)
+        self.rows = torch.empty(initial, self.length, dtype=dtype, device=device)
         self.num_matvecs = 0
         self.scale = 0.0  # largest ||H u|| seen: an estimate of ||H|| from below
         self.n = 0
@@ -182,15 +184,16 @@ class _KrylovSchur:
         # Every new pending block U' takes over F's part along it (F = U' C + F', E' += C G), so the
         # basis can still grow into those directions, and a Ritz pair's Krylov residual stays exact:
         # ||E y||^2 + (G y)^T (F^T F) (G y).
-        self.frozen = torch.empty(0, self.num_params, dtype=dtype, device=device)
+        self.frozen = torch.empty(0, self.length, dtype=dtype, device=device)
         self.G = np.zeros((0, 0))
         self.gram = np.zeros((0, 0))  # F^T F
         self.fresh = np.zeros(0, dtype=bool)  # basis coordinates grown from the newest fresh direction
-        self.unit_roundoff = max(torch.finfo(dtype).eps, torch.finfo(op.dtype).eps)
+        # An operator whose products carry more than rounding (finite differences) says so with its own.
+        self.unit_roundoff = max(torch.finfo(dtype).eps, getattr(op, "unit_roundoff", torch.finfo(op.dtype).eps))
         block = start.to(device=device, dtype=dtype)
-        block = block[block.norm(dim=1) > 0]
+        block = block[space.norm(block, dim=1) > 0]
         self.rows[: block.shape[0]] = block
-        self.b = self._orthonormalize_rows(0, block.shape[0], reference=block.norm(dim=1), threshold=0.0)[0]
+        self.b = self._orthonormalize_rows(0, block.shape[0], reference=space.norm(block, dim=1), threshold=0.0)[0]
         if self.b == 0:
             self.rows[0] = self._fresh_direction(0)
             self.b = 1
@@ -227,7 +230,7 @@ class _KrylovSchur:
         """
         existing, work = self.rows[:offset], self.rows[offset:offset + count]
         coefficients = self._project_out(work, existing)
-        if offset and bool((work.norm(dim=1) < _REORTHOGONALIZE_AGAIN * reference).any()):
+        if offset and bool((self.space.norm(work, dim=1) < _REORTHOGONALIZE_AGAIN * reference).any()):
             coefficients += self._project_out(work, existing)
         r, R = 0, np.zeros((count, count))
         for i in range(count):  # Gram-Schmidt within the block, in place: row offset + r is free once row i is read
@@ -237,10 +240,10 @@ class _KrylovSchur:
             if r:
                 accepted = self.rows[offset:offset + r]
                 for _ in range(2):
-                    projection = accepted @ vector
+                    projection = self.space.reduce(accepted @ vector)
                     vector.addmv_(accepted.T, projection, alpha=-1.0)
                     R[:r, i] += projection.double().cpu().numpy()
-            norm = float(vector.norm())
+            norm = float(self.space.norm(vector))
             if norm <= threshold or norm == 0.0:
                 continue
             vector.div_(norm)
@@ -248,22 +251,21 @@ class _KrylovSchur:
             r += 1
         return r, coefficients.double().cpu().numpy(), R[:r]
 
-    @staticmethod
-    def _project_out(work: Tensor, rows: Tensor) -> Tensor:
+    def _project_out(self, work: Tensor, rows: Tensor) -> Tensor:
         """Subtract from each row of ``work`` its projection on the orthonormal ``rows``, in place;
         returns the coefficients ``(len(rows), len(work))``."""
-        coefficients = rows @ work.T
+        coefficients = self.space.reduce(rows @ work.T)
         if rows.shape[0]:
             work.addmm_(coefficients.T, rows, alpha=-1.0)
         return coefficients
 
     def _fresh_direction(self, offset: int) -> Tensor:
         """A random unit vector orthogonal to ``rows[:offset]`` (two Gram-Schmidt passes)."""
-        vector = torch.randn(1, self.num_params, generator=self.generator, dtype=torch.float64)
+        vector = torch.randn(1, self.length, generator=self.generator, dtype=torch.float64)
         vector = vector.to(device=self.rows.device, dtype=self.rows.dtype)
         for _ in range(2):
             self._project_out(vector, self.rows[:offset])
-        return (vector / vector.norm())[0]
+        return (vector / self.space.norm(vector))[0]
 
     def _absorb(self, offset: int, count: int) -> np.ndarray:
         """Move the set-aside directions' part along the new pending block ``rows[offset:offset + count]``
@@ -281,7 +283,7 @@ class _KrylovSchur:
         """Room for ``count`` rows: the storage doubles (up to the capacity) when it is short."""
         if count <= self.rows.shape[0] or self.rows.shape[0] >= self.capacity:
             return
-        grown = torch.empty(min(self.capacity, max(count, 2 * self.rows.shape[0])), self.num_params,
+        grown = torch.empty(min(self.capacity, max(count, 2 * self.rows.shape[0])), self.length,
                             dtype=self.rows.dtype, device=self.rows.device)
         used = self.n + self.b
         grown[:used] = self.rows[:used]
@@ -293,7 +295,7 @@ class _KrylovSchur:
         m = n + b
         self._reserve(m + b)
         self._multiply(self.rows[n:m], self.rows[m:m + b])
-        before = self.rows[m:m + b].norm(dim=1)
+        before = self.space.norm(self.rows[m:m + b], dim=1)
         self.scale = max(self.scale, float(before.max()))
         # The products become the new directions in place; C holds their coefficients on the basis and
         # on the block itself (the new column of M), R those on the new directions.
@@ -383,7 +385,7 @@ class _KrylovSchur:
         n, b = self.n, self.b
         transform = torch.from_numpy(np.ascontiguousarray(chosen.T)).to(device=self.rows.device,
                                                                          dtype=self.rows.dtype)
-        for start in range(0, self.num_params, _RESTART_CHUNK):
+        for start in range(0, self.length, _RESTART_CHUNK):
             columns = slice(start, start + _RESTART_CHUNK)
             self.rows[:keep, columns] = transform @ self.rows[:n, columns]
         for i in range(b):  # the pending block moves down; keep <= n, so no row is overwritten before it is read
@@ -409,17 +411,21 @@ def _wanted(values: np.ndarray, count: int, which: Which) -> np.ndarray:
     return order[::-1][:count] if which == "largest" else order[:count]
 
 
-def _start_block(v0: Tensor | None, num_params: int, generator: torch.Generator, limit: int,
+def _start_block(v0: Tensor | None, space: VectorSpace, generator: torch.Generator, limit: int,
                  dtype: torch.dtype) -> Tensor:
     """The first block: up to ``limit`` rows of ``v0`` (a vector or a block), or one Rademacher vector."""
     if v0 is None:
-        return rademacher((1, num_params), generator, dtype)
+        return rademacher((1, space.length), generator, dtype)
     block = v0.reshape(-1, v0.shape[-1]).detach()
-    if block.shape[1] != num_params:
-        raise ValueError(f"v0 has length {block.shape[1]}, the operator has num_params={num_params}")
-    block = block[torch.isfinite(block).all(dim=1)][:limit]
-    if block.shape[0] == 0 or not bool((block.norm(dim=1) > 0).any()):
-        return rademacher((1, num_params), generator, dtype)
+    if block.shape[1] != space.length:
+        has = f"this rank holds {space.length} of its entries" if space.split else f"num_params={space.length}"
+        raise ValueError(f"v0 has length {block.shape[1]}, the operator has {has}")
+    finite = torch.isfinite(block).all(dim=1)
+    if space.split:  # a row is kept on every rank or on none
+        finite = space.reduce((~finite).to(torch.float64)) == 0
+    block = block[finite][:limit]
+    if block.shape[0] == 0 or not bool((space.norm(block, dim=1) > 0).any()):
+        return rademacher((1, space.length), generator, dtype)
     return block
 
 
@@ -521,16 +527,18 @@ def top_eigenvalues(
     cap = min(num_params, 20 * k + 100) if max_matvecs is None else check_count("max_matvecs", max_matvecs, minimum=k)
     bounded = max_basis is not None
     limit = max(1, (check_count("max_basis", max_basis, minimum=k + 2) - k) // 2) if bounded else k
-    generator = torch.Generator().manual_seed(seed)
+    space = VectorSpace(op)
+    generator = space.generator(seed)
     dtype = torch.float64 if basis_dtype is None else basis_dtype
-    start = _start_block(v0, num_params, generator, limit, dtype)
+    start = _start_block(v0, space, generator, limit, dtype)
     cold = v0 is None
     del v0  # the start block is a copy: the caller's vectors need not stay alive through the products
     cap = max(cap, start.shape[0])
     # Rows: the basis (at most P vectors), the pending block and its products.
     capacity = min(max_basis, num_params + 2 * limit) if bounded else min(cap, num_params) + 2 * start.shape[0] + 1
     device = torch.device(basis_device) if basis_device is not None else op.device
-    solver = _KrylovSchur(op, start, capacity=capacity, dtype=dtype, device=device, generator=generator)
+    solver = _KrylovSchur(op, start, capacity=capacity, dtype=dtype, device=device, generator=generator,
+                          space=space)
     del start  # copied into the basis
     check: _MissedCheck | None = None
     checked = False  # whether the last check (or the whole space, or k = 1's random start) rules out a miss

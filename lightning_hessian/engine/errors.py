@@ -18,6 +18,19 @@ class NonFiniteError(FloatingPointError):
     """
 
 
+class NonSmoothError(NonFiniteError):
+    """A finite-difference curvature product could not get clear of the loss's kinks (ReLU, max, abs).
+
+    The sharded Hessian's products are differences of gradients; a kink between the two points makes
+    the difference's error unbounded. Raised on every rank (the decision reads all-reduced norms). A
+    :class:`NonFiniteError`, so callers that skip a measurement at a non-finite loss skip this too.
+
+    Example:
+        >>> issubclass(NonSmoothError, NonFiniteError)
+        True
+    """
+
+
 def all_finite(values: Tensor) -> bool:
     """Whether every entry is finite, without a mask as large as ``values`` (a NaN propagates to the
     maximum, an infinity is the maximum or the minimum).

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from lightning_hessian.engine.linear_operator import LinearOperator
+from lightning_hessian.engine.vectors import VectorSpace
 
 # A new Lanczos vector whose norm falls below this fraction of the operator's scale means the
 # Krylov space is invariant: the recursion continues from a fresh random direction with beta = 0.
@@ -77,22 +78,23 @@ class Lanczos:
         deflate: Tensor | None = None,
     ) -> None:
         self.op = op
+        self.space = space = VectorSpace(op)
         self.generator = generator
         self.reorthogonalize = reorthogonalize
         self.basis_device = torch.device(basis_device) if basis_device is not None else op.device
         self.basis_dtype = basis_dtype
         start = start.to(device=self.basis_device, dtype=basis_dtype)
-        norms = start.norm(dim=1, keepdim=True)
+        norms = space.norm(start, dim=1, keepdim=True)
         if not torch.all(norms > 0):
             raise ValueError("start vectors must be non-zero")
         self._deflate = None if deflate is None else deflate.to(device=self.basis_device, dtype=basis_dtype)
         num_recursions = start.shape[0]
         self.num_steps = 0
         columns = min((capacity or 16) + 1, op.num_params) if reorthogonalize else 2
-        self._vectors = torch.empty(num_recursions, columns, op.num_params, dtype=basis_dtype,
+        self._vectors = torch.empty(num_recursions, columns, space.length, dtype=basis_dtype,
                                     device=self.basis_device)
         start = self._deflated(start)
-        kept = start.norm(dim=1, keepdim=True)
+        kept = space.norm(start, dim=1, keepdim=True)
         # A start that lies (almost) in the deflated space carries no direction: a random one replaces it.
         lost = kept[:, 0] <= math.sqrt(torch.finfo(basis_dtype).eps) * norms[:, 0]
         self._vectors[:, 0] = start / kept.clamp_min(torch.finfo(basis_dtype).tiny)
@@ -133,14 +135,14 @@ class Lanczos:
         current = self._vectors[:, self._column(j)]
         product = self.op.matmat(current.to(device=self.op.device, dtype=self.op.dtype).T).T
         w = product.to(device=self.basis_device, dtype=self.basis_dtype)
-        alpha = torch.linalg.vecdot(current, w)
+        alpha = self.space.reduce(torch.linalg.vecdot(current, w))
         w = torch.addcmul(w, alpha[:, None], current, value=-1)
         if j > 0:
             w = torch.addcmul(w, self._last_beta[:, None], self._vectors[:, self._column(j - 1)], value=-1)
         w = self._deflated(w)
         if self.reorthogonalize:
             w = self._orthogonalized(w, j + 1)
-        beta = torch.linalg.vector_norm(w, dim=1)
+        beta = torch.linalg.vector_norm(w, dim=1) if not self.space.split else self.space.norm(w, dim=1)
         alpha_host, beta_host = torch.stack([alpha, beta]).to(device="cpu", dtype=torch.float64).numpy()
         self._scale = np.maximum(self._scale, np.abs(alpha_host) + beta_host)
         broken = beta_host <= _BREAKDOWN_FRACTION * np.maximum(self._scale, np.finfo(np.float64).tiny)
@@ -162,16 +164,20 @@ class Lanczos:
         """``(S, P)`` vectors without their components along the deflated vectors (if any)."""
         if self._deflate is None:
             return vectors
-        return vectors - (vectors @ self._deflate.T) @ self._deflate
+        return vectors - self.space.reduce(vectors @ self._deflate.T) @ self._deflate
 
     def _orthogonalized(self, w: Tensor, steps: int) -> Tensor:
         """``(S, P)`` new vectors orthogonalized against the first ``steps`` stored ones of their recursion."""
         basis = self._vectors[:, :steps]
-        before = w.norm(dim=1)
-        w = w - torch.einsum("smp,sm->sp", basis, torch.einsum("smp,sp->sm", basis, w))
-        if bool((w.norm(dim=1) < _REORTHOGONALIZE_AGAIN * before).any()):
-            w = w - torch.einsum("smp,sm->sp", basis, torch.einsum("smp,sp->sm", basis, w))
+        before = self.space.norm(w, dim=1)
+        w = w - torch.einsum("smp,sm->sp", basis, self._coefficients(basis, w))
+        if bool((self.space.norm(w, dim=1) < _REORTHOGONALIZE_AGAIN * before).any()):
+            w = w - torch.einsum("smp,sm->sp", basis, self._coefficients(basis, w))
         return self._deflated(w)
+
+    def _coefficients(self, basis: Tensor, w: Tensor) -> Tensor:
+        """``(S, m)`` inner products of each recursion's new vector with its ``(S, m, P)`` stored ones."""
+        return self.space.reduce(torch.einsum("smp,sp->sm", basis, w))
 
     def _grow(self) -> None:
         """Double the stored basis (at most P columns)."""
@@ -184,14 +190,14 @@ class Lanczos:
 
     def _fresh_direction(self) -> Tensor:
         """Random unit vectors ``(S, P)`` orthogonal to the deflated space and to the stored vectors."""
-        shape = (self._vectors.shape[0], self.op.num_params)
+        shape = (self._vectors.shape[0], self.space.length)
         w = torch.randn(shape, generator=self.generator, dtype=self.basis_dtype).to(self.basis_device)
         steps = range(max(0, self.num_steps - (self._vectors.shape[1] if not self.reorthogonalize else self.num_steps)),
                       self.num_steps)  # the vectors written so far (the last two without a stored basis)
         stored = self._vectors[:, [self._column(step) for step in steps]]
         for _ in range(2):
-            w = self._deflated(w - torch.einsum("smp,sm->sp", stored, torch.einsum("smp,sp->sm", stored, w)))
-        return w / w.norm(dim=1, keepdim=True)
+            w = self._deflated(w - torch.einsum("smp,sm->sp", stored, self._coefficients(stored, w)))
+        return w / self.space.norm(w, dim=1, keepdim=True)
 
     def tridiagonal(self, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Diagonal ``(m,)`` and off-diagonal ``(m - 1,)`` of the tridiagonal matrix T of recursion ``index``."""

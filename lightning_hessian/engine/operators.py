@@ -34,6 +34,8 @@ from lightning_hessian.engine.snapshot import (
     SnapshotOptions,
     autograd_enabled,
     dense,
+    is_sharded,
+    select_parameters,
     stacked,
     zeros_like_stacked,
 )
@@ -307,6 +309,11 @@ class HessianOperator(CurvatureOperator):
     followed by a second backward pass (double backward through :func:`torch.autograd.grad`). With
     ``keep_graph=True`` the first-order graphs are kept, so later products cost one backward each.
 
+    On a model whose selected parameters FSDP2's ``fully_shard`` has sharded (DTensors), the call
+    returns a :class:`~lightning_hessian.engine.sharded.ShardedHessianOperator` instead: called on
+    every rank with that rank's batches, it multiplies this rank's part of a vector with the Hessian
+    of the mean loss over all ranks' samples, by differences of gradients.
+
     Args:
         model: the network; never modified.
         loss_fn: ``loss_fn(model, batch) -> scalar``, the mean loss of a batch.
@@ -319,6 +326,15 @@ class HessianOperator(CurvatureOperator):
         >>> op.matvec(torch.ones(3))  # H = x^T x / 3 = I / 3
         tensor([0.3333, 0.3333, 0.3333])
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        model = args[0] if args else kwargs.get("model")
+        if cls is HessianOperator and isinstance(model, nn.Module) and any(
+                is_sharded(p) for _, p in select_parameters(model, kwargs.get("params"))):
+            from lightning_hessian.engine.sharded import ShardedHessianOperator  # loads torch.distributed.tensor
+
+            return ShardedHessianOperator(*args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypedDict
@@ -118,6 +119,17 @@ def select_parameters(model: nn.Module, params: Sequence[str] | None = None) -> 
         names = ", ".join(n for n, _ in named[:8])
         raise ValueError(f"params={list(params)!r} matches no parameter; the model has: {names}, ...")
     return selected
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor, e.g. a parameter that FSDP2's ``fully_shard`` has sharded.
+
+    Example:
+        >>> is_sharded(torch.nn.Linear(2, 1).weight)
+        False
+    """
+    module = sys.modules.get("torch.distributed.tensor")  # nothing is a DTensor before that module loads
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 @contextlib.contextmanager
@@ -359,6 +371,12 @@ class ModelSnapshot:
         self.model = model
         self.mode: Mode = mode
         selected = select_parameters(model, params)
+        sharded = [n for n, p in selected if is_sharded(p)]
+        if sharded:
+            raise UnsupportedError(
+                f"parameter {sharded[0]!r} is sharded (a DTensor of fully_shard); of the curvature computations "
+                "only HessianOperator (and the solvers on it) runs on sharded parameters"
+            )
         raw = materialize(batches)
         check_measurable(selected, raw)
         self.param_names = [n for n, _ in selected]

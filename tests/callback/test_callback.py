@@ -185,7 +185,7 @@ def test_ggn_without_protocol_is_refused_at_setup():
 def test_sharded_strategies_are_refused_at_setup():
     from pytorch_lightning.strategies import FSDPStrategy
 
-    with pytest.raises(RuntimeError, match="sharded strategy FSDPStrategy"):
+    with pytest.raises(RuntimeError, match="does not support FSDPStrategy: it wraps the model in FSDP1"):
         HessianSpectrumCallback().setup(types.SimpleNamespace(strategy=FSDPStrategy()), TinyMLP(), "fit")
 
 
