@@ -43,18 +43,21 @@ a smooth loss. A ReLU (any kink) crossed between ``theta - h v`` and
 ``theta + h v`` breaks that: the gradient jumps, and the difference is off by the jump over 2h. The
 second difference ``g(theta + h v) - 2 g(theta) + g(theta - h v)`` holds that jump in full, while on a
 smooth loss it is ``O(h)`` times ``g(theta + h v) - g(theta - h v)``; so each product checks the ratio
-of their norms, and where it exceeds ``10 eps^(1/3)`` it recomputes with the step shrunk 16 times (the
-chance of crossing a kink shrinks with the step), down to a step 4096 times smaller, until the ratio
-is small or falls by 4x with the step as a smooth loss's does; later products start from the step
-that worked.
+of their norms (the first one's at least ``2 h ||v||`` times the largest ``||H v|| / ||v||`` seen, so
+that a direction of little curvature, whose second difference is mostly rounding, is judged
+against ``||H||`` as the residuals are), and where it exceeds ``10 eps^(1/3)`` it recomputes with the
+step shrunk 16 times (the chance of crossing a kink shrinks with the step), down to a step 4096 times
+smaller, until the ratio is small or falls by 4x with the step as a smooth loss's does; later
+products start from the step that worked.
 
 Accuracy, measured against exact double-backward products of the same unsharded nets (tanh and ReLU
 MLPs of 516 parameters, 128 samples, at initialization and trained; ``benchmarks/RESULTS-sharded.md``):
 the relative error ``||Hv_fd - Hv|| / ||Hv||`` is at most 9e-10 in float64, and the top 3 eigenvalues
 are within 4e-10 of the dense float64 Hessian's; in float32 the error is 3e-5 to 3e-4 (tanh), so
 residuals stall near 1e-4 and a ``tol`` below that is not met; a float32 ReLU net is out of reach
-(every step that rounding allows crosses kinks): a product still unclear after its last
-recomputation raises :class:`~lightning_hessian.engine.errors.NonSmoothError` on every rank. The
+(every step that rounding allows crosses kinks: products off by 0.4 to 10 %): a product still
+unclear after its last recomputation raises :class:`~lightning_hessian.engine.errors.NonSmoothError`
+on every rank, and the residuals of the others stay far above ``tol``. The
 solvers' residuals are those of the products as computed: the asymmetry the error leaves in the
 projected matrix is part of every residual, its symmetric part is not seen, so an eigenvalue of H
 lies within ``(residual + sqrt(m) delta) ||H||`` of a reported one, with ``delta`` the products'
@@ -208,6 +211,7 @@ class ShardedHessianOperator:
         self._passes = int(counts[0])  # every rank runs as many forward-backward passes (FSDP's collectives)
         self._step_scale = torch.finfo(natural).eps ** (1 / 3) * max(math.sqrt(float(totals[1])), 1.0)
         self._level = 0  # step shrinks (powers of _SHRINK) that the last product needed
+        self._curvature = 0.0  # the largest ||H v|| / ||v|| of a product so far: ||H|| from below
         self._gradient: Tensor | None = None
         self.num_matvecs = 0
         self.num_gradients = 0
@@ -333,9 +337,13 @@ class ShardedHessianOperator:
             if not all_finite(squares):
                 raise NonFiniteError("a gradient of the sharded model is not finite (NaN or inf) on at least one "
                                      "rank; the loss or its derivatives overflow at these parameters")
-            ratio = _kink_ratio(float(squares[1].sqrt()), float(squares[0].sqrt()))
+            # Relative to ||H|| as far as seen (as the residuals are): a direction of little curvature has
+            # a small first difference, and its second difference is then mostly rounding.
+            difference = float(squares[0].sqrt())
+            ratio = _kink_ratio(float(squares[1].sqrt()), max(difference, 2 * step * norm * self._curvature))
             if ratio <= tolerance or (level > start and ratio * _SMOOTH_FALL <= previous):
                 self._level = level
+                self._curvature = max(self._curvature, difference / (2 * step * norm))
                 self.num_refined += level > start
                 return first / (2 * step)
             previous = ratio

@@ -122,7 +122,7 @@ def _measure(rank: int) -> dict:
         "product": op.matvec(probe[index]), "probe": probe,
         "eigenvalues": top.eigenvalues, "residuals": top.residuals, "converged": top.converged,
         "eigenvectors": top.eigenvectors, "full_nodes": full.nodes, "density_nodes": density.nodes,
-        "density_weights": density.weights, "trace": density.trace, "shapes": shapes,
+        "density_weights": density.weights, "trace": density.trace, "shapes": shapes, "refined": op.num_refined,
         "restored": all(torch.equal(p.to_local(), value) and torch.equal(p.grad.to_local(), grad)
                         for p, (value, grad) in zip(net.parameters(), before, strict=True)),
     }
@@ -223,6 +223,7 @@ def test_top_eigenvalues_match_the_dense_hessian_on_both_ranks(ranks, dense):
     expected = values.flip(0)[:K]
     for result in ranks:
         assert bool(result["converged"].all())
+        assert result["refined"] == 0  # a smooth loss: no product judged to straddle a kink
         torch.testing.assert_close(result["eigenvalues"], expected, rtol=0, atol=1e-8)
     whole = torch.zeros(K, 99, dtype=F64)
     for result in ranks:
