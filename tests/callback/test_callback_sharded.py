@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from pytorch_lightning.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
@@ -45,7 +46,11 @@ def _fit(callbacks: list) -> list[torch.Tensor]:
     pl.seed_everything(0, verbose=False)
     model = ShardedMLP(dtype=torch.float64)
     run = trainer(strategy=ModelParallelStrategy(), devices=1, max_steps=3, callbacks=callbacks)
-    run.fit(model, DataLoader(dataset(24, dtype=torch.float64), batch_size=8, shuffle=True))
+    try:
+        run.fit(model, DataLoader(dataset(24, dtype=torch.float64), batch_size=8, shuffle=True))
+    finally:  # Lightning leaves its one-process group behind, which the next test's group would collide with
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return [p.to_local().detach().clone() for p in model.parameters()]
 
 
