@@ -132,6 +132,17 @@ def is_sharded(tensor: Tensor) -> bool:
     return module is not None and isinstance(tensor, module.DTensor)
 
 
+def local_part(tensor: Tensor) -> Tensor:
+    """``tensor`` itself, or this rank's shard of it if it is a DTensor (what flat vectors of a sharded
+    operator hold: :mod:`lightning_hessian.engine.sharded`).
+
+    Example:
+        >>> local_part(torch.ones(2)).shape
+        torch.Size([2])
+    """
+    return tensor.to_local() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
+
+
 @contextlib.contextmanager
 def module_mode(model: nn.Module, mode: Mode, *, freeze_statistics: bool = False) -> Iterator[None]:
     """Put ``model`` in ``mode`` for the duration of the block, then restore every submodule's mode.

@@ -29,6 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_hessian.engine.snapshot import local_part
+from lightning_hessian.engine.vectors import VectorSpace
+
 # Optimizers whose update is heavy ball on a frozen diagonal preconditioner (see the module docstring).
 ADAPTIVE = ("Adam", "AdamW", "RMSprop", "Adagrad")
 SUPPORTED = ("SGD", *ADAPTIVE)
@@ -179,21 +182,22 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -
         state, group = optimizer.state.get(param, {}), group_of.get(id(param))
         step = float(state.get("step", 0)) if group is not None else 0.0
         if step < 1:
-            parts.append(torch.full((param.numel(),), math.inf, dtype=torch.float64, device=param.device))
+            parts.append(torch.full((local_part(param).numel(),), math.inf, dtype=torch.float64,
+                                    device=param.device))
             continue
         stepped = True
         eps = float(group["eps"])
         if name in ("Adam", "AdamW"):
             beta1, beta2 = (float(beta) for beta in group["betas"])
-            v = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+            v = local_part(state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"])
             part = (1 - beta1**step) * ((v.double() / (1 - beta2**step)).sqrt() + eps)
         elif name == "RMSprop":
-            v = state["square_avg"].double()
+            v = local_part(state["square_avg"]).double()
             if group.get("centered", False):
-                v = v - state["grad_avg"].double() ** 2
+                v = v - local_part(state["grad_avg"]).double() ** 2
             part = v.sqrt() + eps
         else:
-            part = (1 + (step - 1) * float(group["lr_decay"])) * (state["sum"].double().sqrt() + eps)
+            part = (1 + (step - 1) * float(group["lr_decay"])) * (local_part(state["sum"]).double().sqrt() + eps)
         parts.append(part.reshape(-1))
     return torch.cat(parts) if stepped else None
 
@@ -211,8 +215,8 @@ def weight_decays(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) ->
     rules = update_rules(optimizer)
     decay_of = {id(p): rule.weight_decay for rule, group in zip(rules, optimizer.param_groups, strict=True)
                 for p in group["params"]}
-    return torch.cat([torch.full((p.numel(),), decay_of.get(id(p), 0.0), dtype=torch.float64, device=p.device)
-                      for p in params])
+    return torch.cat([torch.full((local_part(p).numel(),), decay_of.get(id(p), 0.0), dtype=torch.float64,
+                                 device=p.device) for p in params])
 
 
 class PreconditionedOperator:
@@ -236,13 +240,17 @@ class PreconditionedOperator:
     """
 
     def __init__(self, op: Any, preconditioner: Tensor, shift: Tensor | None = None) -> None:
-        if preconditioner.shape != (op.num_params,):
+        length = VectorSpace(op).length
+        if preconditioner.shape != (length,):
             raise ValueError(
                 f"preconditioner has shape {tuple(preconditioner.shape)}; the operator takes [P] with "
-                f"P = {op.num_params}"
+                f"P = {length}"
             )
         self.op = op
         self.num_params, self.dtype, self.device = op.num_params, op.dtype, op.device
+        # A sharded operator's vectors are split over ranks, and so are the preconditioner's entries.
+        self.shards = getattr(op, "shards", None)
+        self.unit_roundoff = getattr(op, "unit_roundoff", torch.finfo(op.dtype).eps)
         self.scale = preconditioner.to(device=op.device, dtype=op.dtype).rsqrt()
         self.shift = None if shift is None else shift.to(device=op.device, dtype=op.dtype)
 
@@ -275,12 +283,13 @@ def batch_sharpness(op: Any) -> float:
         >>> batch_sharpness(op)  # H = diag(0.5, 2), g = (0.5, 2): (0.125 + 8) / 4.25
         1.911764705882353
     """
+    space = VectorSpace(op)  # a sharded operator's vectors are each rank's part: their dots are all-reduced
     gradient = op.gradient()
     wide = gradient.double()  # the sums in float64, converted once
-    norm = float(wide.dot(wide))
+    norm = float(space.reduce(wide.dot(wide)))
     if norm == 0.0:
         return math.nan
-    return float(wide.dot(op.matvec(gradient).double())) / norm
+    return float(space.reduce(wide.dot(op.matvec(gradient).double()))) / norm
 
 
 def stability_ratio(top_curvature: float, rules: Sequence[UpdateRule], *, preconditioned: bool) -> float:

@@ -42,6 +42,13 @@ class ShardedMLP(ProtocolMLP):
 ROOT = Path(__file__).resolve().parents[2]
 
 
+class AdamShardedMLP(ShardedMLP):
+    """ShardedMLP trained with Adam: the stability measures read its (sharded) state."""
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
 def _fit(callbacks: list) -> list[torch.Tensor]:
     pl.seed_everything(0, verbose=False)
     model = ShardedMLP(dtype=torch.float64)
@@ -85,7 +92,7 @@ def _two_ranks(directory: str) -> None:
     """The script's run: 4 steps on 2 CPU ranks, measured every 2 steps, each rank's history to a file."""
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
-    model = ShardedMLP(dtype=torch.float64)
+    model = AdamShardedMLP(dtype=torch.float64)
     probe = DataLoader(dataset(24, seed=4, dtype=torch.float64), batch_size=8)  # rank 0: 2 batches, rank 1: 1
     callback = HessianSpectrumCallback(budget=None, k=3, tol=1e-6, dataloader=probe, num_steps=8, num_probes=2,
                                        every_n_steps=2, progress=False)
@@ -93,7 +100,8 @@ def _two_ranks(directory: str) -> None:
                   max_steps=4, callbacks=[callback])
     run.fit(model, DataLoader(dataset(32, dtype=torch.float64), batch_size=8))
     records = [{"step": r.step, "eigenvalues": r.hessian.eigenvalues, "residuals": r.hessian.residuals,
-                "trace": r.hessian.density.trace} for r in callback.history]
+                "trace": r.hessian.density.trace, "preconditioned": r.stability.preconditioned_eig_1,
+                "batch_sharpness": r.stability.batch_sharpness} for r in callback.history]
     Path(directory, f"rank{run.global_rank}.json").write_text(json.dumps(records))
 
 
@@ -106,6 +114,8 @@ def test_two_ranks_agree_with_each_other_and_with_the_dense_hessian(tmp_path):
                    capture_output=True, timeout=300)
     first, second = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2))
     assert first == second and [record["step"] for record in first] == [0, 2, 4]
+    # Adam's preconditioner (after its first step) and the trained batch's sharpness, the same on both ranks
+    assert all(record["preconditioned"] > 0 and record["batch_sharpness"] > 0 for record in first[1:])
     probe = list(DataLoader(dataset(24, seed=4, dtype=torch.float64), batch_size=8))
     assert_eigenvalues(first[0]["eigenvalues"], top_dense(initial, probe, 3), rtol=1e-7)
 

@@ -30,6 +30,7 @@ from lightning_hessian import (
     spectral_density,
     top_eigenvalues,
 )
+from lightning_hessian.engine.stability import PreconditionedOperator, batch_sharpness
 
 F64 = torch.float64
 WORLD = 2
@@ -37,6 +38,7 @@ K = 3
 SIZES = ([7, 5], [9])  # rank 0 holds two batches, rank 1 one: the ranks run different numbers of batches
 TIMEOUT = 240
 LAST = ["4.*"]  # the last layer
+PRECONDITIONER = torch.linspace(0.5, 2.0, 99, dtype=F64)  # a diagonal P, as an optimizer's
 
 
 def model(activation: type[nn.Module] = nn.Tanh) -> nn.Sequential:
@@ -126,6 +128,9 @@ def _measure(rank: int) -> dict:
         "restored": all(torch.equal(p.to_local(), value) and torch.equal(p.grad.to_local(), grad)
                         for p, (value, grad) in zip(net.parameters(), before, strict=True)),
     }
+    results["sharpness"] = batch_sharpness(op)
+    preconditioned = PreconditionedOperator(op, PRECONDITIONER[index])
+    results["preconditioned"] = top_eigenvalues(preconditioned, k=1).eigenvalues
     probed = train(rank, lambda net: top_eigenvalues(HessianOperator(net, cross_entropy, batches(rank)), k=1,
                                                      max_matvecs=3))
     results["training_unchanged"] = all(torch.equal(a, b) for a, b in zip(train(rank), probed, strict=True))
@@ -232,6 +237,18 @@ def test_top_eigenvalues_match_the_dense_hessian_on_both_ranks(ranks, dense):
     torch.testing.assert_close(overlaps, torch.ones(K, dtype=F64), rtol=0, atol=1e-6)
 
 
+def test_batch_sharpness_and_the_preconditioned_top_eigenvalue_match_the_dense_hessian(ranks, dense):
+    reference = model()
+    loss = sum(cross_entropy(reference, b) * b[0].shape[0] for b in all_batches()) / 21
+    gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(reference.parameters()))])
+    scale = PRECONDITIONER.rsqrt()
+    expected = torch.linalg.eigvalsh(scale[:, None] * dense * scale[None, :])[-1]
+    for result in ranks:
+        assert result["sharpness"] == pytest.approx(float(gradient @ dense @ gradient / (gradient @ gradient)),
+                                                    rel=1e-8)
+        torch.testing.assert_close(result["preconditioned"][0], expected, rtol=1e-8, atol=0)
+
+
 def test_relu_net_top_eigenvalues_match_the_dense_hessian(ranks):
     expected = torch.linalg.eigvalsh(dense_hessian(model(nn.ReLU), cross_entropy, all_batches(), dtype=F64))
     for result in ranks:
@@ -268,8 +285,8 @@ def test_a_non_finite_loss_on_one_rank_raises_on_every_rank(ranks):
 
 def test_what_sharded_parameters_cannot_do_is_refused_by_name(ranks):
     for result in ranks:
-        assert result["errors"]["dtype"][0] == "ValueError" and "dtype=None" in result["errors"]["dtype"][1]
-        assert result["errors"]["ggn"][0] == "ValueError" and "only HessianOperator" in result["errors"]["ggn"][1]
+        assert result["errors"]["dtype"][0] == "UnsupportedError" and "dtype=None" in result["errors"]["dtype"][1]
+        assert result["errors"]["ggn"][0] == "UnsupportedError" and "only HessianOperator" in result["errors"]["ggn"][1]
 
 
 @pytest.fixture
