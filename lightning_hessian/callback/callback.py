@@ -703,21 +703,20 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
                     "more; a one-shot stream (a queue, a socket) would lose those samples to the draw: pass the "
                     "probe data as `dataloader=`", UserWarning, stacklevel=2,
                 )
-        count = config.num_samples_fn or count_samples
         try:
             raw = draw_probe_set(loader, num_samples=config.num_samples, batch_size=config.batch_size,
                                  seed=config.seed, rank=trainer.global_rank, world_size=trainer.world_size,
                                  max_batches=None if config.dataloader is not None else trained_batches(trainer),
-                                 num_samples_fn=count)
+                                 num_samples_fn=self._count)
         except TypeError as err:  # batches the count or the re-batching cannot read: said once, fit goes on
             raise UnsupportedError(str(err)) from err
         self.probe_batches = [self._to_device(trainer, pl_module, b) for b in raw]
-        ambiguous = ambiguous_count(self.probe_batches) if count is count_samples else None
+        ambiguous = ambiguous_count(self.probe_batches) if config.num_samples_fn is None else None
         if ambiguous is not None and trainer.is_global_zero:
             warnings.warn(f"HessianSpectrumCallback: {ambiguous} to HessianSpectrumCallback", UserWarning,
                           stacklevel=2)
-        local = sum(count(b) for b in self.probe_batches)
-        counts = torch.tensor([float(local), float(sum(count(b) for b in self._tracked_batches()))],
+        local = sum(self._count(b) for b in self.probe_batches)
+        counts = torch.tensor([float(local), float(sum(self._count(b) for b in self._tracked_batches()))],
                               device=trainer.strategy.root_device)
         if trainer.world_size > 1:
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
