@@ -126,6 +126,10 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             at most ``k``.
         track_samples: the probe samples of a tracked call, the first ones, in whole batches; ``None``
             (default): the first probe batch, the size training uses.
+        track_tol: the relative residual at which a tracked call stops, in (0, 1) (default 1e-2): its
+            eigenvalue then lies within ``track_tol * ||H||`` of one of its subset's, and, away from
+            the next, within about ``track_tol**2 * ||H||**2 / gap`` (``<name>/eig_error_bound``);
+            the subset itself sits further from the probe set's value.
 
     What to measure:
         k: number of top eigenvalues (``<name>/eig_1`` ... ``<name>/eig_{k}``); at most P.
@@ -228,6 +232,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         track_every_n_steps: int | None = None,
         track_k: int = 1,
         track_samples: int | None = None,
+        track_tol: float = 1e-2,
         k: int = 5,
         smallest: bool = False,
         density: bool = True,
@@ -259,8 +264,8 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         self.config = CallbackConfig(
             every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, log_spaced=log_spaced, at_start=at_start,
             at_end=at_end, at_evaluate=at_evaluate, budget=budget, track_every_n_steps=track_every_n_steps,
-            track_k=track_k, track_samples=track_samples, k=k, smallest=smallest, density=density,
-            matrix=matrix, layers=layers, layer_views=layer_views, grad_overlap=grad_overlap, tol=tol,
+            track_k=track_k, track_samples=track_samples, track_tol=track_tol, k=k, smallest=smallest,
+            density=density, matrix=matrix, layers=layers, layer_views=layer_views, grad_overlap=grad_overlap, tol=tol,
             max_matvecs=max_matvecs, num_probes=num_probes, num_steps=num_steps, warm_start=warm_start,
             basis_dtype=basis_dtype, basis_device=basis_device, max_basis=max_basis, keep_graph=keep_graph,
             reorthogonalize=reorthogonalize, num_samples=num_samples, batch_size=batch_size, dataloader=dataloader,
@@ -674,7 +679,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         """About how many products a call takes (for the progress line)."""
         config = self.config
         if kind == "tracked":
-            per_matrix = top_k_matvecs(config.track_k, config.tol) or 4 * config.track_k + 10
+            per_matrix = top_k_matvecs(config.track_k, config.track_tol) or 4 * config.track_k + 10
         else:
             fidelity = self._fidelity or Fidelity(1, self._num_probes or config.num_probes or 1, config.num_steps,
                                                   config.density)
@@ -748,7 +753,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
 
     def _solver(self, dtype: torch.dtype, num_params: int, kind: Kind = "snapshot") -> MatrixSolver:
         """The settings of a call: a snapshot's at the fidelity the budget allows (cheap ones under
-        ``fast_dev_run``), or a tracked call's."""
+        ``fast_dev_run``), or a tracked call's (its tolerance ``track_tol``)."""
         config = self.config
         self._num_probes = config.num_probes or default_num_probes(num_params)
         basis = {"float32": torch.float32, "float64": torch.float64}.get(config.basis_dtype or "", dtype)
@@ -756,6 +761,8 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
             fidelity = self._fidelity
             config = dataclasses.replace(config, num_steps=fidelity.num_steps, density=fidelity.density)
             return MatrixSolver(config, num_probes=fidelity.num_probes, basis_dtype=basis)
+        if kind == "tracked":
+            config = dataclasses.replace(config, tol=config.track_tol)
         if self._smoke:
             k = min(config.k, _SMOKE_K)
             config = dataclasses.replace(config, k=k, max_matvecs=max(k, _SMOKE_MATVECS), num_steps=_SMOKE_STEPS,

@@ -57,6 +57,7 @@ class CallbackConfig:
     track_every_n_steps: int | None = None
     track_k: int = 1
     track_samples: int | None = None
+    track_tol: float = 1e-2
     # what to measure
     k: int = 5
     smallest: bool = False
@@ -116,6 +117,7 @@ class CallbackConfig:
         check_choice("matrix", self.matrix, ("hessian", "ggn", "both"))
         check_choice("mode", self.mode, ("eval", "train"))
         self._set("tol", check_fraction("tol", self.tol))
+        self._set("track_tol", check_fraction("track_tol", self.track_tol))
         if self.log_spaced and self.every_n_steps is None:
             raise ValueError("log_spaced=True needs every_n_steps (the first interval); set every_n_steps")
         layers = self.layers

@@ -10,16 +10,17 @@ the previous tracked call, on a subset of the probe set (one training batch by d
 products on one batch, so it costs a few training steps and a run affords many of them. Together they
 draw a dense curve of the top eigenvalues with full pictures of the spectrum at a few steps.
 
-The budget. Over a run of S steps the callback may spend ``B = b / (1 - b) * S * t`` seconds. Half
-of it, :data:`SNAPSHOT_SHARE`, is for snapshots: the one at the start, the one after the last step,
-and between them as many more as that half affords (at most :data:`MAX_SNAPSHOTS` in all),
-log-spaced, since the spectrum changes fastest early; a snapshot that would take more than a quarter
+The budget. Over a run of S steps the callback may spend ``B = b / (1 - b) * S * t`` seconds. A
+fifth of it, :data:`SNAPSHOT_SHARE`, is for snapshots: the one at the start, the one after the last
+step, and between them as many more as that fifth affords (at most :data:`MAX_SNAPSHOTS` in all),
+log-spaced, since the spectrum changes fastest early; a snapshot that would take more than a tenth
 of B is shrunk (:func:`fit_fidelity`: fewer SLQ probes, fewer probe samples, fewer Lanczos steps,
 then no density) until it fits. The rest of B, and whatever the snapshots leave, is for tracked
 calls, spread evenly over the steps: a tracked call is due when the tracked calls' spending, with it,
-stays within their share of the budget for the part of the run done. The split is even because the
-two buy different things, the curve's density and the pictures' number, and neither gains much past
-a few hundred points or ten pictures; a snapshot's cost is measured on the run (and estimated before
+stays within their share of the budget for the part of the run done. The split favours the curve:
+a snapshot costs as much as tens of tracked calls (20 to 500 on the scale suite), a curve needs tens
+of points to show a trend where the pictures need two, and on long runs the fifth still buys more
+pictures (B grows with S); a snapshot's cost is measured on the run (and estimated before
 the first training step from the products of a tracked call, one product on a batch costing about
 one training step). C_s, C_t and t are measured on the run itself, so the plan follows the real
 costs; t is timed from the end of the first training step on (the first carries the loop's warm-up),
@@ -47,7 +48,7 @@ OVERHEAD_CAP = 2.0
 # Training steps timed (after the first) before the budget plans a call.
 TIMED_STEPS = 5
 # The share of the budget for snapshots; the rest, and what they leave, goes to tracked calls.
-SNAPSHOT_SHARE = 0.5
+SNAPSHOT_SHARE = 0.2
 # At most this many snapshots in a budgeted run, the start and the end included: more pictures of the
 # spectrum add little that the tracked curve does not show.
 MAX_SNAPSHOTS = 8
@@ -238,9 +239,9 @@ class Budget:
         >>> budget.snapshot_seconds = 1.0  # what a snapshot would cost
         >>> budget.next_call(step=1)  # the first step (0.5 s, the loop's warm-up) starts the timing
         (6, None)
-        >>> now[0] = 1.55  # 100 steps later: t = 10 ms, B = 5.3 s; half affords the end's snapshot and one more
-        >>> budget.next_call(step=101), budget.planned  # 3.3 s left for tracked calls of 0.05 s: every 150 steps
-        ((307, 'tracked'), [1009])
+        >>> now[0] = 1.55  # 100 steps later: t = 10 ms, B = 5.3 s; a fifth affords only the end's snapshot
+        >>> budget.next_call(step=101), budget.planned  # 4.3 s left for tracked calls of 0.05 s: every 116 steps
+        ((235, 'tracked'), [])
     """
 
     fraction: float
@@ -400,7 +401,7 @@ def plan_message(budget: Budget, per_step: float, fidelity: Fidelity | None, ful
         tracked = f" and about {count:,} tracked calls more" + (f", one every {math.ceil(steps / count):,} steps"
                                                              if count and steps else "")
     elif budget.track:
-        tracked = " and tracked calls in half of the budget"
+        tracked = f" and tracked calls in {1 - SNAPSHOT_SHARE:.0%} of the budget"
     else:
         tracked = ""
     message = f"HessianSpectrumCallback: {cost}; to keep its cost near {budget.fraction:.0%} of {length} it takes " \

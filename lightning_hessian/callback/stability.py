@@ -128,8 +128,8 @@ class StabilityWatch:
                 count += top.num_matvecs
         if self.batch is not None:
             try:
-                # Whole and with its graph kept, as training held it: the graph the gradient's pass
-                # builds serves the product (two passes over the batch in all).
+                # Whole, as training held it: the pass that gives the gradient builds the graph its
+                # product runs through.
                 op = make([self.batch], keep_graph=True, split_batches=False)
                 fields["batch_sharpness"] = batch_sharpness(op)
                 count += 1

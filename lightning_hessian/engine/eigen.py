@@ -191,7 +191,9 @@ class _KrylovSchur:
         # An operator whose products carry more than rounding (finite differences) says so with its own.
         self.unit_roundoff = max(torch.finfo(dtype).eps, getattr(op, "unit_roundoff", torch.finfo(op.dtype).eps))
         block = start.to(device=device, dtype=dtype)
-        block = block[space.norm(block, dim=1) > 0]
+        nonzero = space.norm(block, dim=1) > 0
+        if not bool(nonzero.all()):
+            block = block[nonzero]
         self.rows[: block.shape[0]] = block
         self.b = self._orthonormalize_rows(0, block.shape[0], reference=space.norm(block, dim=1), threshold=0.0)[0]
         if self.b == 0:
@@ -420,10 +422,13 @@ def _start_block(v0: Tensor | None, space: VectorSpace, generator: torch.Generat
     if block.shape[1] != space.length:
         has = f"this rank holds {space.length} of its entries" if space.split else f"num_params={space.length}"
         raise ValueError(f"v0 has length {block.shape[1]}, the operator has {has}")
-    finite = torch.isfinite(block).all(dim=1)
+    # A NaN propagates to a row's maximum, an infinity is its maximum or minimum: no mask as large as the block.
+    finite = torch.isfinite(block.amax(dim=1)) & torch.isfinite(block.amin(dim=1))
     if space.split:  # a row is kept on every rank or on none
         finite = space.reduce((~finite).to(torch.float64)) == 0
-    block = block[finite][:limit]
+    if not bool(finite.all()):
+        block = block[finite]
+    block = block[:limit]
     if block.shape[0] == 0 or not bool((space.norm(block, dim=1) > 0).any()):
         return rademacher((1, space.length), generator, dtype)
     return block

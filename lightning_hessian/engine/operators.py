@@ -226,13 +226,16 @@ class CurvatureOperator:
                 for accumulated, part in zip(totals, self._batch_matmat(index, parts), strict=True):
                     accumulated.add_(part.reshape(part.shape[0], -1), alpha=size / snapshot.num_samples)
             total = total.T
-        if not all_finite(total):
+        self._check_finite(total)
+        self.num_matvecs += matrix.shape[1]
+        return total[:, 0] if single else total
+
+    def _check_finite(self, product: Tensor) -> None:
+        if not all_finite(product):
             raise NonFiniteError(
                 f"the {type(self).__name__} product is not finite (NaN or inf); the loss or its "
                 "derivatives overflow at these parameters"
             )
-        self.num_matvecs += matrix.shape[1]
-        return total[:, 0] if single else total
 
     def matvec(self, vector: Tensor) -> Tensor:
         """Multiply with one flat vector ``[P]``; returns ``[P]``."""
@@ -382,6 +385,43 @@ class HessianOperator(CurvatureOperator):
                 grads = stacked(self._gradients(index, create_graph=False), snapshot.leaves, 1)
                 total.add_(snapshot.flatten(grads)[:, 0].detach(), alpha=size / snapshot.num_samples)
         return total
+
+    def gradient_and_product(self) -> tuple[Tensor, Tensor]:
+        """The gradient g ``[P]`` of the mean loss and the product ``H g`` ``[P]``.
+
+        Over one batch the product runs through the graph that gave g: one forward and backward pass
+        (with its graph) and one product, where :meth:`gradient` then :meth:`matvec` take two passes
+        and the product. Over several batches it is those two (every batch's product needs the whole g).
+
+        Raises:
+            NonFiniteError: if the loss or the product is not finite.
+
+        Example:
+            >>> model = torch.nn.Linear(2, 1, bias=False)
+            >>> with torch.no_grad():
+            ...     _ = model.weight.fill_(1.0)
+            >>> op = HessianOperator(model, lambda m, b: 0.5 * m(b).pow(2).mean(), [torch.eye(2)])
+            >>> op.gradient_and_product()  # H = I / 2, g = w / 2
+            (tensor([0.5000, 0.5000]), tensor([0.2500, 0.2500]))
+        """
+        snapshot = self.snapshot
+        if len(snapshot.batches) != 1:
+            gradient = self.gradient()
+            return gradient, self.matvec(gradient)
+        with autograd_enabled():
+            grads = self._gradients(0, create_graph=True)
+            values = [None if g is None else g.detach() for g in grads]
+            gradient = snapshot.flatten(stacked(values, snapshot.leaves, 1))
+            used = [(g, v) for g, v in zip(grads, snapshot.unflatten(gradient), strict=True) if g is not None]
+            if used:
+                outputs, cotangents = zip(*used, strict=True)
+                parts = snapshot.vjp(outputs, cotangents, snapshot.leaves, retain=False)
+            else:
+                parts = zeros_like_stacked(snapshot.leaves, 1)
+            product = snapshot.flatten(parts)[:, 0]
+        self._check_finite(product)
+        self.num_matvecs += 1
+        return gradient[:, 0], product
 
     def _batch_matmat(self, index: int, vectors: list[Tensor]) -> list[Tensor]:
         grads = self.graphs.get(index, self._builder())

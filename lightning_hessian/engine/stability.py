@@ -271,7 +271,9 @@ def batch_sharpness(op: Any) -> float:
     """A batch's curvature along its own gradient, ``g' H g / g' g``: one gradient and one product.
 
     ``op`` is the Hessian operator of the batch's mean loss (anything with ``gradient()`` and
-    ``matvec``). NaN when the gradient is zero.
+    ``matvec``; one with ``gradient_and_product()``, such as a one-batch
+    :class:`~lightning_hessian.engine.HessianOperator`, takes the product through the gradient's own
+    graph). NaN when the gradient is zero.
 
     Example:
         >>> model = torch.nn.Linear(2, 1, bias=False)
@@ -284,12 +286,16 @@ def batch_sharpness(op: Any) -> float:
         1.911764705882353
     """
     space = VectorSpace(op)  # a sharded operator's vectors are each rank's part: their dots are all-reduced
-    gradient = op.gradient()
-    wide = gradient.double()  # the sums in float64, converted once
-    norm = float(space.reduce(wide.dot(wide)))
+    both = getattr(op, "gradient_and_product", None)  # one pass where the operator has it
+    if both is not None:
+        gradient, product = both()
+    else:
+        gradient = op.gradient()
+        product = op.matvec(gradient)
+    norm = space.dot(gradient, gradient)
     if norm == 0.0:
         return math.nan
-    return float(space.reduce(wide.dot(op.matvec(gradient).double()))) / norm
+    return space.dot(gradient, product) / norm
 
 
 def stability_ratio(top_curvature: float, rules: Sequence[UpdateRule], *, preconditioned: bool) -> float:

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from lightning_hessian.engine.linear_operator import LinearOperator
 
 
+# Entries per partial sum of VectorSpace.dot.
+DOT_CHUNK = 1 << 16
+
+
 @dataclass(frozen=True)
 class Shards:
     """How an operator's vectors are split: this rank's part, its rank, and the sum over ranks.
@@ -73,6 +77,19 @@ class VectorSpace:
     def reduce(self, partial: Tensor) -> Tensor:
         """The sum over ranks of per-rank partial sums (inner products of the local parts); unchanged unsplit."""
         return partial if self.shards is None else self.shards.all_reduce(partial.contiguous())
+
+    def dot(self, a: Tensor, b: Tensor) -> float:
+        """The inner product of two whole vectors, summed in float64: the dots of chunks of
+        :data:`DOT_CHUNK` entries (in the vectors' dtype) are added in float64, so a float32 sum over
+        millions of entries keeps float32's accuracy per entry and needs no float64 copy.
+
+        Example:
+            >>> from lightning_hessian.engine.linear_operator import DiagonalOperator
+            >>> VectorSpace(DiagonalOperator([1.0, 1.0])).dot(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]))
+            11.0
+        """
+        partials = torch.stack([x.dot(y) for x, y in zip(a.split(DOT_CHUNK), b.split(DOT_CHUNK), strict=True)])
+        return float(self.reduce(partials.double().sum()))
 
     def norm(self, vectors: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
         """Euclidean norms of whole vectors (``Tensor.norm`` unsplit; over ``dim``, or all entries)."""

@@ -155,3 +155,16 @@ def test_batch_sharpness_equals_the_dense_quotient():
     op = HessianOperator(model, loss_fn, batches, dtype=torch.float64)
     gradient = op.gradient()
     assert batch_sharpness(op) == pytest.approx(float(gradient @ hessian @ gradient / (gradient @ gradient)), rel=1e-10)
+
+
+@pytest.mark.parametrize("num_batches", [1, 2])
+def test_the_gradient_and_its_product_match_the_dense_hessian(num_batches):
+    model, loss_fn, (batch,) = small_problem()
+    model.unused = nn.Parameter(torch.ones(2, dtype=torch.float64))  # no gradient: zero rows
+    batches = [batch] if num_batches == 1 else [(batch[0][:5], batch[1][:5]), (batch[0][5:], batch[1][5:])]
+    hessian = dense_hessian(model, loss_fn, batches)
+    op = HessianOperator(model, loss_fn, batches, dtype=torch.float64)
+    gradient, product = op.gradient_and_product()
+    torch.testing.assert_close(gradient, op.gradient(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(product, hessian @ gradient, rtol=1e-10, atol=1e-12)
+    assert gradient.abs().sum() > 0 and product[:2].abs().max() == 0  # the module's own parameter comes first
