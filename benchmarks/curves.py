@@ -136,21 +136,50 @@ def small_cnn_workload(smoke: bool) -> Workload:
                     build, images, 32, overhead_run=False)
 
 
+class _StepTimes(pl.Callback):
+    """First in the list: each training step's wall time, and the time between steps (the loop's own, and
+    the calls of the callback after it)."""
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+        self.between = 0.0
+        self.ended: float | None = None
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.started = time.perf_counter()
+        if self.ended is not None:
+            self.between += self.started - self.ended
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.ended = time.perf_counter()
+        self.steps.append(self.ended - self.started)
+
+
 def timed_runs(workload: Workload, steps: int) -> dict[str, Any]:
-    """Wall time of a run with the default callback and without, in the order without, with, with, without."""
+    """Wall time of a run with the default callback and without, in the order without, with, with, without;
+    and where the difference goes: the training steps' median, and the time between steps less the
+    callback's (what the callback adds beyond what it counts)."""
     walls: dict[str, list[float]] = {"without": [], "with": []}
+    medians: dict[str, list[float]] = {"without": [], "with": []}
+    uncounted: dict[str, list[float]] = {"without": [], "with": []}
     callback = None
     for name in ("without", "with", "with", "without"):
-        callbacks = [HessianSpectrumCallback(progress=False)] if name == "with" else []
+        times = _StepTimes()
+        callbacks = [times] + ([HessianSpectrumCallback(progress=False)] if name == "with" else [])
         pl.seed_everything(0, verbose=False)
         started = time.perf_counter()
         trainer(callbacks, steps).fit(workload.build(), workload.loader())
         walls[name].append(time.perf_counter() - started)
-        callback = callbacks[0] if callbacks else callback
+        medians[name].append(statistics.median(times.steps))
+        spent = callbacks[1].clock.spent if name == "with" else 0.0
+        uncounted[name].append((times.between - spent) / len(times.steps))
+        callback = callbacks[1] if name == "with" else callback
     assert callback is not None
     with_, without = statistics.mean(walls["with"]), statistics.mean(walls["without"])
     tracked = [m for m in callback.history if not m.snapshot]
     return {"with": with_, "without": without, "overhead": (with_ - without) / without,
+            "walls": walls, "medians": {name: statistics.mean(v) for name, v in medians.items()},
+            "uncounted": {name: statistics.mean(v) for name, v in uncounted.items()},
             "tracked_call": statistics.median(m.seconds for m in tracked) / without if tracked else 0.0,
             "snapshots": [m.step for m in callback.history if m.snapshot],
             "tracked": len(tracked), "first": callback.history[0].step, "last": callback.history[-1].step,
@@ -197,6 +226,11 @@ def per_step_row(workload: Workload, steps: int) -> dict[str, Any]:
             "converged": sum(all(m.hessian.converged) for m in settled) / len(settled)}
 
 
+def _walls(walls: dict[str, list[float]]) -> str:
+    order = [walls["without"][0], walls["with"][0], walls["with"][1], walls["without"][1]]
+    return ", ".join(f"{wall:.1f} s" for wall in order)
+
+
 def report(rows: dict[str, Any], command: str, seconds: float, load: tuple[float, float]) -> str:
     lines = ["# Curves: tracked calls and snapshots in one budget", "", *environment(command, {}, load),
              f"- Wall time of the benchmark: {seconds / 60:.1f} min", ""]
@@ -231,6 +265,12 @@ def report(rows: dict[str, Any], command: str, seconds: float, load: tuple[float
                                f"{r['tracked_call']:.2%}", f"{r['reported']:.1%}",
                                ", ".join(map(str, r["snapshots"])), str(r["tracked"]),
                                f"steps {r['first']} and {r['last']}"]]),
+                      "", "Where the difference goes (means of the two runs of each; per step): "
+                      f"the median training step {r['medians']['with'] * 1e3:.2f} ms with the callback, "
+                      f"{r['medians']['without'] * 1e3:.2f} ms without; the time between steps less the "
+                      f"callback's counted time {r['uncounted']['with'] * 1e3:.3f} ms with, "
+                      f"{r['uncounted']['without'] * 1e3:.3f} ms without. The runs' walls in order "
+                      f"(without, with, with, without): {_walls(r['walls'])}.",
                       "", f"Plan: {r['plan']}", ""]
     if "agreement" in rows:
         lines += ["## A tracked value against the snapshot's, at the same steps (MLP)", "",

@@ -606,6 +606,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         """A call left out to stay within the budget: an event and ``<name>/skipped``."""
         self._last_step = step
         self.events.append(Event(step, stage, "budget"))
+        self._monitors.placed = True
         with self.clock.charged():
             loggers.log_scalars(trainer, {f"{self.config.name}/skipped": 1.0,
                                           f"{self.config.name}/overhead": self.clock.overhead()}, step)
@@ -620,7 +621,7 @@ class HessianSpectrumCallback(*CALLBACK_BASES):
         spent_before = clock.spent
         step = trainer.global_step
         self._last_step = max(self._last_step, step)
-        self._monitors.called_step = step
+        self._monitors.called_step, self._monitors.placed = step, True
         if self._refusals.skip(trainer, pl_module, step, stage, self.events):
             return None
         measurement, error = None, None

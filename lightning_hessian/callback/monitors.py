@@ -92,12 +92,16 @@ class Monitors:
         self.prefix = prefix
         self.watching: list[Any] = []
         self.called_step = -1
+        # Whether callback_metrics may hold values the callback put there: reading callback_metrics makes
+        # Lightning compute every logged metric, which after each training step would be wasted.
+        self.placed = False
         self._spectral: set[str] = set()  # the spectral tags dropped so far, which a call without a spectrum NaNs
 
     def setup(self, trainer: Any) -> None:
         """Find the monitors; say once what cannot be followed."""
         self.watching = monitors(trainer, self.prefix)
         self.called_step = -1
+        self.placed = False
         self._spectral = set()
         if not trainer.is_global_zero:
             return
@@ -109,9 +113,10 @@ class Monitors:
 
     def after_batch(self, trainer: Any) -> None:
         """Drop the callback's values once training has moved past the step they were measured at."""
-        if trainer.global_step > self.called_step:
+        if self.placed and trainer.global_step > self.called_step:
             dropped = drop_stale(trainer, self.prefix)
             self._spectral.update(key for key in dropped if key.rsplit("/", 1)[-1] not in COST_TAGS)
+            self.placed = False
 
     def due_after_batch(self, trainer: Any) -> bool:
         """Whether a monitor checks after this batch and this step has not been measured."""

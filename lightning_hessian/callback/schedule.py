@@ -11,15 +11,15 @@ products on one batch, so it costs a few training steps and a run affords many o
 draw a dense curve of the top eigenvalues with full pictures of the spectrum at a few steps.
 
 The budget. Over a run of S steps the callback may spend ``B = b / (1 - b) * S * t`` seconds. A
-fifth of it, :data:`SNAPSHOT_SHARE`, is for snapshots: the one at the start, the one after the last
-step, and between them as many more as that fifth affords (at most :data:`MAX_SNAPSHOTS` in all),
-log-spaced, since the spectrum changes fastest early; a snapshot that would take more than a tenth
+quarter of it, :data:`SNAPSHOT_SHARE`, is for snapshots: the one at the start, the one after the last
+step, and between them as many more as that quarter affords (at most :data:`MAX_SNAPSHOTS` in all),
+log-spaced, since the spectrum changes fastest early; a snapshot that would take more than an eighth
 of B is shrunk (:func:`fit_fidelity`: fewer SLQ probes, fewer probe samples, fewer Lanczos steps,
 then no density) until it fits. The rest of B, and whatever the snapshots leave, is for tracked
 calls, spread evenly over the steps: a tracked call is due when the tracked calls' spending, with it,
 stays within their share of the budget for the part of the run done. The split favours the curve:
 a snapshot costs as much as tens of tracked calls (20 to 500 on the scale suite), a curve needs tens
-of points to show a trend where the pictures need two, and on long runs the fifth still buys more
+of points to show a trend where the pictures need two, and on long runs the quarter still buys more
 pictures (B grows with S); a snapshot's cost is measured on the run (and estimated before
 the first training step from the products of a tracked call, one product on a batch costing about
 one training step). C_s, C_t and t are measured on the run itself, so the plan follows the real
@@ -48,7 +48,7 @@ OVERHEAD_CAP = 2.0
 # Training steps timed (after the first) before the budget plans a call.
 TIMED_STEPS = 5
 # The share of the budget for snapshots; the rest, and what they leave, goes to tracked calls.
-SNAPSHOT_SHARE = 0.2
+SNAPSHOT_SHARE = 0.25
 # At most this many snapshots in a budgeted run, the start and the end included: more pictures of the
 # spectrum add little that the tracked curve does not show.
 MAX_SNAPSHOTS = 8
@@ -239,7 +239,7 @@ class Budget:
         >>> budget.snapshot_seconds = 1.0  # what a snapshot would cost
         >>> budget.next_call(step=1)  # the first step (0.5 s, the loop's warm-up) starts the timing
         (6, None)
-        >>> now[0] = 1.55  # 100 steps later: t = 10 ms, B = 5.3 s; a fifth affords only the end's snapshot
+        >>> now[0] = 1.55  # 100 steps later: t = 10 ms, B = 5.3 s; a quarter affords only the end's snapshot
         >>> budget.next_call(step=101), budget.planned  # 4.3 s left for tracked calls of 0.05 s: every 116 steps
         ((235, 'tracked'), [])
     """
@@ -391,9 +391,14 @@ def plan_message(budget: Budget, per_step: float, fidelity: Fidelity | None, ful
     tracked_cost = f"{budget.tracked_seconds:.2g} s ({budget.tracked_seconds / per_step:,.0f} steps)"
     cost = (f"a snapshot takes {budget.snapshot_seconds:.2g} s ({budget.snapshot_seconds / per_step:,.0f} training "
             f"steps), a tracked call {tracked_cost}")
-    snapshots = f"{between + 2} snapshots (at the start, after the last step and {between} log-spaced between)" \
-        if fidelity is not None else "no snapshot unless what is left of the budget affords one after the last " \
-        "step (tracked calls stand for the start and the end)"
+    if fidelity is not None:
+        snapshots = f"{between + 2} snapshots (at the start, after the last step and {between} log-spaced between)"
+    elif budget.snapshots_taken:  # the start's estimate of t let one in; the measured t leaves no room for more
+        snapshots = "the snapshot at the start and no more unless what is left of the budget affords one after " \
+                    "the last step (a tracked call stands for the end otherwise)"
+    else:
+        snapshots = "no snapshot unless what is left of the budget affords one after the last step (tracked " \
+                    "calls stand for the start and the end)"
     total = budget.total_seconds(per_step)
     if budget.track and total is not None and budget.tracked_seconds > 0:
         left = budget.tracked_allowance(total) - budget.spent["tracked"]
@@ -407,15 +412,16 @@ def plan_message(budget: Budget, per_step: float, fidelity: Fidelity | None, ful
     message = f"HessianSpectrumCallback: {cost}; to keep its cost near {budget.fraction:.0%} of {length} it takes " \
               f"{snapshots}{tracked}"
     if fidelity != full:
-        message += "; " + _shrunk(fidelity, full)
+        message += "; " + _shrunk(fidelity, full, start_snapshot=budget.snapshots_taken > 0)
     return message + f"; {name}/overhead logs the real share"
 
 
-def _shrunk(fidelity: Fidelity | None, full: Fidelity) -> str:
-    """What a shrunk snapshot leaves out, and how to buy it back."""
+def _shrunk(fidelity: Fidelity | None, full: Fidelity, *, start_snapshot: bool = False) -> str:
+    """What a shrunk snapshot leaves out, and how to buy it back (``start_snapshot``: the start had one)."""
     if fidelity is None:
-        return ("even the top eigenvalues of one probe batch cost more than the budget allows, so the start is "
-                "a tracked call; raise `budget=` or set an explicit schedule (`every_n_steps=`) for snapshots")
+        start = "" if start_snapshot else ", so the start is a tracked call"
+        return (f"even the top eigenvalues of one probe batch cost more than a snapshot's share of the budget{start}; "
+                "raise `budget=` or set an explicit schedule (`every_n_steps=`) for snapshots")
     lost = []
     if fidelity.num_batches < full.num_batches:
         lost.append(f"{fidelity.num_batches} of the {full.num_batches} probe batches")

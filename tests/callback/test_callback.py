@@ -111,6 +111,7 @@ def test_zero_argument_construction():
         pytest.param({"num_samples": 0}, ValueError, "num_samples", id="num_samples"),
         pytest.param({"batch_size": 0}, ValueError, "batch_size", id="batch_size"),
         pytest.param({"tol": 0.0}, ValueError, "tol", id="tol"),
+        pytest.param({"track_tol": 1.0}, ValueError, "track_tol", id="track_tol"),
         pytest.param({"max_matvecs": 2, "k": 3}, ValueError, "max_matvecs", id="max_matvecs"),
         pytest.param({"budget": 1.5}, ValueError, "budget", id="budget"),
         pytest.param({"budget": "half"}, ValueError, "budget", id="budget-string"),

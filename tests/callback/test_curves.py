@@ -80,7 +80,7 @@ def test_a_tracked_value_is_the_top_of_its_own_batches_hessian_to_its_certificat
 
 def test_a_snapshot_the_budget_shrank_is_exact_over_the_batches_it_kept():
     """Without kept graphs every product evaluates the loss of each batch, at 0.05 s each here: a snapshot of
-    8 probe batches costs more than a tenth of the budget, the plan keeps fewer batches, and the
+    8 probe batches costs more than an eighth of the budget, the plan keeps fewer batches, and the
     snapshot's top k is the dense top k of those."""
     probe, models = budgeted_run(400, step_seconds=1.0, loss_seconds=0.05, k=3, num_samples=64, density=False,
                                  keep_graph=False)
@@ -91,3 +91,21 @@ def test_a_snapshot_the_budget_shrank_is_exact_over_the_batches_it_kept():
         kept = probe.probe_batches[:measurement.num_samples // BATCH]
         assert_within_certificate(measurement.hessian.eigenvalues, measurement.hessian.max_residual,
                                   models[(measurement.step, True)], kept)
+
+
+def test_tracked_calls_stop_at_track_tol_and_snapshots_at_tol():
+    def run(track_tol: float) -> list:
+        probe = HessianSpectrumCallback(budget=None, track_every_n_steps=1, track_tol=track_tol, tol=1e-5, k=2,
+                                        num_samples=32, density=False, progress=False)
+        trainer(max_steps=6, callbacks=[probe]).fit(TinyMLP(), DataLoader(dataset(64), batch_size=BATCH))
+        return probe.history
+
+    loose, tight = run(0.3), run(1e-5)
+    for history, track_tol in ((loose, 0.3), (tight, 1e-5)):
+        tracked = [m for m in history if not m.snapshot]
+        snapshots = [m for m in history if m.snapshot]
+        assert len(tracked) == 6 and len(snapshots) == 2
+        assert all(m.hessian.converged == tuple(r <= track_tol for r in m.hessian.residuals) for m in tracked)
+        assert all(m.hessian.max_residual <= 1e-5 for m in snapshots)
+    assert max(m.hessian.max_residual for m in loose if not m.snapshot) > 1e-5  # stopped before tol
+    assert sum(m.num_matvecs for m in loose) < sum(m.num_matvecs for m in tight)

@@ -147,3 +147,31 @@ def test_a_monitor_on_a_timer_is_named_in_a_warning_at_setup(tmp_path):
     callback = HessianSpectrumCallback(k=2, density=False, budget=None, at_end=False)
     with pytest.warns(UserWarning, match=r"ModelCheckpoint\(monitor='hessian/eig_1'\) checks on a timer"):
         pl.Trainer(max_steps=1, callbacks=[callback, checkpoint], **QUIET).fit(MLP(), _loader())
+
+
+class CountingTrainer:
+    """A trainer whose ``callback_metrics`` counts its reads (Lightning computes every logged metric on each)."""
+
+    def __init__(self) -> None:
+        self.global_step, self.reads, self.metrics = 0, 0, {"loss": torch.tensor(1.0)}
+
+    @property
+    def callback_metrics(self) -> dict:
+        self.reads += 1
+        return self.metrics
+
+
+def test_callback_metrics_is_read_after_a_batch_only_while_it_may_hold_the_callbacks_values():
+    from lightning_hessian.callback.monitors import Monitors
+
+    trainer, monitors = CountingTrainer(), Monitors("hessian")
+    for trainer.global_step in (1, 2):
+        monitors.after_batch(trainer)
+    assert trainer.reads == 0
+    monitors.called_step, monitors.placed = 2, True  # a call at step 2 put its values there
+    trainer.metrics["hessian/eig_1"] = torch.tensor(3.0)
+    monitors.after_batch(trainer)  # still step 2: current
+    assert trainer.reads == 0 and "hessian/eig_1" in trainer.metrics
+    for trainer.global_step in (3, 4, 5):
+        monitors.after_batch(trainer)
+    assert trainer.reads == 1 and set(trainer.metrics) == {"loss"}

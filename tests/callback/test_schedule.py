@@ -23,6 +23,7 @@ from lightning_hessian.callback.schedule import (
     crossed_multiple,
     fit_fidelity,
     log_spaced_steps,
+    plan_message,
     project_plan,
 )
 
@@ -213,3 +214,14 @@ def test_a_real_run_spends_the_budget_on_the_clock_it_logs():
     assert 0.8 * total < spent < 1.1 * total + budget.tracked_seconds, (spent, total)
     assert callback.history[-1].overhead == pytest.approx(spent / elapsed, rel=0.05)
     assert "tracked calls" in callback.plan
+
+
+@pytest.mark.parametrize("started_with_snapshot", [False, True])
+def test_a_plan_without_room_for_snapshots_says_what_the_start_was(started_with_snapshot):
+    budget = Budget(fraction=0.05, total_steps=20_000, tracked_seconds=0.05, planned=[], snapshots=False)
+    budget.record("snapshot" if started_with_snapshot else "tracked", step=0, seconds=2.0)
+    full = Fidelity(num_batches=8, num_probes=1, num_steps=32)
+    message = plan_message(budget, 0.01, None, full, "hessian")
+    assert ("the snapshot at the start and no more" in message) == started_with_snapshot
+    assert ("the start is a tracked call" in message) != started_with_snapshot
+    assert ("tracked calls stand for the start and the end" in message) != started_with_snapshot
