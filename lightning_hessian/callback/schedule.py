@@ -18,7 +18,7 @@ of B is shrunk (:func:`fit_fidelity`: fewer SLQ probes, fewer probe samples, few
 then no density) until it fits. The rest of B, and whatever the snapshots leave, is for tracked
 calls, spread evenly over the steps: a tracked call is due when the tracked calls' spending, with it,
 stays within their share of the budget for the part of the run done. The split favours the curve:
-a snapshot costs as much as tens of tracked calls (20 to 500 on the scale suite), a curve needs tens
+a snapshot costs as much as tens of tracked calls (50 to 200 on the scale suite), a curve needs tens
 of points to show a trend where the pictures need two, and on long runs the quarter still buys more
 pictures (B grows with S); a snapshot's cost is measured on the run (and estimated before
 the first training step from the products of a tracked call, one product on a batch costing about

@@ -276,8 +276,8 @@ class MatrixSolver:
         """A tracked call on one matrix: the top ``track_k`` eigenvalues only, warm-started from the previous
         tracked call's vectors (kept under their own key), to the solver's ``tol`` (the callback's
         ``track_tol``) within ``4 track_k + 8`` products at ``tol >= 1e-3`` (else the engine's cap), each
-        with its residual. ``make`` builds the operator over
-        the tracked subset; the other arguments are those of :meth:`measure`."""
+        with its residual. ``make`` builds the operator over the tracked subset; the other arguments are
+        those of :meth:`measure`."""
         # A few products on one batch: the heap they free is small, and handing it back after each one
         # would only make the next fault its pages in again.
         op = ProgressOperator(make(params=None), bar, release_heap=False)
